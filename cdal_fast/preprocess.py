@@ -1,0 +1,39 @@
+"""Image normalisation shared by training, evaluation and inference.
+
+Keeping it in one place guarantees the model sees at inference exactly what it saw in training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+
+__all__ = ["normalise", "to_chw_float"]
+
+
+def to_chw_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """HWC / HW uint8-like array -> (C, H, W) float32 tensor on the 0-255 scale."""
+    t = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
+    if t.dim() == 2:
+        t = t[:, :, None]
+    return t.permute(2, 0, 1).to(torch.float32)
+
+
+def normalise(image: torch.Tensor | np.ndarray, cfg: ModelConfig) -> torch.Tensor:
+    """Per-channel (x - mean) / std on the 0-255 scale.
+
+    Accepts (H, W[, C]) arrays or (C, H, W) / (B, C, H, W) tensors (channels first); returns a
+    float32 tensor with a batch dimension.
+    """
+    if isinstance(image, np.ndarray):
+        image = to_chw_float(image)
+    t = image.to(torch.float32)
+    if t.dim() == 3:
+        t = t.unsqueeze(0)
+    if t.shape[1] != cfg.img_channels:
+        raise ValueError(f"model expects {cfg.img_channels} image channels, got {t.shape[1]}")
+    mean = torch.tensor(cfg.norm_mean, dtype=torch.float32, device=t.device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.norm_std, dtype=torch.float32, device=t.device).view(1, -1, 1, 1)
+    return (t - mean) / std

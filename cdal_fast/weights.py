@@ -1,0 +1,164 @@
+"""Safe weights I/O: safetensors tensors + a JSON config beside them.
+
+``NAME.safetensors`` holds the generator's state dict; ``NAME.json`` holds the model config
+(preset, schedule, normalisation statistics, resolution) and the training provenance. Nothing is
+unpickled. Every failure mode a user can hit (missing file, truncated file, a file that is not
+safetensors, weights that do not fit the config) raises :class:`WeightsError` naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, ModelConfig
+from .generator import Generator
+
+__all__ = ["WeightsError", "ModelBundle", "save_weights", "load_weights", "weights_paths", "file_sha256"]
+
+FORMAT = "cdal-fast-weights"
+FORMAT_VERSION = 1
+
+
+class WeightsError(RuntimeError):
+    """A weights file or its config cannot be used."""
+
+
+@dataclass
+class ModelBundle:
+    """A loaded generator with everything needed to run it."""
+
+    generator: Generator
+    config: ModelConfig
+    provenance: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    sha256: str = ""
+
+
+def weights_paths(path: str | Path) -> tuple[Path, Path]:
+    """Map ``x``, ``x.safetensors`` or ``x.json`` to the (tensors, config) pair."""
+    p = Path(path)
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_suffix(".safetensors"), p.with_suffix(".json")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_weights(path: str | Path, generator: Generator, provenance: dict[str, Any] | None = None,
+                 dtype: torch.dtype = torch.float16) -> tuple[Path, Path]:
+    """Write ``path.safetensors`` (tensors cast to ``dtype``) and ``path.json`` atomically."""
+    st_path, cfg_path = weights_paths(path)
+    st_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in generator.state_dict().items()}
+    tmp = st_path.with_name(f".{st_path.name}.tmp{os.getpid()}")
+    save_file(state, str(tmp), metadata={"format": FORMAT, "preset": generator.cfg.name})
+    os.replace(tmp, st_path)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "preset": generator.cfg.name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "sha256": file_sha256(st_path),
+        "model": generator.cfg.to_dict(),
+        "provenance": provenance or {},
+    }
+    _atomic_write_bytes(cfg_path, (json.dumps(meta, indent=2) + "\n").encode())
+    return st_path, cfg_path
+
+
+def _check_safetensors_file(path: Path) -> None:
+    """Validate the header and size so truncation and foreign files get a precise message."""
+    size = path.stat().st_size
+    if size < 8:
+        raise WeightsError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len <= 0 or header_len > min(size - 8, 100 << 20):
+            raise WeightsError(f"{path}: not a safetensors file (invalid header length {header_len})")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise WeightsError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: not a safetensors file (header is not a JSON object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, IndexError, ValueError):
+            raise WeightsError(f"{path}: not a safetensors file (bad entry for {name!r})") from None
+    expected = 8 + header_len + end
+    if size < expected:
+        raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, header promises {expected})")
+
+
+def load_weights(path: str | Path, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> ModelBundle:
+    """Load a generator from ``path`` (with or without extension); strict about every mismatch."""
+    st_path, cfg_path = weights_paths(path)
+    if not st_path.is_file():
+        raise WeightsError(f"weights file not found: {st_path}")
+    if not cfg_path.is_file():
+        raise WeightsError(f"config file not found beside the weights: {cfg_path}")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{cfg_path}: not a valid JSON config ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
+        raise WeightsError(f"{cfg_path}: not a cdal-fast weights config (missing format/model keys)")
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+    except (ConfigError, TypeError) as exc:
+        raise WeightsError(f"{cfg_path}: invalid model config: {exc}") from None
+
+    _check_safetensors_file(st_path)
+    try:
+        state = load_file(str(st_path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise WeightsError(f"{st_path}: cannot read safetensors data ({exc})") from None
+
+    gen = Generator(cfg)
+    expected = gen.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+        raise WeightsError(f"{st_path} does not match its config (preset {cfg.name!r}): " + "; ".join(parts))
+    for name, ref in expected.items():
+        if tuple(state[name].shape) != tuple(ref.shape):
+            raise WeightsError(
+                f"{st_path} does not match its config (preset {cfg.name!r}): tensor {name} has shape "
+                f"{tuple(state[name].shape)}, expected {tuple(ref.shape)}"
+            )
+    gen.load_state_dict({k: v.to(ref.dtype) for (k, v), ref in zip(state.items(), [expected[k] for k in state])})
+    gen.eval().to(device=device, dtype=dtype)
+    return ModelBundle(gen, cfg, dict(meta.get("provenance", {})), st_path, meta.get("sha256", ""))

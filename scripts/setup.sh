@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One-command set-up on a fresh machine: virtual environment, pinned dependencies (CPU torch),
+# the package in editable mode and its C++ op library. Re-running is cheap and safe.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+.venv/bin/python -m pip install -q -r requirements.txt
+# --no-build-isolation: build against the torch just installed (never a second, CUDA one).
+.venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+.venv/bin/python -c "import cdal_fast, sys; print('cdal-fast', cdal_fast.__version__, '| C++ ops:', cdal_fast.ops.extension_available())"

@@ -15,7 +15,7 @@ __all__ = ["normalise", "to_chw_float"]
 
 def to_chw_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     """HWC / HW uint8-like array -> (C, H, W) float32 tensor on the 0-255 scale."""
-    t = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
+    t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image, copy=True))
     if t.dim() == 2:
         t = t[:, :, None]
     return t.permute(2, 0, 1).to(torch.float32)

@@ -20,7 +20,8 @@ from torch import nn
 from .diffusion import make_schedule
 from .generator import Generator
 
-__all__ = ["FixedStepSampler", "SamplerNoise", "draw_noise", "decode_mask", "sample"]
+__all__ = ["FixedStepSampler", "SamplerNoise", "draw_noise", "decode_mask", "sample", "generators_from_seed",
+           "position_generator"]
 
 
 @dataclass
@@ -93,6 +94,17 @@ def draw_noise(num_steps: int, votes: int, mask_channels: int, nz: int, height: 
 def generators_from_seed(seed: int, count: int) -> list[torch.Generator]:
     """``count`` independent generators derived from one seed (image i gets seed + i)."""
     return [torch.Generator().manual_seed(int(seed) + i) for i in range(count)]
+
+
+def position_generator(seed: int, *key: int) -> torch.Generator:
+    """A CPU generator keyed by a seed and a position (e.g. tile row/column in pixels).
+
+    Used wherever noise must not depend on processing order, batch size or worker count.
+    """
+    h = int(seed) & 0xFFFFFFFF
+    for k in key:
+        h = (h * 0x100000001B3 ^ (int(k) + 0x9E3779B9)) & 0x7FFFFFFFFFFFFFFF
+    return torch.Generator().manual_seed(h)
 
 
 def decode_mask(prob: torch.Tensor) -> torch.Tensor:

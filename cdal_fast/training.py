@@ -1,0 +1,334 @@
+"""cDAL training (spec section 6): discriminator step with R1, spatial-attention generator step.
+
+One :class:`Trainer` owns the networks, optimisers, schedulers, the optional EMA and a single
+``torch.Generator`` on the training device from which every random number is drawn (batches,
+augmentations, steps k, diffusion noise, latents). A checkpoint stores all of it, so a resumed run
+takes exactly the steps an uninterrupted one would.
+
+Data parallel: launched under ``torchrun`` each process trains on its own batches (generator seeded
+with seed + rank) and gradients are averaged with one all-reduce per network and step. Explicit
+all-reduce (rather than DistributedDataParallel) keeps the R1 penalty's double backward simple.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .config import ModelConfig, get_preset
+from .data.datasets import TaskData, load_task_data
+from .diffusion import make_schedule
+from .discriminator import Discriminator
+from .evaluate import EvalResult, PatchRunner, evaluate_task, scalar_dice
+from .generator import Generator
+from .sampler import FixedStepSampler
+from .weights import save_weights
+
+__all__ = ["TrainConfig", "Trainer", "load_train_config"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; JSON files under ``train/`` hold these fields."""
+
+    task: str = "monuseg"
+    preset: str = "monuseg"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: str = "../shared/data/monuseg"
+    train_split: str = "train"
+    val_split: str = "val"
+    split_file: str | None = None  # default: split.json in or beside the data folder
+    out: str = "runs/monuseg"
+    batch_size: int = 4
+    lr_g: float = 2e-4
+    lr_d: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    r1_gamma: float = 1.0
+    lazy_reg: int | None = 10
+    ema: float | None = None
+    cosine: bool = True
+    cosine_t_max: int | None = 500  # in epochs; None: anneal over max_steps
+    eta_min: float = 1e-5
+    epoch_iters: int | None = None  # default: ceil(dataset size / batch)
+    max_steps: int = 1000
+    max_minutes: float | None = None
+    val_every: int = 200
+    val_limit: int | None = None
+    val_steps: int | None = None  # T for validation (default: the model's)
+    val_votes: int | None = None
+    ckpt_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = True  # on CUDA
+    progress: bool = True
+
+    def model_config(self) -> ModelConfig:
+        return get_preset(self.preset, **self.model_overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_train_config(path: str | Path, **overrides: Any) -> TrainConfig:
+    data = json.loads(Path(path).read_text())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if "betas" in data:
+        data["betas"] = tuple(data["betas"])
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown training config keys: {', '.join(unknown)}")
+    return TrainConfig(**data)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, tc: TrainConfig, data: TaskData | None = None) -> None:
+        self.tc = tc
+        self.rank, self.world = 0, 1
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        dev = tc.device
+        if dev == "auto":
+            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(dev)
+        self.cuda = self.device.type == "cuda"
+        self.cfg = tc.model_config()
+        self.out = Path(tc.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+        torch.manual_seed(tc.seed)  # identical initial weights on every rank
+        self.G = Generator(self.cfg).to(self.device)
+        self.D = Discriminator(self.cfg).to(self.device)
+        if self.cuda and tc.channels_last:
+            self.G = self.G.to(memory_format=torch.channels_last)
+            self.D = self.D.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.G).eval().requires_grad_(False) if tc.ema else None
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=tc.lr_g, betas=tc.betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=tc.lr_d, betas=tc.betas)
+        self.sched = make_schedule(self.cfg.num_steps, self.cfg.beta_min, self.cfg.beta_max).to(self.device)
+
+        self.data = (data or load_task_data(tc.task, Path(tc.data), self.cfg, tc.train_split, tc.split_file)).to(self.device)
+        self.epoch_iters = tc.epoch_iters or max(1, math.ceil(len(self.data) / tc.batch_size))
+        self.sched_g = self._cosine(self.opt_g)
+        self.sched_d = self._cosine(self.opt_d)
+        self.gen = torch.Generator(device=self.device).manual_seed(tc.seed + 1000 * self.rank)
+        self.step = 0
+        self.best_dice = -1.0
+        self.amp = bool(tc.amp and self.cuda)
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _cosine(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        if not self.tc.cosine:
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        # stepped per iteration; T_max counted in epochs as in the paper, or the whole run
+        t_max = self.tc.cosine_t_max * self.epoch_iters if self.tc.cosine_t_max else self.tc.max_steps
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max, eta_min=self.tc.eta_min)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def _randn(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen, device=self.device)
+
+    def _steps(self, b: int) -> torch.Tensor:
+        return torch.randint(0, self.cfg.num_steps, (b,), generator=self.gen, device=self.device)
+
+    def _allreduce(self, module: torch.nn.Module) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def train_step(self) -> dict[str, float]:
+        """One D step and one G step; returns the losses."""
+        tc, G, D, sch = self.tc, self.G, self.D, self.sched
+        y, x0 = self.data.batch(tc.batch_size, self.gen)
+        if self.cuda and tc.channels_last:
+            y = y.contiguous(memory_format=torch.channels_last)
+        b = x0.shape[0]
+
+        # 1. discriminator
+        D.requires_grad_(True)
+        self.opt_d.zero_grad(set_to_none=True)
+        k = self._steps(b)
+        xk, xk1 = sch.pair_from_noise(x0, k, self._randn(x0.shape), self._randn(x0.shape))
+        do_r1 = tc.r1_gamma > 0 and (not tc.lazy_reg or self.step % tc.lazy_reg == 0)
+        xk.requires_grad_(do_r1)
+        with self._autocast():
+            d_real = D(xk, k, xk1).float()
+        err_real = F.softplus(-d_real).mean()
+        r1 = torch.zeros((), device=self.device)
+        if do_r1:
+            (grad,) = torch.autograd.grad(d_real.sum(), xk, create_graph=True)
+            r1 = tc.r1_gamma / 2 * grad.float().reshape(b, -1).pow(2).sum(1).mean()
+        z = self._randn((b, self.cfg.nz))
+        with torch.no_grad(), self._autocast():
+            x0_hat = G(xk1, k, y, z).float()
+        x_pos = sch.posterior_draw(x0_hat, xk1, k, self._randn(x0.shape))
+        with self._autocast():
+            d_fake = D(x_pos, k, xk1).float()
+        err_fake = F.softplus(d_fake).mean()
+        (err_real + r1 + err_fake).backward()
+        self._allreduce(D)
+        self.opt_d.step()
+
+        # 2. generator on the attention-weighted mask
+        D.requires_grad_(False)
+        self.opt_g.zero_grad(set_to_none=True)
+        k = self._steps(b)
+        xk, xk1 = sch.pair_from_noise(x0, k, self._randn(x0.shape), self._randn(x0.shape))
+        with self._autocast():
+            feat = D.features(xk, k, xk1)[self.cfg.attn_scale].float()
+        attn = F.interpolate(feat.mean(1, keepdim=True), size=x0.shape[-2:], mode="bilinear", align_corners=False)
+        _, xk1_att = sch.pair_from_noise(attn * x0, k, self._randn(x0.shape), self._randn(x0.shape))
+        z = self._randn((b, self.cfg.nz))
+        with self._autocast():
+            x0_hat = G(xk1_att, k, y, z).float()
+        loss_g = (x0 - x0_hat).pow(2).reshape(b, -1).mean(1).mean()
+        loss_g.backward()
+        self._allreduce(G)
+        self.opt_g.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(self.ema.parameters(), G.parameters()):
+                    pe.lerp_(p, 1.0 - tc.ema)
+        self.sched_g.step()
+        self.sched_d.step()
+        self.step += 1
+        return {"loss_g": loss_g.item(), "d_real": err_real.item(), "d_fake": err_fake.item(), "r1": r1.item()}
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "best_dice": self.best_dice,
+            "G": self.G.state_dict(), "D": self.D.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
+            "gen": self.gen.get_state(), "cpu_rng": torch.get_rng_state(),
+            "model": self.cfg.to_dict(), "train": json.dumps(self.tc.to_dict()),
+        }
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.step, self.best_dice = int(st["step"]), float(st["best_dice"])
+        self.G.load_state_dict(st["G"])
+        self.D.load_state_dict(st["D"])
+        if self.ema is not None and st.get("ema") is not None:
+            self.ema.load_state_dict(st["ema"])
+        self.opt_g.load_state_dict(st["opt_g"])
+        self.opt_d.load_state_dict(st["opt_d"])
+        self.sched_g.load_state_dict(st["sched_g"])
+        self.sched_d.load_state_dict(st["sched_d"])
+        self.gen.set_state(st["gen"])
+        torch.set_rng_state(st["cpu_rng"])
+
+    def save_checkpoint(self, name: str = "last.pt") -> Path:
+        path = self.out / name
+        if self.rank == 0:
+            _atomic_torch_save(self.state_dict(), path)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Load ``path`` (default ``out/last.pt``) if it exists; True when resumed."""
+        p = Path(path) if path else self.out / "last.pt"
+        if not p.is_file():
+            return False
+        self.load_state_dict(torch.load(p, map_location=self.device, weights_only=True))
+        return True
+
+    def inference_generator(self) -> Generator:
+        return self.ema if self.ema is not None else self.G
+
+    # -- validation and the loop ------------------------------------------------------------
+    def validate(self) -> EvalResult:
+        g = self.inference_generator()
+        was_training = g.training
+        g.eval()
+        sampler = FixedStepSampler(g, self.tc.val_steps, self.tc.val_votes).to(self.device)
+        dtype = torch.bfloat16 if self.amp else torch.float32
+        runner = PatchRunner(sampler, self.device, torch.float32, batch_size=8, seed=0)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
+            res = evaluate_task(self.tc.task, Path(self.tc.data), self.cfg, runner, split=self.tc.val_split,
+                                limit=self.tc.val_limit, progress=False, split_file=self.tc.split_file)
+        g.train(was_training)
+        return res
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def export(self, name: str = "best", extra: dict[str, Any] | None = None) -> None:
+        if self.rank != 0:
+            return
+        prov = {"task": self.tc.task, "step": self.step, "train_config": self.tc.to_dict(),
+                "device": torch.cuda.get_device_name(self.device) if self.cuda else "cpu", **(extra or {})}
+        save_weights(self.out / name, self.inference_generator(), provenance=prov)
+
+    def fit(self) -> dict[str, Any]:
+        tc = self.tc
+        self.G.train()
+        self.D.train()
+        start = time.monotonic()
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (tc.progress and self.rank == 0),
+                   desc="train", dynamic_ncols=True)
+        last: dict[str, float] = {}
+        stop_reason = "max_steps"
+        while self.step < tc.max_steps:
+            if tc.max_minutes is not None and (time.monotonic() - start) / 60 >= tc.max_minutes:
+                stop_reason = "time budget"
+                break
+            last = self.train_step()
+            bar.update(1)
+            if self.step % tc.log_every == 0:
+                rec = {"step": self.step, "lr_g": self.sched_g.get_last_lr()[0],
+                       "elapsed_s": round(time.monotonic() - start, 2), **last}
+                self._log(rec)
+                bar.set_postfix(loss_g=f"{last['loss_g']:.4f}")
+            if tc.val_every and self.step % tc.val_every == 0:
+                self._validate_and_select(start)
+            if tc.ckpt_every and self.step % tc.ckpt_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if tc.val_every and self.step % tc.val_every != 0:
+            self._validate_and_select(start)
+        self.save_checkpoint()
+        return {"step": self.step, "best_dice": self.best_dice, "stop": stop_reason,
+                "minutes": (time.monotonic() - start) / 60, **last}
+
+    def _validate_and_select(self, start: float) -> None:
+        if self.rank != 0:
+            return
+        res = self.validate()
+        d = scalar_dice(res)
+        self._log({"step": self.step, "val_dice": res.dice, "val_iou": res.iou,
+                   "elapsed_s": round(time.monotonic() - start, 2)})
+        if d > self.best_dice:
+            self.best_dice = d
+            self.export("best", {"val_dice": res.dice, "val_iou": res.iou, "val_rows": res.rows,
+                                 "val_steps": res.steps, "val_votes": res.votes})

@@ -1,0 +1,87 @@
+"""One prepared GPU run for the shipped MoNuSeg model: probe speed, train in a fixed budget,
+evaluate on the validation split (T=4, V=5), write weights + metrics.
+
+    python scripts/train_default_gpu.py --data .gpu/monuseg512 --out $OUT --minutes 6.5
+
+The number of iterations is chosen from a 30-iteration speed probe so that the cosine learning
+rate anneals to its floor inside the time budget; ``--minutes`` also caps the run itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from cdal_fast.evaluate import PatchRunner, evaluate_task
+from cdal_fast.sampler import FixedStepSampler
+from cdal_fast.training import Trainer, load_train_config
+from cdal_fast.weights import load_weights
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="train/monuseg_s.json")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--minutes", type=float, default=6.5)
+    ap.add_argument("--probe-steps", type=int, default=30)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # 1. speed probe (also warms cuDNN's algorithm choice)
+    probe = load_train_config(args.config, data=args.data, out="/tmp/cdal_probe", device=args.device,
+                              progress=False)
+    tr = Trainer(probe)
+    for _ in range(5):
+        tr.train_step()
+    if tr.cuda:
+        torch.cuda.synchronize()
+    t0 = time.monotonic()
+    for _ in range(args.probe_steps):
+        tr.train_step()
+    if tr.cuda:
+        torch.cuda.synchronize()
+    rate = args.probe_steps / (time.monotonic() - t0)
+    del tr
+    budget_s = args.minutes * 60 - (time.monotonic() - t_start)
+    steps = max(50, int(rate * budget_s * 0.93))  # leave room for validation passes
+    print(json.dumps({"probe_it_per_s": rate, "planned_steps": steps}), flush=True)
+
+    # 2. the run
+    run_dir = Path("/tmp/cdal_run")  # last.pt (G, D, optimisers) is too large to bring back
+    tc = load_train_config(args.config, data=args.data, out=str(run_dir), device=args.device,
+                           max_steps=steps, max_minutes=budget_s / 60, progress=False, ckpt_every=10**9)
+    trainer = Trainer(tc)
+    t_train = time.monotonic()
+    summary = trainer.fit()
+    summary["train_minutes"] = (time.monotonic() - t_train) / 60
+    summary["probe_it_per_s"] = rate
+    summary["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    print(json.dumps(summary), flush=True)
+    for name in ("best.safetensors", "best.json", "log.jsonl"):
+        shutil.copy(run_dir / name, out / name)
+
+    # 3. evaluation of the selected weights by the section-8 protocol, float32 sampler
+    bundle = load_weights(out / "best", device=trainer.device)
+    sampler = FixedStepSampler(bundle.generator, 4, 5).to(trainer.device)
+    runner = PatchRunner(sampler, trainer.device, batch_size=4, seed=0)
+    res = evaluate_task("monuseg", Path(args.data), bundle.config, runner, split="val", progress=False)
+    result = {"summary": summary, "val": res.to_dict(), "train_config": tc.to_dict()}
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"val_dice": res.dice, "val_iou": res.iou}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -42,8 +42,8 @@ def main() -> None:
         k = torch.zeros(args.batch, dtype=torch.long)
         with torch.inference_mode():
             c = g.encode(y)
-            t_full = time_calls(lambda: g(x, k, y, z), min_time=args.min_time)
-            t_reuse = time_calls(lambda: g.denoise(x, k, c, z), min_time=args.min_time)
+            t_full = time_calls(lambda g=g, x=x, k=k, y=y, z=z: g(x, k, y, z), min_time=args.min_time)
+            t_reuse = time_calls(lambda g=g, x=x, k=k, c=c, z=z: g.denoise(x, k, c, z), min_time=args.min_time)
         rows.append({
             "preset": name, "size": s, "batch": args.batch,
             "full_fwd_per_s": args.batch / t_full, "reuse_fwd_per_s": args.batch / t_reuse,

@@ -18,7 +18,6 @@ from . import ops
 from .fir import fir_down, fir_kernel, fir_up
 
 
-
 # -- initialisation ---------------------------------------------------------------------------
 def variance_scaling_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """fan_avg / uniform variance scaling, as in NCSN++ (``default_init``)."""

@@ -126,7 +126,9 @@ class Trainer:
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=tc.lr_d, betas=tc.betas)
         self.sched = make_schedule(self.cfg.num_steps, self.cfg.beta_min, self.cfg.beta_max).to(self.device)
 
-        self.data = (data or load_task_data(tc.task, Path(tc.data), self.cfg, tc.train_split, tc.split_file)).to(self.device)
+        if data is None:
+            data = load_task_data(tc.task, Path(tc.data), self.cfg, tc.train_split, tc.split_file)
+        self.data = data.to(self.device)
         self.epoch_iters = tc.epoch_iters or max(1, math.ceil(len(self.data) / tc.batch_size))
         self.sched_g = self._cosine(self.opt_g)
         self.sched_d = self._cosine(self.opt_d)
@@ -204,7 +206,8 @@ class Trainer:
         xk, xk1 = sch.pair_from_noise(x0, k, self._randn(x0.shape), self._randn(x0.shape))
         with self._autocast():
             feat = D.features(xk, k, xk1)[self.cfg.attn_scale].float()
-        attn = F.interpolate(feat.mean(1, keepdim=True), size=x0.shape[-2:], mode="bilinear", align_corners=False)
+        attn = F.interpolate(feat.mean(1, keepdim=True), size=x0.shape[-2:], mode="bilinear",
+                             align_corners=False)
         _, xk1_att = sch.pair_from_noise(attn * x0, k, self._randn(x0.shape), self._randn(x0.shape))
         z = self._randn((b, self.cfg.nz))
         with self._autocast():
@@ -318,8 +321,19 @@ class Trainer:
         if tc.val_every and self.step % tc.val_every != 0:
             self._validate_and_select(start)
         self.save_checkpoint()
-        return {"step": self.step, "best_dice": self.best_dice, "stop": stop_reason,
-                "minutes": (time.monotonic() - start) / 60, **last}
+        summary = {"step": self.step, "best_dice": self.best_dice, "stop": stop_reason,
+                   "minutes": (time.monotonic() - start) / 60, **last}
+        if self.world > 1:
+            summary["ranks_in_sync"] = self.ranks_in_sync()
+        return summary
+
+    def ranks_in_sync(self) -> bool:
+        """True when every process holds bit-identical G and D weights (data-parallel check)."""
+        flat = torch.cat([p.detach().reshape(-1).float() for p in [*self.G.parameters(), *self.D.parameters()]])
+        lo, hi = flat.clone(), flat.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        return bool(torch.equal(lo, hi))
 
     def _validate_and_select(self, start: float) -> None:
         if self.rank != 0:

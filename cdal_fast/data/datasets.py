@@ -115,7 +115,8 @@ def _normalise(img: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return (img - mean) / std
 
 
-def _load_2d(root: Path, names: list[str] | None, size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _load_2d(root: Path, names: list[str] | None, size: int,
+             channels: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     imgs, masks, out_names = [], [], []
     for name, ip, mp in find_pairs(root, names):
         img = to_chw_float(read_image(ip))

@@ -1,0 +1,65 @@
+"""`cdal-fast eval` and the shipped model."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cdal_fast.cli import main
+from cdal_fast.metrics import dice_iou, per_class_dice_iou
+from cdal_fast.models import MODEL_DIR, default_weights, load_model
+from cdal_fast.weights import save_weights
+
+
+def test_metrics_known_values():
+    a = torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)
+    b = torch.tensor([[1, 0, 1, 0]], dtype=torch.bool)
+    d, i = dice_iou(a, b)
+    assert d == pytest.approx(0.5) and i == pytest.approx(1 / 3)
+    assert dice_iou(torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)) == (1.0, 1.0)
+    dl, il = per_class_dice_iou(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2]), [1, 2])
+    assert dl == pytest.approx([2 / 3, 2 / 3]) and il == pytest.approx([0.5, 0.5])
+
+
+def test_eval_any_weights_on_val_split(tmp_path, tiny_gen, shared_data):
+    save_weights(tmp_path / "w", tiny_gen)
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["eval", "--task", "monuseg", "--data", str(shared_data / "monuseg"), "--split",
+                                    "val", "--weights", str(tmp_path / "w.safetensors"), "--limit", "1",
+                                    "--json", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["n"] == 1 and 0 <= data["dice"] <= 1 and 0 <= data["iou"] <= data["dice"]
+    assert data["rows"][0]["name"] == "TCGA-49-4488-01Z-00-DX1"
+    assert "MEAN" in res.output
+
+
+def test_eval_clear_errors(tmp_path, shared_data):
+    res = CliRunner().invoke(main, ["eval", "--task", "monuseg", "--data", str(tmp_path), "--weights",
+                                    str(tmp_path / "missing")])
+    assert res.exit_code != 0 and "weights file not found" in res.output
+    res = CliRunner().invoke(main, ["eval", "--task", "monuseg", "--data", str(tmp_path)])
+    assert res.exit_code != 0 and "images/" in res.output
+
+
+def test_shipped_model_is_packaged():
+    p = default_weights("monuseg")
+    assert p.with_suffix(".safetensors").stat().st_size <= 16 * 2**20
+    assert (MODEL_DIR / "MODEL_CARD.md").is_file()
+    meta = json.loads(p.with_suffix(".json").read_text())
+    assert meta["dtype"] == "float16" and meta["provenance"]["task"] == "monuseg"
+
+
+@pytest.mark.slow
+def test_shipped_model_reproduces_model_card_on_one_tile(shared_data, tmp_path):
+    """The model card's validation Dice of the first val tile, recomputed on this CPU."""
+    bundle = load_model(task="monuseg")
+    rows = {r["name"]: r for r in bundle.provenance["val_rows"]}
+    res = CliRunner().invoke(main, ["eval", "--task", "monuseg", "--data", str(shared_data / "monuseg"),
+                                    "--names", "TCGA-49-4488-01Z-00-DX1", "--device", "cpu",
+                                    "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "r.json").read_text())["rows"][0]
+    assert got["dice"] == pytest.approx(rows["TCGA-49-4488-01Z-00-DX1"]["dice"], abs=0.005)
+    assert got["iou"] == pytest.approx(rows["TCGA-49-4488-01Z-00-DX1"]["iou"], abs=0.005)

@@ -20,7 +20,8 @@ from torch import nn
 from .diffusion import make_schedule
 from .generator import Generator
 
-__all__ = ["FixedStepSampler", "SamplerNoise", "draw_noise", "decode_mask", "sample", "generators_from_seed",
+__all__ = ["FixedStepSampler", "SamplerNoise", "draw_noise", "draw_image_noise", "stack_noise", "decode_mask",
+           "sample", "generators_from_seed",
            "position_generator"]
 
 
@@ -72,23 +73,31 @@ class FixedStepSampler(nn.Module):
         return p.mean(dim=0), p.std(dim=0, unbiased=False)
 
 
+def draw_image_noise(num_steps: int, votes: int, mask_channels: int, nz: int, height: int, width: int,
+                     generator: torch.Generator) -> SamplerNoise:
+    """All noise of one image (rows are its V votes), drawn in a fixed order from ``generator``."""
+    x_init = torch.randn(votes, mask_channels, height, width, generator=generator)
+    z = torch.randn(num_steps, votes, nz, generator=generator)
+    post = torch.randn(num_steps, votes, mask_channels, height, width, generator=generator)
+    return SamplerNoise(x_init, z, post)
+
+
+def stack_noise(per_image: list[SamplerNoise]) -> SamplerNoise:
+    """Interleave per-image noise into the sampler's vote-major batch layout."""
+    b = len(per_image)
+    v, cm, h, w = per_image[0].x_init.shape
+    t, _, nz = per_image[0].z.shape
+    x_init = torch.stack([n.x_init for n in per_image], 1).reshape(v * b, cm, h, w)
+    z = torch.stack([n.z for n in per_image], 2).reshape(t, v * b, nz)
+    post = torch.stack([n.post for n in per_image], 2).reshape(t, v * b, cm, h, w)
+    return SamplerNoise(x_init, z, post)
+
+
 def draw_noise(num_steps: int, votes: int, mask_channels: int, nz: int, height: int, width: int,
                generators: list[torch.Generator]) -> SamplerNoise:
-    """Draw the noise of a batch, one CPU generator per image (so batching never changes it).
-
-    Each image's draws come from its own generator in a fixed order (x_init, then per step z and
-    posterior noise), which makes an image's result independent of the batch it lands in.
-    """
-    xs, zs, ps = [], [], []
-    for g in generators:
-        xs.append(torch.randn(votes, mask_channels, height, width, generator=g))
-        zs.append(torch.randn(num_steps, votes, nz, generator=g))
-        ps.append(torch.randn(num_steps, votes, mask_channels, height, width, generator=g))
-    b = len(generators)
-    x_init = torch.stack(xs, 1).reshape(votes * b, mask_channels, height, width)
-    z = torch.stack(zs, 2).reshape(num_steps, votes * b, nz)
-    post = torch.stack(ps, 2).reshape(num_steps, votes * b, mask_channels, height, width)
-    return SamplerNoise(x_init, z, post)
+    """Draw the noise of a batch, one CPU generator per image (so batching never changes it)."""
+    return stack_noise([draw_image_noise(num_steps, votes, mask_channels, nz, height, width, g)
+                        for g in generators])
 
 
 def generators_from_seed(seed: int, count: int) -> list[torch.Generator]:

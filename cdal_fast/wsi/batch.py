@@ -1,0 +1,84 @@
+"""Run ``segment_slide`` over many inputs: discovery, skip-if-done, per-file errors, a run summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..config import ModelConfig
+from .pipeline import SegmentOptions, is_complete, segment_slide
+from .readers import SLIDE_SUFFIXES, SlideError
+
+__all__ = ["find_inputs", "RunReport", "segment_all"]
+
+
+def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None = None) -> list[Path]:
+    """Files named directly, plus slide-like files inside named folders (sorted, de-duplicated)."""
+    found: list[Path] = []
+    for p in inputs:
+        if p.is_dir():
+            it = (p.rglob(pattern or "*") if recursive else p.glob(pattern or "*"))
+            found += [f for f in it if f.is_file() and f.name.lower().endswith(SLIDE_SUFFIXES)
+                      and not f.name.startswith(".")]
+        else:
+            found.append(p)
+    seen, out = set(), []
+    for f in sorted(found):
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
+
+
+@dataclass
+class RunReport:
+    done: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        tiles = sum(d["tiles_sampled"] for d in self.done)
+        return {"processed": len(self.done), "skipped_complete": self.skipped,
+                "failed": [{"file": f, "error": e} for f, e in self.failed], "seconds": self.seconds,
+                "tiles": tiles, "tiles_per_second": tiles / self.seconds if self.seconds else 0.0}
+
+
+def _stem(path: Path) -> str:
+    return path.name.split(".")[0] if path.name.lower().endswith((".ome.tif", ".ome.tiff")) else path.stem
+
+
+def segment_all(files: list[Path], out_dir: Path, sampler: torch.nn.Module, cfg: ModelConfig, opts: SegmentOptions,
+                device: torch.device, dtype: torch.dtype, model_info: dict, echo=print,
+                show_progress: bool = True) -> RunReport:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = RunReport()
+    t0 = time.perf_counter()
+    for f in files:
+        small = f.suffix.lower() in (".png", ".jpg", ".jpeg")
+        if not opts.overwrite and is_complete(out_dir, _stem(f), small):
+            report.skipped.append(str(f))
+            echo(f"skip  {f} (already done; --overwrite to redo)")
+            continue
+        bar = tqdm(desc=f.name, unit="tile", disable=not show_progress, leave=False, dynamic_ncols=True)
+        try:
+            summary = segment_slide(f, out_dir, sampler, cfg, opts, device, dtype, model_info, progress=bar.update)
+        except (SlideError, OSError, ValueError) as exc:
+            report.failed.append((str(f), str(exc)))
+            echo(f"FAIL  {f}: {exc}")
+            continue
+        finally:
+            bar.close()
+        report.done.append(summary)
+        echo(f"done  {f}: {summary['tiles_sampled']} tiles, objects {summary['object_fraction']:.3f}, "
+             f"{summary['seconds']:.1f} s")
+    report.seconds = time.perf_counter() - t0
+    (out_dir / "run_summary.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report

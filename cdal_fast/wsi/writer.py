@@ -1,0 +1,80 @@
+"""Streaming writers: pyramidal, tiled, compressed OME-TIFF (BigTIFF) from a disk-backed map.
+
+The map produced by stitching lives in a ``numpy.memmap`` at working resolution. Each pyramid
+level of the output is generated tile by tile by nearest-neighbour index mapping from that map,
+so writing needs memory for one tile at a time whatever the slide size, and level 0 of the output
+has exactly the slide's level-0 pixel geometry (so it overlays the slide pixel for pixel).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["write_pyramid", "tmp_path_for", "finalize"]
+
+
+def tmp_path_for(path: Path) -> Path:
+    """Temporary name in the same folder (so the final rename is atomic)."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def finalize(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+
+
+def _level_shapes(height: int, width: int, tile: int) -> list[tuple[int, int]]:
+    shapes = [(height, width)]
+    while max(shapes[-1]) > tile:
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def _tiles(src: np.ndarray, out_h: int, out_w: int, full_h: int, full_w: int, tile: int,
+           transform: callable) -> Iterator[np.ndarray]:
+    """Tiles of an (out_h, out_w) level sampled from ``src`` covering a (full_h, full_w) level 0."""
+    sh, sw = src.shape[:2]
+    for ty in range(0, out_h, tile):
+        rows_out = np.arange(ty, min(ty + tile, out_h))
+        rows = np.minimum(((rows_out + 0.5) * (full_h / out_h) * (sh / full_h)).astype(np.int64), sh - 1)
+        band = np.asarray(src[rows.min():rows.max() + 1])
+        band = band[rows - rows.min()]
+        for tx in range(0, out_w, tile):
+            cols_out = np.arange(tx, min(tx + tile, out_w))
+            cols = np.minimum(((cols_out + 0.5) * (full_w / out_w) * (sw / full_w)).astype(np.int64), sw - 1)
+            block = np.zeros((tile, tile) + src.shape[2:], dtype=np.uint8)
+            block[: len(rows), : len(cols)] = transform(band[:, cols])
+            yield block
+
+
+def write_pyramid(path: Path, src: np.ndarray, height: int, width: int, mpp: float | None,
+                  transform: callable = lambda a: a, tile: int = 512, compression: str = "zlib",
+                  description: str = "") -> None:
+    """Write ``transform(src)`` resampled to (height, width) as a pyramidal OME-TIFF at ``path``.
+
+    ``mpp`` is the resolution of level 0 (um/px); sub-levels halve it each time (SubIFDs).
+    """
+    import tifffile
+
+    shapes = _level_shapes(height, width, tile)
+    meta: dict = {"axes": "YX", "Description": description}
+    res: dict = {}
+    if mpp:
+        meta.update({"PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp,
+                     "PhysicalSizeYUnit": "µm"})
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        for level, (h, w) in enumerate(shapes):
+            if mpp:
+                scale = 2**level
+                res = {"resolution": (1e4 / (mpp * scale), 1e4 / (mpp * scale)), "resolutionunit": "CENTIMETER"}
+            kwargs = dict(shape=(h, w), dtype=np.uint8, tile=(tile, tile), compression=compression,
+                          photometric="minisblack", **res)
+            data = _tiles(src, h, w, height, width, tile, transform)
+            if level == 0:
+                tw.write(data, subifds=len(shapes) - 1, metadata=meta, **kwargs)
+            else:
+                tw.write(data, subfiletype=1, metadata=None, **kwargs)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .config import ModelConfig
 from .fir import fir_blur_pad2, fir_kernel
 from .layers import (
@@ -193,7 +194,12 @@ class Generator(nn.Module):
 
     # -- fused-op switch ---------------------------------------------------------------------------
     def set_fused(self, fused: bool) -> Generator:
-        """Route latent modulation and self-attention through the ``cdal`` custom ops."""
+        """Route latent modulation and self-attention through the ``cdal`` custom ops.
+
+        Without the compiled op library this keeps the plain path (the loader warns once).
+        """
+        if fused and not ops.extension_available():
+            fused = False
         for m in self.modules():
             if isinstance(m, (AdaGNSiLU, SelfAttention)):
                 m.fused = fused

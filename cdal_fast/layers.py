@@ -58,7 +58,10 @@ class AdaGNSiLU(nn.Module):
 
     ``bias`` is the per-sample, per-channel step-embedding projection that precedes the second
     norm of every residual block; folding it in lets the fused op read ``h`` exactly once.
+    ``fused`` is a TorchScript constant, so a scripted plain model never references the custom op.
     """
+
+    __constants__ = ["fused"]
 
     def __init__(self, channels: int, zdim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -123,6 +126,8 @@ class SelfAttention(nn.Module):
     q, k and v are one 1x1 conv with 3C outputs (same parameters as three C -> C convs, one
     read of the normalised input); each third is initialised on its own.
     """
+
+    __constants__ = ["fused"]
 
     def __init__(self, channels: int) -> None:
         super().__init__()

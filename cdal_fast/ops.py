@@ -70,12 +70,16 @@ def self_attention_reference(x: torch.Tensor, norm_w: torch.Tensor, norm_b: torc
 
 def adagn_silu(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                bias: torch.Tensor | None, groups: int, eps: float) -> torch.Tensor:
-    """Fused latent modulation; see :func:`adagn_silu_reference` for the maths."""
-    return adagn_silu_reference(x, gamma, beta, bias, groups, eps)
+    """Fused latent modulation (``torch.ops.cdal.adagn_silu``); maths of :func:`adagn_silu_reference`.
+
+    Callers make sure the library is loaded (:func:`extension_available`); the model only routes
+    here after :meth:`cdal_fast.generator.Generator.set_fused` succeeded.
+    """
+    return torch.ops.cdal.adagn_silu(x, gamma, beta, bias, groups, eps)
 
 
 def self_attention(x: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor,
                    qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, proj_w: torch.Tensor,
                    proj_b: torch.Tensor | None, groups: int, eps: float) -> torch.Tensor:
-    """Fused self-attention block; see :func:`self_attention_reference` for the maths."""
-    return self_attention_reference(x, norm_w, norm_b, qkv_w, qkv_b, proj_w, proj_b, groups, eps)
+    """Fused self-attention block (``torch.ops.cdal.self_attention``); see :func:`self_attention_reference`."""
+    return torch.ops.cdal.self_attention(x, norm_w, norm_b, qkv_w, qkv_b, proj_w, proj_b, groups, eps)

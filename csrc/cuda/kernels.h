@@ -1,0 +1,22 @@
+// Torch-free launcher API of the CUDA kernels (raw pointers, sizes, a stream), so that the .cu
+// files compile with nvcc alone (CI has nvcc but a CPU build of torch).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace cdal_cuda {
+
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+
+// y = SiLU(gamma * GroupNorm(x + bias) + beta); gamma/beta/bias are (N, C) float32, bias may be null.
+// stats is a workspace of 2 * N * groups floats. Layout: NCHW contiguous, or NHWC if channels_last.
+cudaError_t adagn_silu(const void* x, const float* gamma, const float* beta, const float* bias, void* y,
+                       float* stats, int64_t N, int64_t C, int64_t HW, int64_t groups, float eps,
+                       bool channels_last, DType dtype, cudaStream_t stream);
+
+// Fused attention core: qkv (N, HW, 3C) float32 token-major -> out (N, HW, C) float32,
+// softmax(q k^T / sqrt(C)) v with the scores kept in shared memory.
+cudaError_t attention_core(const float* qkv, float* out, int64_t N, int64_t HW, int64_t C, cudaStream_t stream);
+
+}  // namespace cdal_cuda

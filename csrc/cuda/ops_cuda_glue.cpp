@@ -1,0 +1,68 @@
+// ATen glue registering the CUDA kernels (compiled only against a CUDA build of torch).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../ops.h"
+#include "kernels.h"
+
+namespace cdal {
+namespace {
+
+cdal_cuda::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cdal_cuda::DType::Float32;
+    case at::kHalf: return cdal_cuda::DType::Float16;
+    case at::kBFloat16: return cdal_cuda::DType::BFloat16;
+    default: TORCH_CHECK(false, "cdal ops on CUDA support float32, float16 and bfloat16, got ", t.scalar_type());
+  }
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor adagn_silu_cuda(const at::Tensor& x_in, const at::Tensor& gamma, const at::Tensor& beta,
+                           const std::optional<at::Tensor>& bias, int64_t groups, double eps) {
+  check_adagn_args(x_in, gamma, beta, bias, groups);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const bool channels_last = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
+  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  at::Tensor y = at::empty_like(x);
+  const at::Tensor g = gamma.to(at::kFloat).contiguous();
+  const at::Tensor b = beta.to(at::kFloat).contiguous();
+  at::Tensor bb;
+  if (bias.has_value()) bb = bias->to(at::kFloat).contiguous();
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  at::Tensor stats = at::empty({N * groups * 2}, x.options().dtype(at::kFloat));
+  check_cuda(cdal_cuda::adagn_silu(x.data_ptr(), g.data_ptr<float>(), b.data_ptr<float>(),
+                                   bias.has_value() ? bb.data_ptr<float>() : nullptr, y.data_ptr(),
+                                   stats.data_ptr<float>(), N, C, HW, groups, static_cast<float>(eps), channels_last,
+                                   dtype_of(x), at::cuda::getCurrentCUDAStream()),
+             "cdal::adagn_silu CUDA kernel");
+  return y;
+}
+
+at::Tensor self_attention_cuda(const at::Tensor& x, const at::Tensor& norm_w, const at::Tensor& norm_b,
+                               const at::Tensor& qkv_w, const std::optional<at::Tensor>& qkv_b,
+                               const at::Tensor& proj_w, const std::optional<at::Tensor>& proj_b, int64_t groups,
+                               double eps) {
+  check_attention_args(x, norm_w, norm_b, qkv_w, qkv_b, proj_w, proj_b, groups);
+  dtype_of(x);
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const at::Tensor qkv = attention_qkv_tokens(x, norm_w, norm_b, qkv_w, qkv_b, groups, eps).to(at::kFloat).contiguous();
+  at::Tensor attn = at::empty({N, HW, C}, qkv.options());
+  check_cuda(cdal_cuda::attention_core(qkv.data_ptr<float>(), attn.data_ptr<float>(), N, HW, C,
+                                       at::cuda::getCurrentCUDAStream()),
+             "cdal::self_attention CUDA kernel");
+  return attention_output(x, attn.to(x.scalar_type()), proj_w, proj_b);
+}
+
+}  // namespace
+}  // namespace cdal
+
+TORCH_LIBRARY_IMPL(cdal, CUDA, m) {
+  m.impl("adagn_silu", &cdal::adagn_silu_cuda);
+  m.impl("self_attention", &cdal::self_attention_cuda);
+}

@@ -1,0 +1,91 @@
+// Operator schemas (the single place they are defined) and shared helpers.
+#include "ops.h"
+
+#include <torch/library.h>
+
+namespace cdal {
+
+void check_adagn_args(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                      const std::optional<at::Tensor>& bias, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "cdal::adagn_silu: x must be (N, C, H, W), got ", x.dim(), " dims");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "cdal::adagn_silu: x must be floating point, got ",
+              x.scalar_type());
+  const int64_t n = x.size(0), c = x.size(1);
+  TORCH_CHECK(groups > 0 && c % groups == 0, "cdal::adagn_silu: channels (", c,
+              ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK(gamma.dim() == 2 && gamma.size(0) == n && gamma.size(1) == c,
+              "cdal::adagn_silu: gamma must be (N, C) = (", n, ", ", c, "), got ", gamma.sizes());
+  TORCH_CHECK(beta.sizes() == gamma.sizes(), "cdal::adagn_silu: beta must be (N, C), got ", beta.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->sizes() == gamma.sizes(), "cdal::adagn_silu: bias must be (N, C), got ", bias->sizes());
+  }
+}
+
+void check_attention_args(const at::Tensor& x, const at::Tensor& norm_w, const at::Tensor& norm_b,
+                          const at::Tensor& qkv_w, const std::optional<at::Tensor>& qkv_b,
+                          const at::Tensor& proj_w, const std::optional<at::Tensor>& proj_b, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "cdal::self_attention: x must be (N, C, H, W), got ", x.dim(), " dims");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "cdal::self_attention: x must be floating point, got ",
+              x.scalar_type());
+  const int64_t c = x.size(1);
+  TORCH_CHECK(groups > 0 && c % groups == 0, "cdal::self_attention: channels (", c,
+              ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK(norm_w.numel() == c && norm_b.numel() == c, "cdal::self_attention: norm weight/bias need C values");
+  TORCH_CHECK(qkv_w.size(0) == 3 * c && qkv_w.size(1) == c, "cdal::self_attention: qkv weight must be (3C, C, 1, 1)");
+  TORCH_CHECK(proj_w.size(0) == c && proj_w.size(1) == c, "cdal::self_attention: proj weight must be (C, C, 1, 1)");
+  if (qkv_b.has_value()) TORCH_CHECK(qkv_b->numel() == 3 * c, "cdal::self_attention: qkv bias needs 3C values");
+  if (proj_b.has_value()) TORCH_CHECK(proj_b->numel() == c, "cdal::self_attention: proj bias needs C values");
+}
+
+at::Tensor attention_qkv_tokens(const at::Tensor& x, const at::Tensor& norm_w, const at::Tensor& norm_b,
+                                const at::Tensor& qkv_w, const std::optional<at::Tensor>& qkv_b,
+                                int64_t groups, double eps) {
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  // GroupNorm statistics in float32 whatever the input dtype (as the reference does).
+  at::Tensor h = at::group_norm(x.to(at::kFloat), groups, norm_w.to(at::kFloat), norm_b.to(at::kFloat), eps)
+                     .to(x.scalar_type());
+  at::Tensor tokens = h.reshape({n, c, hw}).transpose(1, 2);  // (N, HW, C)
+  at::Tensor w = qkv_w.reshape({3 * c, c}).to(x.scalar_type());
+  at::Tensor out = at::matmul(tokens, w.t());                  // (N, HW, 3C)
+  if (qkv_b.has_value()) out = out + qkv_b->to(x.scalar_type());
+  return out.contiguous();
+}
+
+at::Tensor attention_output(const at::Tensor& x, const at::Tensor& attn_tokens, const at::Tensor& proj_w,
+                            const std::optional<at::Tensor>& proj_b) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  at::Tensor wp = proj_w.reshape({c, c}).to(x.scalar_type());
+  at::Tensor out = at::matmul(attn_tokens, wp.t());            // (N, HW, C)
+  if (proj_b.has_value()) out = out + proj_b->to(x.scalar_type());
+  out = out.transpose(1, 2).reshape({n, c, h, w});
+  return ((x + out) * 0.7071067811865476).contiguous(x.suggest_memory_format());
+}
+
+// Shape-only implementations so torch.compile / torch.export can trace the ops (fake tensors).
+at::Tensor adagn_silu_meta(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                           const std::optional<at::Tensor>& bias, int64_t groups, double) {
+  check_adagn_args(x, gamma, beta, bias, groups);
+  return at::empty_like(x);
+}
+
+at::Tensor self_attention_meta(const at::Tensor& x, const at::Tensor& norm_w, const at::Tensor& norm_b,
+                               const at::Tensor& qkv_w, const std::optional<at::Tensor>& qkv_b,
+                               const at::Tensor& proj_w, const std::optional<at::Tensor>& proj_b,
+                               int64_t groups, double) {
+  check_attention_args(x, norm_w, norm_b, qkv_w, qkv_b, proj_w, proj_b, groups);
+  return at::empty_like(x);
+}
+
+}  // namespace cdal
+
+TORCH_LIBRARY(cdal, m) {
+  m.def("adagn_silu(Tensor x, Tensor gamma, Tensor beta, Tensor? bias, int groups, float eps) -> Tensor");
+  m.def(
+      "self_attention(Tensor x, Tensor norm_w, Tensor norm_b, Tensor qkv_w, Tensor? qkv_b, Tensor proj_w, "
+      "Tensor? proj_b, int groups, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cdal, Meta, m) {
+  m.impl("adagn_silu", &cdal::adagn_silu_meta);
+  m.impl("self_attention", &cdal::self_attention_meta);
+}

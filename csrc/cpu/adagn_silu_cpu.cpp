@@ -3,9 +3,11 @@
 // is computed as silu(x * scale + shift) with per-(sample, channel) scale and shift folded once.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "../ops.h"
 
@@ -27,15 +29,20 @@ void adagn_kernel(const scalar_t* x, const float* gamma, const float* beta, cons
         for (int64_t c = c0; c < c0 + Cg; ++c) {
           const double b = bias ? bias[n * C + c] : 0.0;
           const scalar_t* p = x + (n * C + c) * HW;
-          double s = 0.0, ss = 0.0;
+          // Accumulate (x - pivot) in float lanes: the pivot (first value) removes the mean's
+          // magnitude, so float partial sums keep full precision; totals are combined in double.
+          const float pivot = static_cast<float>(p[0]);
+          float s = 0.f, ss = 0.f;
 #pragma omp simd reduction(+ : s, ss)
           for (int64_t i = 0; i < HW; ++i) {
-            const double v = static_cast<double>(static_cast<float>(p[i])) + b;
+            const float v = static_cast<float>(p[i]) - pivot;
             s += v;
             ss += v * v;
           }
-          sum += s;
-          sumsq += ss;
+          // shift back: sum (v + d) and sum (v + d)^2 with d = pivot + b
+          const double d = static_cast<double>(pivot) + b;
+          sum += s + d * HW;
+          sumsq += ss + 2.0 * d * s + d * d * HW;
         }
       } else {
         for (int64_t i = 0; i < HW; ++i) {
@@ -57,8 +64,18 @@ void adagn_kernel(const scalar_t* x, const float* gamma, const float* beta, cons
         if (!channels_last) {
           const scalar_t* p = x + (n * C + c) * HW;
           scalar_t* q = y + (n * C + c) * HW;
-#pragma omp simd
-          for (int64_t i = 0; i < HW; ++i) q[i] = static_cast<scalar_t>(silu(static_cast<float>(p[i]) * scale + shift));
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            using Vec = at::vec::Vectorized<float>;
+            const Vec vs(scale), vh(shift), one(1.f);
+            int64_t i = 0;
+            for (; i + Vec::size() <= HW; i += Vec::size()) {
+              const Vec v = Vec::loadu(p + i) * vs + vh;
+              (v / (one + v.neg().exp())).store(q + i);
+            }
+            for (; i < HW; ++i) q[i] = silu(p[i] * scale + shift);
+          } else {
+            for (int64_t i = 0; i < HW; ++i) q[i] = static_cast<scalar_t>(silu(static_cast<float>(p[i]) * scale + shift));
+          }
         } else {
           for (int64_t i = 0; i < HW; ++i) {
             const int64_t k = (n * HW + i) * C + c;

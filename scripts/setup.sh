@@ -8,7 +8,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-.venv/bin/python -m pip install -q -r requirements.txt
+if [ "${CDAL_KEEP_TORCH:-0}" = "1" ]; then
+  # GPU machines: keep the CUDA torch already installed in .venv, install everything else.
+  grep -v '^torch==' requirements.txt > .venv/requirements-notorch.txt
+  .venv/bin/python -m pip install -q -r .venv/requirements-notorch.txt
+else
+  .venv/bin/python -m pip install -q -r requirements.txt
+fi
 # --no-build-isolation: build against the torch just installed (never a second, CUDA one).
 .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 .venv/bin/python -c "import cdal_fast, sys; print('cdal-fast', cdal_fast.__version__, '| C++ ops:', cdal_fast.ops.extension_available())"

@@ -230,6 +230,41 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, weights: Path | None, recur
         sys.exit(1)
 
 
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "aoti"]), required=True,
+              help="torchscript: a scripted module (.pt); aoti: a torch.export + AOTInductor package (.pt2).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Weights to export (default: the shipped MoNuSeg model).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output file.")
+@click.option("--steps", type=int, default=None, help="Reverse steps T fixed in the export (default: the model's).")
+@click.option("--votes", type=int, default=None, help="Votes V fixed in the export (default: the model's).")
+@click.option("--fused", is_flag=True, help="Call the cdal C++ ops (the C++ program must link libcdal_ops).")
+@click.option("--batch", type=int, default=1, show_default=True, help="aoti: the fixed batch size.")
+@click.option("--size", type=int, default=None, help="aoti: the fixed tile size (default: the model's).")
+def export(fmt: str, weights: Path | None, out: Path, steps: int | None, votes: int | None, fused: bool,
+           batch: int, size: int | None) -> None:
+    """Export the whole fixed-step sampler for use without Python (see docs/cpp.md).
+
+    The module's forward(image, seed) takes float32 (B, C, H, W) pixels on the 0-255 scale and an
+    int64 seed tensor and returns (probability, uncertainty); normalisation, T, V and the noise
+    generator are inside, so the same image and seed give the same mask in Python and C++.
+    """
+    from .backends import BackendError, build_sampler
+    from .export import ExportableSampler, export_aoti, export_torchscript
+    from .models import load_model
+    from .weights import WeightsError
+
+    try:
+        bundle = load_model(weights)
+        if fused:  # validates that the op library is there, with a clear message if not
+            build_sampler(bundle.generator, steps, votes, "fused")
+    except (WeightsError, BackendError) as exc:
+        raise click.ClickException(str(exc)) from None
+    module = ExportableSampler(bundle.generator, steps, votes).eval()
+    path = export_torchscript(module, out) if fmt == "torchscript" else export_aoti(module, out, batch, size)
+    click.echo(f"wrote {path} (T={module.num_steps}, V={module.votes}, fused={fused})")
+
+
 def _fmt(v: float | list[float]) -> str:
     return " / ".join(f"{x:.4f}" for x in v) if isinstance(v, list) else f"{v:.4f}"
 

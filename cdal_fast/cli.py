@@ -160,8 +160,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Compute precision (bfloat16 is fastest on recent GPUs).")
-@click.option("--backend", type=click.Choice(["eager", "torchscript", "fused", "compile"]), default="eager",
-              show_default=True, help="Sampler implementation.")
+@click.option("--backend", type=click.Choice(["eager", "torchscript", "fused", "compile", "onnx", "tensorrt"]),
+              default="eager", show_default=True,
+              help="Sampler implementation; onnx/tensorrt export (and build) once into ~/.cache/cdal-fast.")
 @click.option("--batch-size", type=int, default=None,
               help="Tiles per sampler call (default: 8 on a GPU, 1 on a CPU, where big batches only cost memory).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Background tile-reading processes.")
@@ -199,7 +200,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, weights: Path | None, recur
     dev = _device(device)
     try:
         bundle = load_model(weights, task="monuseg", device=dev)
-        sampler = build_sampler(bundle.generator, steps, votes, backend, dev, DTYPES[dtype])
+        sampler = build_sampler(bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.sha256)
     except (WeightsError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
     files = find_inputs(list(inputs), recursive, pattern)
@@ -231,8 +232,9 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, weights: Path | None, recur
 
 
 @main.command()
-@click.option("--format", "fmt", type=click.Choice(["torchscript", "aoti"]), required=True,
-              help="torchscript: a scripted module (.pt); aoti: a torch.export + AOTInductor package (.pt2).")
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "aoti", "onnx", "tensorrt"]), required=True,
+              help="torchscript: a scripted module (.pt); aoti: torch.export + AOTInductor (.pt2); onnx: the "
+                   "unrolled sampler with explicit noise inputs (.onnx); tensorrt: an engine built from it.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Weights to export (default: the shipped MoNuSeg model).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output file.")
@@ -240,9 +242,11 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, weights: Path | None, recur
 @click.option("--votes", type=int, default=None, help="Votes V fixed in the export (default: the model's).")
 @click.option("--fused", is_flag=True, help="Call the cdal C++ ops (the C++ program must link libcdal_ops).")
 @click.option("--batch", type=int, default=1, show_default=True, help="aoti: the fixed batch size.")
-@click.option("--size", type=int, default=None, help="aoti: the fixed tile size (default: the model's).")
+@click.option("--size", type=int, default=None, help="aoti/onnx: the fixed tile size (default: the model's).")
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
+              help="tensorrt: engine precision.")
 def export(fmt: str, weights: Path | None, out: Path, steps: int | None, votes: int | None, fused: bool,
-           batch: int, size: int | None) -> None:
+           batch: int, size: int | None, precision: str) -> None:
     """Export the whole fixed-step sampler for use without Python (see docs/cpp.md).
 
     The module's forward(image, seed) takes float32 (B, C, H, W) pixels on the 0-255 scale and an
@@ -260,6 +264,25 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, votes: 
             build_sampler(bundle.generator, steps, votes, "fused")
     except (WeightsError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
+    if fmt in ("onnx", "tensorrt"):
+        import shutil
+
+        from .compiled import _require_tensorrt, build_tensorrt_engine, export_onnx
+
+        try:
+            if fmt == "tensorrt":
+                _require_tensorrt()  # say what is missing before exporting anything
+            if fmt == "onnx":
+                path = export_onnx(bundle.generator, out, steps, votes, size, weights_sha256=bundle.sha256)
+            else:
+                onnx_path = export_onnx(bundle.generator, out.with_suffix(".onnx"), steps, votes, size,
+                                        weights_sha256=bundle.sha256)
+                path = out
+                shutil.copy(build_tensorrt_engine(onnx_path, precision), out)
+        except BackendError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"wrote {path}")
+        return
     module = ExportableSampler(bundle.generator, steps, votes).eval()
     path = export_torchscript(module, out) if fmt == "torchscript" else export_aoti(module, out, batch, size)
     click.echo(f"wrote {path} (T={module.num_steps}, V={module.votes}, fused={fused})")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .fir import fir_down, fir_kernel
+from .fir import depthwise_fir, fir_down
 from .layers import conv, linear, timestep_embedding
 
 __all__ = ["Discriminator"]
@@ -27,14 +27,15 @@ class DownConvBlock(nn.Module):
         self.conv1 = conv(out_ch, out_ch, 3)
         self.temb_proj = linear(t_emb_dim, out_ch)
         self.skip = conv(in_ch, out_ch, 1, bias=False)
-        self.register_buffer("fir", fir_kernel(), persistent=False)
+        self.register_buffer("fir_h", depthwise_fir(out_ch), persistent=False)
+        self.register_buffer("fir_x", depthwise_fir(in_ch), persistent=False)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv0(F.leaky_relu(x, 0.2)) + self.temb_proj(temb)[:, :, None, None]
         h = F.leaky_relu(h, 0.2)
         if self.downsample:
-            h = fir_down(h, self.fir)
-            x = fir_down(x, self.fir)
+            h = fir_down(h, self.fir_h)
+            x = fir_down(x, self.fir_x)
         h = self.conv1(h)
         return (h + self.skip(x)) / math.sqrt(2.0)
 

@@ -16,36 +16,38 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fir_kernel", "fir_down", "fir_up", "fir_blur_pad2", "upfirdn2d_reference"]
+__all__ = ["fir_kernel", "depthwise_fir", "fir_down", "fir_up", "fir_blur_pad2", "upfirdn2d_reference"]
 
 
-def fir_kernel(dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+def fir_kernel(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The normalised 4x4 FIR kernel outer([1,3,3,1]) / 64."""
-    k1 = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float32, device=device)
+    k1 = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float32)
     k = torch.outer(k1, k1)
     return (k / k.sum()).to(dtype)
 
 
-def _depthwise(kernel: torch.Tensor, channels: int, x: torch.Tensor) -> torch.Tensor:
-    return kernel.to(device=x.device, dtype=x.dtype).expand(channels, 1, 4, 4).contiguous()
+def depthwise_fir(channels: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The FIR kernel as a (channels, 1, 4, 4) depthwise weight.
+
+    Modules keep it as a buffer of fixed shape, so traced graphs (ONNX with a dynamic batch,
+    torch.export) see a convolution with a known kernel and group count.
+    """
+    return fir_kernel(dtype).expand(channels, 1, 4, 4).contiguous()
 
 
-def fir_down(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """2x FIR downsampling (H, W even) -> (H/2, W/2)."""
-    c = x.shape[1]
-    return F.conv2d(x, _depthwise(kernel, c, x), stride=2, padding=1, groups=c)
+def fir_down(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """2x FIR downsampling (H, W even) -> (H/2, W/2); ``weight`` from :func:`depthwise_fir`."""
+    return F.conv2d(x, weight.to(x.dtype), stride=2, padding=1, groups=weight.shape[0])
 
 
-def fir_up(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+def fir_up(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """2x FIR upsampling -> (2H, 2W); the gain 4 keeps a constant image constant."""
-    c = x.shape[1]
-    return F.conv_transpose2d(x, _depthwise(kernel * 4.0, c, x), stride=2, padding=1, groups=c)
+    return F.conv_transpose2d(x, weight.to(x.dtype) * 4.0, stride=2, padding=1, groups=weight.shape[0])
 
 
-def fir_blur_pad2(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+def fir_blur_pad2(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``upfirdn2d(x, k, pad=(2, 2))``: full-resolution blur, output grows by 1 pixel per side."""
-    c = x.shape[1]
-    return F.conv2d(x, _depthwise(kernel, c, x), padding=2, groups=c)
+    return F.conv2d(x, weight.to(x.dtype), padding=2, groups=weight.shape[0])
 
 
 def upfirdn2d_reference(

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import ops
 from .config import ModelConfig
-from .fir import fir_blur_pad2, fir_kernel
+from .fir import depthwise_fir, fir_blur_pad2
 from .layers import (
     AdaGNSiLU,
     CondBlock,
@@ -49,7 +49,7 @@ class PyramidDown(nn.Module):
     def __init__(self, in_ch: int, out_ch: int) -> None:
         super().__init__()
         self.conv = conv(in_ch, out_ch, 3, stride=2, padding=0)
-        self.register_buffer("fir", fir_kernel(), persistent=False)
+        self.register_buffer("fir", depthwise_fir(in_ch), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(fir_blur_pad2(x, self.fir))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .fir import fir_down, fir_kernel, fir_up
+from .fir import depthwise_fir, fir_down, fir_up
 
 
 # -- initialisation ---------------------------------------------------------------------------
@@ -100,7 +100,8 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv1 = conv(out_ch, out_ch, 3, init_scale=1e-10)
         self.skip = conv(in_ch, out_ch, 1) if (in_ch != out_ch or resample != 0) else None
-        self.register_buffer("fir", fir_kernel(), persistent=False)
+        # h and x both have in_ch channels where they are resampled
+        self.register_buffer("fir", depthwise_fir(in_ch), persistent=False)
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor, zemb: torch.Tensor) -> torch.Tensor:
         h = self.norm0(x, zemb)

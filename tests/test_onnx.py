@@ -1,0 +1,130 @@
+"""ONNX sampler (onnxruntime) against the PyTorch sampler; TensorRT backend skips cleanly."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cdal_fast.backends import BackendError, build_sampler
+from cdal_fast.cli import main
+from cdal_fast.compiled import OnnxSampler, export_onnx
+from cdal_fast.config import get_preset
+from cdal_fast.generator import Generator
+from cdal_fast.sampler import FixedStepSampler, decode_mask, draw_noise, generators_from_seed
+from cdal_fast.weights import save_weights
+
+from .conftest import perturbed
+
+pytest.importorskip("onnxruntime")
+
+
+def _gen(preset: str, seed: int = 0) -> Generator:
+    torch.manual_seed(seed)
+    return perturbed(Generator(get_preset(preset)), seed=seed).eval()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "hippocampus"])
+def test_onnxruntime_matches_pytorch_on_same_noise(tmp_path, preset):
+    gen = _gen(preset)
+    path = export_onnx(gen, tmp_path / "s.onnx", weights_sha256="abc")
+    ort_sampler = OnnxSampler(path, gen, "abc")
+    ref = FixedStepSampler(gen).eval()
+    cfg = gen.cfg
+    s = cfg.image_size
+    for batch in (1, 3):  # exported with batch 1; the batch axis is dynamic
+        image = torch.randn(batch, cfg.img_channels, s, s)
+        n = draw_noise(ref.num_steps, ref.votes, cfg.mask_channels, cfg.nz, s, s, generators_from_seed(4, batch))
+        with torch.no_grad():
+            p_ref, s_ref = ref(image, n.x_init, n.z, n.post)
+        p_ort, s_ort = ort_sampler(image, n.x_init, n.z, n.post)
+        assert (p_ort - p_ref).abs().max().item() <= 1e-4
+        assert (s_ort - s_ref).abs().max().item() <= 1e-4
+        assert torch.equal(decode_mask(p_ort), decode_mask(p_ref))
+
+
+def test_graph_metadata_and_mismatch_errors(tmp_path):
+    gen = _gen("tiny")
+    path = export_onnx(gen, tmp_path / "s.onnx", weights_sha256="abc")
+    s = OnnxSampler(path)
+    assert (s.num_steps, s.votes, s.size) == (2, 2, 64)
+    with pytest.raises(BackendError, match="different model"):
+        OnnxSampler(path, Generator(get_preset("tiny", nf=32)))
+    with pytest.raises(BackendError, match="other weights"):
+        OnnxSampler(path, gen, "def")
+    with pytest.raises(BackendError, match="exported for 64x64"):
+        s(torch.zeros(1, 3, 32, 32), torch.zeros(2, 1, 32, 32), torch.zeros(2, 2, 8), torch.zeros(2, 2, 1, 32, 32))
+
+
+def test_malformed_files(tmp_path):
+    with pytest.raises(BackendError, match="not found"):
+        OnnxSampler(tmp_path / "none.onnx")
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage" * 50)
+    with pytest.raises(BackendError, match="not a valid ONNX model"):
+        OnnxSampler(tmp_path / "bad.onnx")
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(torch.nn.Linear(3, 2), (torch.zeros(1, 3),), str(plain), dynamo=False)
+    with pytest.raises(BackendError, match="not a cdal-fast sampler graph"):
+        OnnxSampler(plain)
+
+
+def test_cli_export_onnx_and_segment_backend(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("CDAL_FAST_CACHE", str(tmp_path / "cache"))
+    gen = _gen("tiny")
+    save_weights(tmp_path / "w", gen, dtype=torch.float32)
+    res = CliRunner().invoke(main, ["export", "--format", "onnx", "--weights", str(tmp_path / "w.safetensors"),
+                                    "--out", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 0, res.output
+    assert OnnxSampler(tmp_path / "m.onnx").votes == 2
+    rgb = (np.random.default_rng(1).random((150, 170, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "img.png")
+    masks = {}
+    for backend in ("eager", "onnx"):
+        out = tmp_path / backend
+        res = CliRunner().invoke(main, ["segment", str(tmp_path / "img.png"), "--out", str(out), "--weights",
+                                        str(tmp_path / "w.safetensors"), "--mpp", "0.5", "--backend", backend,
+                                        "--workers", "0", "-q"])
+        assert res.exit_code == 0, res.output
+        masks[backend] = np.asarray(Image.open(out / "img.mask.png"))
+    assert (masks["eager"] == masks["onnx"]).mean() >= 0.9999
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported once, cached
+
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT present: the missing-TensorRT path cannot be shown here")
+def test_tensorrt_missing_fails_at_start_with_one_clear_message(tmp_path):
+    gen = _gen("tiny")
+    with pytest.raises(BackendError, match="tensorrt backend needs"):
+        build_sampler(gen, None, None, "tensorrt")
+    save_weights(tmp_path / "w", gen, dtype=torch.float32)
+    res = CliRunner().invoke(main, ["segment", str(tmp_path), "--out", str(tmp_path / "o"), "--weights",
+                                    str(tmp_path / "w.safetensors"), "--backend", "tensorrt"])
+    assert res.exit_code != 0 and "tensorrt backend needs" in res.output
+    res = CliRunner().invoke(main, ["export", "--format", "tensorrt", "--weights", str(tmp_path / "w.safetensors"),
+                                    "--out", str(tmp_path / "m.engine")])
+    assert res.exit_code != 0 and "tensorrt backend needs" in res.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT and an NVIDIA GPU")
+def test_tensorrt_engine_matches_pytorch(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDAL_FAST_CACHE", str(tmp_path / "cache"))
+    gen = _gen("tiny")
+    trt_sampler = build_sampler(gen, None, None, "tensorrt", weights_sha256="abc")
+    ref = FixedStepSampler(gen).eval()
+    image = torch.randn(2, 3, 64, 64)
+    n = draw_noise(ref.num_steps, ref.votes, 1, gen.cfg.nz, 64, 64, generators_from_seed(0, 2))
+    with torch.no_grad():
+        p_ref, _ = ref(image, n.x_init, n.z, n.post)
+    p_trt, _ = trt_sampler(image, n.x_init, n.z, n.post)
+    assert (p_trt.cpu() - p_ref).abs().max().item() <= 2e-2  # fp16 engine
+    assert Path(next((tmp_path / "cache" / "engines").glob("*.engine"))).is_file()

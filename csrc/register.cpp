@@ -21,6 +21,21 @@ void check_adagn_args(const at::Tensor& x, const at::Tensor& gamma, const at::Te
   }
 }
 
+AdagnInputs prepare_adagn(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                          const std::optional<at::Tensor>& bias, int64_t groups) {
+  check_adagn_args(x, gamma, beta, bias, groups);
+  AdagnInputs in;
+  in.channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  in.x = in.channels_last ? x : x.contiguous();
+  in.gamma = gamma.to(at::kFloat).contiguous();
+  in.beta = beta.to(at::kFloat).contiguous();
+  if (bias.has_value()) in.bias = bias->to(at::kFloat).contiguous();
+  in.N = x.size(0);
+  in.C = x.size(1);
+  in.HW = x.size(2) * x.size(3);
+  return in;
+}
+
 void check_attention_args(const at::Tensor& x, const at::Tensor& norm_w, const at::Tensor& norm_b,
                           const at::Tensor& qkv_w, const std::optional<at::Tensor>& qkv_b,
                           const at::Tensor& proj_w, const std::optional<at::Tensor>& proj_b, int64_t groups) {

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import ModelConfig
-from .pipeline import SegmentOptions, is_complete, segment_slide
+from .pipeline import SegmentOptions, is_complete, is_small_image, segment_slide, slide_stem
 from .readers import SLIDE_SUFFIXES, SlideError
 
 __all__ = ["find_inputs", "RunReport", "segment_all"]
@@ -51,10 +51,6 @@ class RunReport:
                 "tiles": tiles, "tiles_per_second": tiles / self.seconds if self.seconds else 0.0}
 
 
-def _stem(path: Path) -> str:
-    return path.name.split(".")[0] if path.name.lower().endswith((".ome.tif", ".ome.tiff")) else path.stem
-
-
 def segment_all(files: list[Path], out_dir: Path, sampler: torch.nn.Module, cfg: ModelConfig, opts: SegmentOptions,
                 device: torch.device, dtype: torch.dtype, model_info: dict, echo=print,
                 show_progress: bool = True) -> RunReport:
@@ -62,8 +58,7 @@ def segment_all(files: list[Path], out_dir: Path, sampler: torch.nn.Module, cfg:
     report = RunReport()
     t0 = time.perf_counter()
     for f in files:
-        small = f.suffix.lower() in (".png", ".jpg", ".jpeg")
-        if not opts.overwrite and is_complete(out_dir, _stem(f), small):
+        if not opts.overwrite and is_complete(out_dir, slide_stem(f), is_small_image(f)):
             report.skipped.append(str(f))
             echo(f"skip  {f} (already done; --overwrite to redo)")
             continue

@@ -36,7 +36,7 @@ from .tiling import Tile, TileGrid, blend_window
 from .tissue import tissue_mask
 from .writer import finalize, tmp_path_for, write_pyramid
 
-__all__ = ["SegmentOptions", "segment_slide", "output_paths", "is_complete"]
+__all__ = ["SegmentOptions", "segment_slide", "output_paths", "is_complete", "slide_stem", "is_small_image"]
 
 
 @dataclass
@@ -213,6 +213,15 @@ def _encode_prob(prob: torch.Tensor) -> torch.Tensor:
 
 
 # -- outputs -------------------------------------------------------------------------------------
+def slide_stem(path: Path) -> str:
+    """Output name stem: ``a.ome.tif`` -> ``a``, ``b.svs`` -> ``b``."""
+    return path.name.split(".")[0] if path.name.lower().endswith((".ome.tif", ".ome.tiff")) else path.stem
+
+
+def is_small_image(path: Path) -> bool:
+    return path.suffix.lower() in (".png", ".jpg", ".jpeg")
+
+
 def output_paths(out_dir: Path, stem: str, small: bool) -> dict[str, Path]:
     ext = ".png" if small else ".ome.tif"
     return {
@@ -267,7 +276,7 @@ def segment_slide(path: Path, out_dir: Path, sampler: torch.nn.Module, cfg: Mode
                   progress: Any = None) -> dict[str, Any]:
     """Segment ``path`` into ``out_dir``; returns the summary (also written as JSON)."""
     t0 = time.perf_counter()
-    stem = path.name.split(".")[0] if path.name.lower().endswith((".ome.tif", ".ome.tiff")) else path.stem
+    stem = slide_stem(path)
     with open_slide(path) as reader:
         small = isinstance(reader, SmallImage)
         paths = output_paths(out_dir, stem, small)

@@ -89,19 +89,11 @@ void adagn_kernel(const scalar_t* x, const float* gamma, const float* beta, cons
 
 at::Tensor adagn_silu_cpu(const at::Tensor& x_in, const at::Tensor& gamma, const at::Tensor& beta,
                           const std::optional<at::Tensor>& bias, int64_t groups, double eps) {
-  check_adagn_args(x_in, gamma, beta, bias, groups);
-  const bool channels_last = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
-  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
-  at::Tensor y = at::empty_like(x);
-  const at::Tensor g = gamma.to(at::kFloat).contiguous();
-  const at::Tensor b = beta.to(at::kFloat).contiguous();
-  at::Tensor bb;
-  if (bias.has_value()) bb = bias->to(at::kFloat).contiguous();
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adagn_silu_cpu", [&] {
-    adagn_kernel<scalar_t>(x.data_ptr<scalar_t>(), g.data_ptr<float>(), b.data_ptr<float>(),
-                           bias.has_value() ? bb.data_ptr<float>() : nullptr, y.data_ptr<scalar_t>(), N, C, HW,
-                           groups, eps, channels_last);
+  const AdagnInputs in = prepare_adagn(x_in, gamma, beta, bias, groups);
+  at::Tensor y = at::empty_like(in.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "adagn_silu_cpu", [&] {
+    adagn_kernel<scalar_t>(in.x.data_ptr<scalar_t>(), in.gamma.data_ptr<float>(), in.beta.data_ptr<float>(),
+                           in.bias_ptr(), y.data_ptr<scalar_t>(), in.N, in.C, in.HW, groups, eps, in.channels_last);
   });
   return y;
 }

@@ -24,21 +24,14 @@ void check_cuda(cudaError_t err, const char* what) {
 
 at::Tensor adagn_silu_cuda(const at::Tensor& x_in, const at::Tensor& gamma, const at::Tensor& beta,
                            const std::optional<at::Tensor>& bias, int64_t groups, double eps) {
-  check_adagn_args(x_in, gamma, beta, bias, groups);
   c10::cuda::CUDAGuard guard(x_in.device());
-  const bool channels_last = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
-  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
-  at::Tensor y = at::empty_like(x);
-  const at::Tensor g = gamma.to(at::kFloat).contiguous();
-  const at::Tensor b = beta.to(at::kFloat).contiguous();
-  at::Tensor bb;
-  if (bias.has_value()) bb = bias->to(at::kFloat).contiguous();
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  at::Tensor stats = at::empty({N * groups * 2}, x.options().dtype(at::kFloat));
-  check_cuda(cdal_cuda::adagn_silu(x.data_ptr(), g.data_ptr<float>(), b.data_ptr<float>(),
-                                   bias.has_value() ? bb.data_ptr<float>() : nullptr, y.data_ptr(),
-                                   stats.data_ptr<float>(), N, C, HW, groups, static_cast<float>(eps), channels_last,
-                                   dtype_of(x), at::cuda::getCurrentCUDAStream()),
+  const AdagnInputs in = prepare_adagn(x_in, gamma, beta, bias, groups);
+  at::Tensor y = at::empty_like(in.x);
+  at::Tensor stats = at::empty({in.N * groups * 2}, in.x.options().dtype(at::kFloat));
+  check_cuda(cdal_cuda::adagn_silu(in.x.data_ptr(), in.gamma.data_ptr<float>(), in.beta.data_ptr<float>(),
+                                   in.bias_ptr(), y.data_ptr(), stats.data_ptr<float>(), in.N, in.C, in.HW, groups,
+                                   static_cast<float>(eps), in.channels_last, dtype_of(in.x),
+                                   at::cuda::getCurrentCUDAStream()),
              "cdal::adagn_silu CUDA kernel");
   return y;
 }

@@ -34,7 +34,8 @@ def _device(name: str) -> torch.device:
 def main() -> None:
     """cdal-fast: cDAL diffusion segmentation: train, evaluate, segment slides, export.
 
-    Start with `cdal-fast info`, then `cdal-fast eval --help` or `cdal-fast train --help`.
+    Most users want `cdal-fast segment SLIDES... --out DIR` (see `cdal-fast segment --help`).
+    `cdal-fast info` shows what is installed; docs/cli.md has the full reference.
     """
 
 

@@ -6,6 +6,7 @@
 * ``compile``: ``torch.compile`` of the sampler (useful on GPUs; compiles on first use).
 * ``onnx``: the unrolled sampler as an ONNX graph run by onnxruntime (exported once, cached).
 * ``tensorrt``: a TensorRT engine built from that graph (cached; needs a GPU and TensorRT).
+* ``graphs``: eager (fused ops when built) replayed as CUDA graphs per static input shape (GPU only).
 
 Backends that need something missing fail at start with one message saying what to install.
 """
@@ -22,7 +23,7 @@ from .sampler import FixedStepSampler
 
 __all__ = ["BACKENDS", "BackendError", "build_sampler"]
 
-BACKENDS = ("eager", "torchscript", "fused", "compile", "onnx", "tensorrt")
+BACKENDS = ("eager", "torchscript", "fused", "compile", "onnx", "tensorrt", "graphs")
 
 
 class BackendError(RuntimeError):
@@ -36,6 +37,8 @@ def build_sampler(generator: Generator, steps: int | None, votes: int | None, ba
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend in ("onnx", "tensorrt"):
         return _compiled_sampler(generator, steps, votes, backend, weights_sha256)
+    if backend == "graphs" and torch.device(device).type != "cuda":
+        raise BackendError("backend 'graphs' (CUDA graphs) needs --device cuda")
     if backend == "fused":
         if not ops.extension_available():
             raise BackendError("backend 'fused' needs the C++ op library: run `bash scripts/setup.sh` "
@@ -51,6 +54,9 @@ def build_sampler(generator: Generator, steps: int | None, votes: int | None, ba
         return torch.jit.script(sampler)
     if backend == "compile":
         return torch.compile(sampler, dynamic=False)
+    if backend == "graphs":
+        generator.set_fused(True)  # uses the custom ops when the library is built, plain ops otherwise
+        return GraphedSampler(sampler)
     return sampler
 
 
@@ -77,3 +83,40 @@ def _compiled_sampler(generator: Generator, steps: int | None, votes: int | None
     if backend == "onnx":
         return OnnxSampler(path, generator, weights_sha256)
     return TensorRTSampler(build_tensorrt_engine(path), path)
+
+
+class GraphedSampler(torch.nn.Module):
+    """Replays the whole T-step sampler as one CUDA graph per input shape (static shapes only).
+
+    Inputs are copied into static buffers, the captured graph is replayed and the outputs are
+    cloned, which removes the per-kernel launch overhead that dominates small batches.
+    """
+
+    def __init__(self, sampler: torch.nn.Module) -> None:
+        super().__init__()
+        self.sampler = sampler
+        self.num_steps, self.votes = sampler.num_steps, sampler.votes
+        self.mask_channels, self.nz = sampler.mask_channels, sampler.nz
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+
+    def forward(self, image: torch.Tensor, x_init: torch.Tensor, z: torch.Tensor,
+                post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = [t.to(image.device, image.dtype) for t in (image, x_init, z, post)]
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        if key not in self._graphs:
+            static = [t.clone() for t in inputs]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(2):  # warm-up: cuDNN autotuning and allocator
+                    self.sampler(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.inference_mode():
+                outputs = self.sampler(*static)
+            self._graphs[key] = (graph, static, outputs)
+        graph, static, outputs = self._graphs[key]
+        for dst, src in zip(static, inputs):
+            dst.copy_(src)
+        graph.replay()
+        return tuple(o.clone() for o in outputs)

@@ -161,7 +161,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Compute precision (bfloat16 is fastest on recent GPUs).")
-@click.option("--backend", type=click.Choice(["eager", "torchscript", "fused", "compile", "onnx", "tensorrt"]),
+@click.option("--backend", type=click.Choice(["eager", "torchscript", "fused", "compile", "onnx", "tensorrt",
+                                            "graphs"]),
               default="eager", show_default=True,
               help="Sampler implementation; onnx/tensorrt export (and build) once into ~/.cache/cdal-fast.")
 @click.option("--batch-size", type=int, default=None,

@@ -167,7 +167,7 @@ class Generator(nn.Module):
 
     def step_embedding(self, k: torch.Tensor) -> torch.Tensor:
         """SiLU(temb(k)), the form every residual block consumes."""
-        temb = timestep_embedding(k, self.nf)
+        temb = timestep_embedding(k, self.nf).to(self.temb0.weight.dtype)
         temb = self.temb1(F.silu(self.temb0(temb)))
         return F.silu(temb)
 

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -82,6 +84,19 @@ def test_torchscript_parity(tiny_gen):
     b = sample(scripted, img, seed=5)
     torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript"])
+def test_bfloat16_sampler_agrees_with_float32(tiny_gen, backend):
+    """Half-precision inference (what `segment --dtype bfloat16` runs) works and keeps the masks."""
+    from cdal_fast.backends import build_sampler
+
+    img = torch.randn(2, 3, 64, 64)
+    ref = sample(FixedStepSampler(tiny_gen), img, seed=2)[0]
+    s16 = build_sampler(copy.deepcopy(tiny_gen), None, None, backend, "cpu", torch.bfloat16)
+    out = sample(s16, img.to(torch.bfloat16), seed=2)[0]
+    assert out.dtype == torch.float32
+    assert (decode_mask(out) == decode_mask(ref)).float().mean() > 0.95
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -240,3 +240,40 @@ def test_tissue_detection(mosaic):
     assert m[500, 500] and not m[20, 20]
     assert 0.4 < m.mean() < 0.6  # 700x700 tissue in 1000x1000
     assert otsu_threshold(np.array([10] * 50 + [200] * 50)) in range(10, 200)
+
+
+def test_openslide_reader(tmp_path, tiny_weights):
+    """Vendor formats go through OpenSlide: a tiled TIFF named .svs, read and segmented."""
+    pytest.importorskip("openslide")
+    import shutil
+
+    from cdal_fast.wsi.readers import OpenSlideSlide, TiffSlide
+
+    sample = Path(__file__).resolve().parents[1] / "cdal_fast" / "samples" / "sample_ihc.ome.tif"
+    svs = tmp_path / "scan.svs"
+    shutil.copy(sample, svs)
+    with open_slide(svs) as s, TiffSlide(sample) as t:
+        assert isinstance(s, OpenSlideSlide)
+        assert s.mpp == pytest.approx(0.5) and (s.levels[0].width, s.levels[0].height) == (512, 512)
+        assert np.array_equal(s.read_region(0, 100, 50, 200, 120), t.read_region(0, 100, 50, 200, 120))
+        assert (s.read_region(0, 500, 500, 30, 30)[12:, 12:] == 255).all()  # outside the scan is white
+    code, output = run([str(svs), "--out", str(tmp_path / "o"), "--weights", str(tiny_weights), "--workers", "0",
+                        "--batch-size", "16"])
+    assert code == 0, output
+    assert (tmp_path / "o" / "scan.mask.ome.tif").is_file()
+
+
+def test_openslide_missing_message(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name == "openslide":
+            raise ImportError("no openslide")
+        return real_import(name, *a, **k)
+
+    (tmp_path / "x.ndpi").write_bytes(b"0" * 100)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(SlideError, match="pip install openslide-python openslide-bin"):
+        open_slide(tmp_path / "x.ndpi")

@@ -151,8 +151,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (created if needed).")
+@click.option("--model", "task", type=click.Choice(list(TASKS)), default="monuseg", show_default=True,
+              help="Task: monuseg (H&E slides/images -> nuclei), cxr (radiographs -> lungs), hippocampus "
+                   "(NIfTI MRI -> anterior/posterior labels). Picks the shipped model unless --weights is given.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="Weights (.safetensors with its .json). Default: the shipped MoNuSeg nuclei model.")
+              help="Weights (.safetensors with its .json). Default: the shipped model of --model.")
 @click.option("--recursive", "-r", is_flag=True, help="Search folders recursively.")
 @click.option("--glob", "pattern", default=None, help="File-name pattern inside folders, e.g. '*.svs'.")
 @click.option("--mpp", type=float, default=None,
@@ -179,7 +182,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
               help="Also write the vote standard deviation map (uint8, 255 = 0.5, the maximum).")
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs are already complete.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def segment(inputs: tuple[Path, ...], out_dir: Path, weights: Path | None, recursive: bool, pattern: str | None,
+def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | None, recursive: bool,
+            pattern: str | None,
             mpp: float | None, device: str, dtype: str, backend: str, batch_size: int | None, workers: int,
             steps: int | None, votes: int | None, seed: int, tile_overlap: int | None, no_tissue_mask: bool,
             save_prob: bool, save_uncertainty: bool, overwrite: bool, quiet: bool) -> None:
@@ -189,6 +193,8 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, weights: Path | None, recur
     SVS / NDPI / MRXS ... when OpenSlide is installed. For each slide OUT gets NAME.mask.ome.tif
     (pyramidal, same pixel grid as the slide; 255 = object), NAME.overlay.png, NAME.json, and with
     the flags NAME.prob.ome.tif / NAME.uncertainty.ome.tif; PNG/JPEG inputs get PNG masks.
+    With --model cxr, PNG/JPEG radiographs give NAME.mask.png (255 = lung); with --model
+    hippocampus, NIfTI volumes give NAME.labels.nii.gz with the input's affine.
     Finished slides are skipped on a rerun; unreadable files are reported and the exit code is 1.
 
     Example: cdal-fast segment slides/ --out masks/ --device cuda --dtype bfloat16
@@ -201,7 +207,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, weights: Path | None, recur
 
     dev = _device(device)
     try:
-        bundle = load_model(weights, task="monuseg", device=dev)
+        bundle = load_model(weights, task=task, device=dev)
         sampler = build_sampler(bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.sha256)
     except (WeightsError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -222,7 +228,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, weights: Path | None, recur
     info = {"weights": str(bundle.path), "sha256": bundle.sha256, "preset": bundle.config.name,
             "backend": backend, "dtype": dtype, "device": str(dev)}
     report = segment_all(files, out_dir, sampler, bundle.config, opts, dev, DTYPES[dtype], info,
-                         echo=lambda m: click.echo(m, err=True), show_progress=not quiet)
+                         echo=lambda m: click.echo(m, err=True), show_progress=not quiet, task=task)
     r = report.to_dict()
     click.echo(f"{r['processed']} done, {len(r['skipped_complete'])} already complete, {len(r['failed'])} failed; "
                f"{r['tiles']} tiles in {r['seconds']:.1f} s ({r['tiles_per_second']:.2f} tiles/s). "

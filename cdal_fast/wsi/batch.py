@@ -12,6 +12,8 @@ import torch
 from tqdm import tqdm
 
 from ..config import ModelConfig
+from ..evaluate import PatchRunner
+from .other_tasks import VOLUME_SUFFIXES, is_volume, segment_radiograph, segment_volume, volume_stem
 from .pipeline import SegmentOptions, is_complete, is_small_image, segment_slide, slide_stem
 from .readers import SLIDE_SUFFIXES, SlideError
 
@@ -24,7 +26,7 @@ def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None
     for p in inputs:
         if p.is_dir():
             it = (p.rglob(pattern or "*") if recursive else p.glob(pattern or "*"))
-            found += [f for f in it if f.is_file() and f.name.lower().endswith(SLIDE_SUFFIXES)
+            found += [f for f in it if f.is_file() and f.name.lower().endswith(SLIDE_SUFFIXES + VOLUME_SUFFIXES)
                       and not f.name.startswith(".")]
         else:
             found.append(p)
@@ -51,20 +53,40 @@ class RunReport:
                 "tiles": tiles, "tiles_per_second": tiles / self.seconds if self.seconds else 0.0}
 
 
+def _done(out_dir: Path, f: Path, task: str) -> bool:
+    if task == "monuseg":
+        return is_complete(out_dir, slide_stem(f), is_small_image(f))
+    summary = out_dir / f"{volume_stem(f) if is_volume(f) else f.stem}.json"
+    try:
+        return bool(json.loads(summary.read_text()).get("complete"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def segment_all(files: list[Path], out_dir: Path, sampler: torch.nn.Module, cfg: ModelConfig, opts: SegmentOptions,
                 device: torch.device, dtype: torch.dtype, model_info: dict, echo=print,
-                show_progress: bool = True) -> RunReport:
+                show_progress: bool = True, task: str = "monuseg") -> RunReport:
+    """Segment ``files`` for ``task``: slides/images (monuseg), radiographs (cxr), volumes (hippocampus)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report = RunReport()
     t0 = time.perf_counter()
+    runner = PatchRunner(sampler, device, dtype, batch_size=max(opts.batch_size, 1), seed=opts.seed)
     for f in files:
-        if not opts.overwrite and is_complete(out_dir, slide_stem(f), is_small_image(f)):
+        if not opts.overwrite and _done(out_dir, f, task):
             report.skipped.append(str(f))
             echo(f"skip  {f} (already done; --overwrite to redo)")
             continue
         bar = tqdm(desc=f.name, unit="tile", disable=not show_progress, leave=False, dynamic_ncols=True)
         try:
-            summary = segment_slide(f, out_dir, sampler, cfg, opts, device, dtype, model_info, progress=bar.update)
+            if task == "cxr":
+                summary = segment_radiograph(f, out_dir, runner, cfg, model_info)
+            elif task == "hippocampus":
+                if not is_volume(f):
+                    raise SlideError(f"{f}: the hippocampus model segments NIfTI volumes (.nii, .nii.gz)")
+                summary = segment_volume(f, out_dir, runner, cfg, model_info)
+            else:
+                summary = segment_slide(f, out_dir, sampler, cfg, opts, device, dtype, model_info,
+                                        progress=bar.update)
         except (SlideError, OSError, ValueError) as exc:
             report.failed.append((str(f), str(exc)))
             echo(f"FAIL  {f}: {exc}")
@@ -72,8 +94,8 @@ def segment_all(files: list[Path], out_dir: Path, sampler: torch.nn.Module, cfg:
         finally:
             bar.close()
         report.done.append(summary)
-        echo(f"done  {f}: {summary['tiles_sampled']} tiles, objects {summary['object_fraction']:.3f}, "
-             f"{summary['seconds']:.1f} s")
+        detail = (f"objects {summary['object_fraction']:.3f}, " if "object_fraction" in summary else "")
+        echo(f"done  {f}: {detail}{summary['seconds']:.1f} s")
     report.seconds = time.perf_counter() - t0
     (out_dir / "run_summary.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
-
-import torch
 
 from cdal_fast.training import TrainConfig, Trainer
 
@@ -43,18 +40,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tc = TrainConfig(task=task, preset=preset, data=str(args.data / folder), split_file=split, out=tmp,
                              batch_size=batch, device=args.device, progress=False, val_every=0, ckpt_every=0)
-            tr = Trainer(tc)
-            tr.train_step()  # warm-up (allocator, cuDNN)
-            if tr.cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                tr.train_step()
-            if tr.cuda:
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+            rate = Trainer(tc).measure_speed(args.steps)
         rows.append({"preset": preset, "task": task, "batch": batch, "device": args.device,
-                     "it_per_s": args.steps / dt, "samples_per_s": args.steps * batch / dt})
+                     "it_per_s": rate, "samples_per_s": rate * batch})
         print(rows[-1], flush=True)
     write_results("train_throughput", rows, ["preset", "task", "batch", "device", "it_per_s", "samples_per_s"],
                   args.out)

@@ -225,6 +225,19 @@ class Trainer:
         self.step += 1
         return {"loss_g": loss_g.item(), "d_real": err_real.item(), "d_fake": err_fake.item(), "r1": r1.item()}
 
+    def measure_speed(self, steps: int, warmup: int = 1) -> float:
+        """Iterations per second over ``steps`` training steps after ``warmup`` (which also trains)."""
+        for _ in range(warmup):
+            self.train_step()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.train_step()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return steps / (time.perf_counter() - t0)
+
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -43,18 +43,7 @@ def main() -> None:
     # 1. speed probe (also warms cuDNN's algorithm choice)
     probe = load_train_config(args.config, data=args.data, out="/tmp/cdal_probe", device=args.device,
                               progress=False)
-    tr = Trainer(probe)
-    for _ in range(5):
-        tr.train_step()
-    if tr.cuda:
-        torch.cuda.synchronize()
-    t0 = time.monotonic()
-    for _ in range(args.probe_steps):
-        tr.train_step()
-    if tr.cuda:
-        torch.cuda.synchronize()
-    rate = args.probe_steps / (time.monotonic() - t0)
-    del tr
+    rate = Trainer(probe).measure_speed(args.probe_steps, warmup=5)
     budget_s = args.minutes * 60 - (time.monotonic() - t_start)
     steps = max(50, int(rate * budget_s * 0.93))  # leave room for validation passes
     print(json.dumps({"probe_it_per_s": rate, "planned_steps": steps}), flush=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_output
 from .backends import BackendError
 from .generator import Generator
 from .sampler import FixedStepSampler, draw_noise, generators_from_seed
@@ -53,8 +54,6 @@ def export_onnx(generator: Generator, out: str | Path, steps: int | None = None,
     """Write the unrolled sampler as ONNX (plain ops; the fused custom ops are not used)."""
     import onnx
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     generator.set_fused(False)
     sampler = FixedStepSampler(generator, steps, votes).eval()
     cfg = generator.cfg
@@ -63,16 +62,15 @@ def export_onnx(generator: Generator, out: str | Path, steps: int | None = None,
     image = torch.zeros(batch, cfg.img_channels, s, s)
     dyn = {"image": {0: "batch"}, "x_init": {0: "vb"}, "z": {1: "vb"}, "post": {1: "vb"},
            "prob": {0: "batch"}, "std": {0: "batch"}}
-    tmp = out.with_name(f".{out.name}.partial")
-    with torch.no_grad():
-        torch.onnx.export(sampler, (image, n.x_init, n.z, n.post), str(tmp), input_names=INPUTS,
-                          output_names=OUTPUTS, dynamic_axes=dyn, opset_version=17, dynamo=False)
-    model = onnx.load(str(tmp))
-    for k, v in _meta(generator, sampler.num_steps, sampler.votes, s, weights_sha256).items():
-        model.metadata_props.add(key=k, value=v)
-    onnx.save(model, str(tmp))
-    os.replace(tmp, out)
-    return out
+    with atomic_output(out) as tmp:
+        with torch.no_grad():
+            torch.onnx.export(sampler, (image, n.x_init, n.z, n.post), str(tmp), input_names=INPUTS,
+                              output_names=OUTPUTS, dynamic_axes=dyn, opset_version=17, dynamo=False)
+        model = onnx.load(str(tmp))
+        for k, v in _meta(generator, sampler.num_steps, sampler.votes, s, weights_sha256).items():
+            model.metadata_props.add(key=k, value=v)
+        onnx.save(model, str(tmp))
+    return Path(out)
 
 
 def _read_meta(props: dict[str, str], path: Path) -> dict[str, str]:
@@ -185,9 +183,8 @@ def build_tensorrt_engine(onnx_path: str | Path, precision: str = "fp16", batche
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendError(f"TensorRT failed to build an engine from {onnx_path}")
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_bytes(bytes(serialized))
-    os.replace(tmp, out)
+    with atomic_output(out) as tmp:
+        tmp.write_bytes(bytes(serialized))
     return out
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_output
 from .generator import Generator
 from .rng import counter_normal
 from .sampler import FixedStepSampler
@@ -63,28 +64,21 @@ class ExportableSampler(nn.Module):
 
 
 def export_torchscript(module: ExportableSampler, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     scripted = torch.jit.script(module.eval())
-    tmp = out.with_name(f".{out.name}.partial")
-    scripted.save(str(tmp))
-    tmp.replace(out)
-    return out
+    with atomic_output(out) as tmp:
+        scripted.save(str(tmp))
+    return Path(out)
 
 
 def export_aoti(module: ExportableSampler, out: str | Path, batch: int = 1, size: int | None = None) -> Path:
     """AOTInductor package for input (batch, C_img, size, size) on the CPU."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     s = size or module.image_size
     example = (torch.zeros(batch, module.img_channels, s, s), torch.tensor(0, dtype=torch.int64))
-    with torch.no_grad():
+    with torch.no_grad(), atomic_output(out) as tmp:
         ep = torch.export.export(module.eval(), example)
-        tmp = out.with_name(f".{out.stem}.partial.pt2")
         # AOTInductor does not check input shapes at run time: the C++ app checks them against this.
         meta = {"cdal_input_shape": ",".join(str(v) for v in example[0].shape),
                 "cdal_steps": str(module.num_steps), "cdal_votes": str(module.votes), "cdal_mpp": str(module.mpp)}
         torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp),
                                                  inductor_configs={"aot_inductor.metadata": meta})
-    tmp.replace(out)
-    return out
+    return Path(out)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .atomic import atomic_output
 from .config import ModelConfig, get_preset
 from .data.datasets import TaskData, load_task_data
 from .diffusion import make_schedule
@@ -92,12 +93,6 @@ def load_train_config(path: str | Path, **overrides: Any) -> TrainConfig:
     if unknown:
         raise ValueError(f"{path}: unknown training config keys: {', '.join(unknown)}")
     return TrainConfig(**data)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -266,7 +261,8 @@ class Trainer:
     def save_checkpoint(self, name: str = "last.pt") -> Path:
         path = self.out / name
         if self.rank == 0:
-            _atomic_torch_save(self.state_dict(), path)
+            with atomic_output(path) as tmp:
+                torch.save(self.state_dict(), tmp)
         return path
 
     def resume(self, path: str | Path | None = None) -> bool:

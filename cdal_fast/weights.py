@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_output
 from .config import ConfigError, ModelConfig
 from .generator import Generator
 
@@ -59,12 +59,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_weights(path: str | Path, generator: Generator, provenance: dict[str, Any] | None = None,
                  dtype: torch.dtype = torch.float16) -> tuple[Path, Path]:
     """Write ``path.safetensors`` (tensors cast to ``dtype``) and ``path.json`` atomically."""
@@ -72,9 +66,8 @@ def save_weights(path: str | Path, generator: Generator, provenance: dict[str, A
     st_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
              for k, v in generator.state_dict().items()}
-    tmp = st_path.with_name(f".{st_path.name}.tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={"format": FORMAT, "preset": generator.cfg.name})
-    os.replace(tmp, st_path)
+    with atomic_output(st_path) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "preset": generator.cfg.name})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -84,7 +77,8 @@ def save_weights(path: str | Path, generator: Generator, provenance: dict[str, A
         "model": generator.cfg.to_dict(),
         "provenance": provenance or {},
     }
-    _atomic_write_bytes(cfg_path, (json.dumps(meta, indent=2) + "\n").encode())
+    with atomic_output(cfg_path) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return st_path, cfg_path
 
 

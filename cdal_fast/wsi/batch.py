@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..evaluate import PatchRunner
 from .other_tasks import VOLUME_SUFFIXES, is_volume, segment_radiograph, segment_volume, volume_stem
-from .pipeline import SegmentOptions, is_complete, is_small_image, segment_slide, slide_stem
+from .pipeline import SegmentOptions, is_complete, is_small_image, segment_slide, slide_stem, summary_complete
 from .readers import SLIDE_SUFFIXES, SlideError
 
 __all__ = ["find_inputs", "RunReport", "segment_all"]
@@ -56,11 +56,7 @@ class RunReport:
 def _done(out_dir: Path, f: Path, task: str) -> bool:
     if task == "monuseg":
         return is_complete(out_dir, slide_stem(f), is_small_image(f))
-    summary = out_dir / f"{volume_stem(f) if is_volume(f) else f.stem}.json"
-    try:
-        return bool(json.loads(summary.read_text()).get("complete"))
-    except (OSError, json.JSONDecodeError):
-        return False
+    return summary_complete(out_dir / f"{volume_stem(f) if is_volume(f) else f.stem}.json")
 
 
 def segment_all(files: list[Path], out_dir: Path, sampler: torch.nn.Module, cfg: ModelConfig, opts: SegmentOptions,

@@ -13,7 +13,6 @@ the input done, like slides.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_output
 from ..config import ModelConfig
 from ..data.imageio import resize_image
 from ..evaluate import PatchRunner, predict_volume
 from ..preprocess import normalise
+from ..sampler import decode_mask
+from .pipeline import write_png, write_summary
 from .readers import SlideError
-from .writer import finalize, tmp_path_for
 
 __all__ = ["VOLUME_SUFFIXES", "is_volume", "volume_stem", "segment_radiograph", "segment_volume"]
 
@@ -39,12 +40,6 @@ def is_volume(path: Path) -> bool:
 
 def volume_stem(path: Path) -> str:
     return path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
-
-
-def _write_summary(path: Path, summary: dict[str, Any]) -> None:
-    tmp = tmp_path_for(path)
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    finalize(tmp, path)
 
 
 def segment_radiograph(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelConfig,
@@ -64,18 +59,17 @@ def segment_radiograph(path: Path, out_dir: Path, runner: PatchRunner, cfg: Mode
     small = resize_image(img, cfg.image_size)
     prob = runner(normalise(small[None], cfg), [(0, 0)])[0]  # (C_mask, S, S)
     full = torch.nn.functional.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    mask = ((full[0] >= 0.5).numpy() * 255).astype(np.uint8) if cfg.mask_channels == 1 else \
-        full.argmax(0).numpy().astype(np.uint8)
+    mask = decode_mask(full[None])[0].numpy()  # 0/1, or class labels
+    if cfg.mask_channels == 1:
+        mask = mask * 255
     out = out_dir / f"{path.stem}.mask.png"
-    tmp = tmp_path_for(out)
-    Image.fromarray(mask).save(tmp, format="PNG")
-    finalize(tmp, out)
+    write_png(out, mask)
     seconds = time.perf_counter() - t0
     summary = {"complete": True, "input": str(path), "outputs": {"mask": str(out)}, "size": [w, h],
                "object_fraction": float((mask > 0).mean()), "seconds": seconds, "tiles_sampled": 1,
                "steps": runner.sampler.num_steps, "votes": runner.sampler.votes, "seed": runner.seed,
                "model": model_info or {}}
-    _write_summary(out_dir / f"{path.stem}.json", summary)
+    write_summary(out_dir / f"{path.stem}.json", summary)
     return summary
 
 
@@ -96,13 +90,12 @@ def segment_volume(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelCon
     out = out_dir / f"{stem}.labels.nii.gz"
     header = img.header.copy()
     header.set_data_dtype(np.uint8)
-    tmp = out.with_name(f".{stem}.partial.nii.gz")  # nibabel picks the format from the suffix
-    nib.save(nib.Nifti1Image(labels, img.affine, header), str(tmp))
-    finalize(tmp, out)
+    with atomic_output(out) as tmp:  # the partial name keeps .nii.gz: nibabel picks the format from it
+        nib.save(nib.Nifti1Image(labels, img.affine, header), str(tmp))
     seconds = time.perf_counter() - t0
     summary = {"complete": True, "input": str(path), "outputs": {"labels": str(out)}, "shape": list(vol.shape),
                "class_voxels": {str(c): int((labels == c).sum()) for c in range(cfg.mask_channels)},
                "seconds": seconds, "tiles_sampled": 0, "steps": runner.sampler.num_steps,
                "votes": runner.sampler.votes, "seed": runner.seed, "model": model_info or {}}
-    _write_summary(out_dir / f"{stem}.json", summary)
+    write_summary(out_dir / f"{stem}.json", summary)
     return summary

@@ -29,14 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..atomic import atomic_output
 from ..config import ModelConfig
 from ..sampler import SamplerNoise, draw_image_noise, position_generator, stack_noise
 from .readers import SlideError, SlideReader, SmallImage, open_slide
 from .tiling import Tile, TileGrid, blend_window
 from .tissue import tissue_mask
-from .writer import finalize, tmp_path_for, write_pyramid
+from .writer import write_pyramid
 
-__all__ = ["SegmentOptions", "segment_slide", "output_paths", "is_complete", "slide_stem", "is_small_image"]
+__all__ = ["SegmentOptions", "segment_slide", "output_paths", "is_complete", "slide_stem", "is_small_image",
+           "write_png", "write_summary", "summary_complete"]
 
 
 @dataclass
@@ -235,24 +237,31 @@ def output_paths(out_dir: Path, stem: str, small: bool) -> dict[str, Path]:
 
 def is_complete(out_dir: Path, stem: str, small: bool) -> bool:
     paths = output_paths(out_dir, stem, small)
-    if not paths["summary"].is_file() or not paths["mask"].is_file():
-        return False
-    try:
-        return bool(json.loads(paths["summary"].read_text()).get("complete"))
-    except (json.JSONDecodeError, OSError):
-        return False
+    return paths["mask"].is_file() and summary_complete(paths["summary"])
 
 
 def _mask_from_prob(a: np.ndarray, multiclass: bool) -> np.ndarray:
     return a if multiclass else np.where(a >= 128, 255, 0).astype(np.uint8)
 
 
-def _write_png(path: Path, arr: np.ndarray) -> None:
+def write_png(path: Path, arr: np.ndarray) -> None:
     from PIL import Image
 
-    tmp = tmp_path_for(path)
-    Image.fromarray(arr).save(tmp, format="PNG")
-    finalize(tmp, path)
+    with atomic_output(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """Written last: its ``complete`` flag is what marks an input as done."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def summary_complete(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get("complete"))
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def _overlay(thumb: np.ndarray, prob_map: np.ndarray, multiclass: bool, max_side: int = 1024) -> np.ndarray:
@@ -329,11 +338,11 @@ def segment_slide(path: Path, out_dir: Path, sampler: torch.nn.Module, cfg: Mode
 
             if mask.shape != (plan.slide_h, plan.slide_w):
                 mask = np.asarray(Image.fromarray(mask).resize((plan.slide_w, plan.slide_h), Image.NEAREST))
-            _write_png(paths["mask"], mask)
+            write_png(paths["mask"], mask)
             if opts.save_prob:
-                _write_png(paths["prob"], np.asarray(prob_map))
+                write_png(paths["prob"], np.asarray(prob_map))
             if opts.save_uncertainty:
-                _write_png(paths["uncertainty"], np.asarray(std_map))
+                write_png(paths["uncertainty"], np.asarray(std_map))
         else:
             outs = [("mask", prob_map, lambda a: _mask_from_prob(a, multiclass))]
             if opts.save_prob:
@@ -341,10 +350,9 @@ def segment_slide(path: Path, out_dir: Path, sampler: torch.nn.Module, cfg: Mode
             if opts.save_uncertainty:
                 outs.append(("uncertainty", std_map, lambda a: a))
             for key, src, fn in outs:
-                tmp = tmp_path_for(paths[key])
-                write_pyramid(tmp, src, plan.slide_h, plan.slide_w, plan.mpp0, transform=fn, description=desc)
-                finalize(tmp, paths[key])
-        _write_png(paths["overlay"], _overlay(thumb, prob_map, multiclass))
+                with atomic_output(paths[key]) as tmp:
+                    write_pyramid(tmp, src, plan.slide_h, plan.slide_w, plan.mpp0, transform=fn, description=desc)
+        write_png(paths["overlay"], _overlay(thumb, prob_map, multiclass))
 
         seconds = time.perf_counter() - t0
         summary = {
@@ -364,9 +372,7 @@ def segment_slide(path: Path, out_dir: Path, sampler: torch.nn.Module, cfg: Mode
             "steps": steps, "votes": votes, "seed": opts.seed, "tile_overlap": opts.tile_overlap,
             "options": asdict(opts), "model": model_info or {},
         }
-        tmp = tmp_path_for(paths["summary"])
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        finalize(tmp, paths["summary"])
+        write_summary(paths["summary"], summary)
         return summary
     finally:
         shutil.rmtree(work, ignore_errors=True)

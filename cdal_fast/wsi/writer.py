@@ -8,22 +8,12 @@ has exactly the slide's level-0 pixel geometry (so it overlays the slide pixel f
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_pyramid", "tmp_path_for", "finalize"]
-
-
-def tmp_path_for(path: Path) -> Path:
-    """Temporary name in the same folder (so the final rename is atomic)."""
-    return path.with_name(f".{path.name}.partial")
-
-
-def finalize(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
+__all__ = ["write_pyramid"]
 
 
 def _level_shapes(height: int, width: int, tile: int) -> list[tuple[int, int]]:

@@ -32,7 +32,7 @@ from .data.datasets import (
 )
 from .data.imageio import read_image, read_mask, resize_image, resize_mask
 from .metrics import dice_iou, per_class_dice_iou
-from .preprocess import normalise, to_chw_float
+from .preprocess import match_channels, normalise, to_chw_float
 from .sampler import FixedStepSampler, draw_noise, position_generator
 
 __all__ = ["EvalResult", "evaluate_task", "PatchRunner"]
@@ -112,9 +112,7 @@ def evaluate_2d(task: str, data: Path, cfg: ModelConfig, runner: PatchRunner, sp
     pairs = find_pairs(root, names if names is not None else read_split(root, split, split_file))[:limit]
     rows = []
     for name, ip, mp in tqdm(pairs, desc=f"eval {task}", disable=not progress, leave=False):
-        img = to_chw_float(read_image(ip))
-        if img.shape[0] != cfg.img_channels:
-            img = img.mean(0, keepdim=True) if cfg.img_channels == 1 else img[:1].expand(cfg.img_channels, -1, -1)
+        img = match_channels(to_chw_float(read_image(ip)), cfg.img_channels)
         mask = torch.from_numpy(read_mask(mp))
         if task == "monuseg":
             prob = predict_monuseg_tile(img, cfg, runner)

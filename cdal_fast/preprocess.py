@@ -10,7 +10,7 @@ import torch
 
 from .config import ModelConfig
 
-__all__ = ["normalise", "to_chw_float"]
+__all__ = ["normalise", "to_chw_float", "match_channels"]
 
 
 def to_chw_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -19,6 +19,16 @@ def to_chw_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     if t.dim() == 2:
         t = t[:, :, None]
     return t.permute(2, 0, 1).to(torch.float32)
+
+
+def match_channels(chw: torch.Tensor, channels: int) -> torch.Tensor:
+    """Give a (C, H, W) image the model's channel count: RGB -> grey by the channel mean,
+    grey -> RGB by repetition. Everything that feeds a model goes through here."""
+    if chw.shape[0] == channels:
+        return chw
+    if channels == 1:
+        return chw.mean(0, keepdim=True)
+    return chw[:1].expand(channels, -1, -1)
 
 
 def normalise(image: torch.Tensor | np.ndarray, cfg: ModelConfig) -> torch.Tensor:

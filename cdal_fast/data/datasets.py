@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..preprocess import to_chw_float
+from ..preprocess import match_channels, normalise, to_chw_float
 from .augment import color_jitter, random_affine_crop
 from .imageio import IMAGE_SUFFIXES, read_image, read_mask, resize_image, resize_mask
 
@@ -106,22 +106,14 @@ class TaskData:
             img, msk = random_affine_crop(img, msk, size, g, max_rot_deg=10.0, scale=(0.9, 1.1), flips=False)
         elif img.shape[-1] != size:
             raise ValueError(f"training images are {img.shape[-1]} px, model expects {size}")
-        return _normalise(img, self.cfg), msk
-
-
-def _normalise(img: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    mean = torch.tensor(cfg.norm_mean, device=img.device).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.norm_std, device=img.device).view(1, -1, 1, 1)
-    return (img - mean) / std
+        return normalise(img, self.cfg), msk
 
 
 def _load_2d(root: Path, names: list[str] | None, size: int,
              channels: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     imgs, masks, out_names = [], [], []
     for name, ip, mp in find_pairs(root, names):
-        img = to_chw_float(read_image(ip))
-        if img.shape[0] != channels:
-            img = img.mean(0, keepdim=True) if channels == 1 else img[:1].expand(channels, -1, -1)
+        img = match_channels(to_chw_float(read_image(ip)), channels)
         imgs.append(resize_image(img, size))
         masks.append(resize_mask(torch.from_numpy(read_mask(mp)), size).float()[None] * 2 - 1)
         out_names.append(name)

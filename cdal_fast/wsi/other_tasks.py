@@ -24,7 +24,7 @@ from ..atomic import atomic_output
 from ..config import ModelConfig
 from ..data.imageio import resize_image
 from ..evaluate import PatchRunner, predict_volume
-from ..preprocess import normalise
+from ..preprocess import match_channels, normalise
 from ..sampler import decode_mask
 from .pipeline import write_png, write_summary
 from .readers import SlideError
@@ -53,9 +53,7 @@ def segment_radiograph(path: Path, out_dir: Path, runner: PatchRunner, cfg: Mode
     except Exception as exc:
         raise SlideError(f"{path}: not a readable image ({exc})") from exc
     h, w = grey.shape
-    img = torch.from_numpy(grey.copy()).float()[None]
-    if cfg.img_channels != 1:
-        img = img.expand(cfg.img_channels, -1, -1)
+    img = match_channels(torch.from_numpy(grey.copy()).float()[None], cfg.img_channels)
     small = resize_image(img, cfg.image_size)
     prob = runner(normalise(small[None], cfg), [(0, 0)])[0]  # (C_mask, S, S)
     full = torch.nn.functional.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0]

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import atomic_output
 from ..config import ModelConfig
+from ..preprocess import match_channels, normalise
 from ..sampler import SamplerNoise, draw_image_noise, position_generator, stack_noise
 from .readers import SlideError, SlideReader, SmallImage, open_slide
 from .tiling import Tile, TileGrid, blend_window
@@ -112,8 +113,6 @@ class TileDataset(Dataset):
         self.path, self.plan, self.tiles, self.tile = path, plan, tiles, tile
         self.cfg, self.seed, self.steps, self.votes = cfg, seed, steps, votes
         self._reader: SlideReader | None = None
-        self._mean = torch.tensor(cfg.norm_mean).view(-1, 1, 1)
-        self._std = torch.tensor(cfg.norm_std).view(-1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -128,9 +127,7 @@ class TileDataset(Dataset):
         img = torch.from_numpy(rgb).permute(2, 0, 1).float()
         if size != p:
             img = F.interpolate(img[None], size=(p, p), mode="bilinear", antialias=True, align_corners=False)[0]
-        if self.cfg.img_channels == 1:
-            img = img.mean(0, keepdim=True)
-        img = (img - self._mean) / self._std
+        img = normalise(match_channels(img, self.cfg.img_channels), self.cfg)[0]
         noise = draw_image_noise(self.steps, self.votes, self.cfg.mask_channels, self.cfg.nz, p, p,
                                  position_generator(self.seed, t.y, t.x))
         return i, img, noise

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 from cdal_fast import ops
+from cdal_fast.cli import DTYPES
 
 try:
     from bench.common import time_calls, write_results
 except ImportError:  # run as a script
     from common import time_calls, write_results
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAGN = [(4, 64, 256, 256, 16), (4, 128, 64, 64, 32), (4, 256, 16, 16, 32)]
 ATTN = [(4, 128, 16, 16, 32), (4, 256, 16, 16, 32), (4, 256, 8, 8, 32)]
 

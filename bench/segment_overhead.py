@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from cdal_fast.backends import build_sampler
+from cdal_fast.cli import DTYPES
 from cdal_fast.models import load_model
 from cdal_fast.sampler import draw_noise, generators_from_seed
 from cdal_fast.wsi.pipeline import SegmentOptions, segment_slide
@@ -26,7 +27,6 @@ except ImportError:  # run as a script
     from common import write_results
 
 SAMPLE = Path(__file__).resolve().parents[1] / "cdal_fast" / "samples" / "sample_ihc.ome.tif"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main() -> None:

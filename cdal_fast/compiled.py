@@ -80,6 +80,21 @@ def _read_meta(props: dict[str, str], path: Path) -> dict[str, str]:
     return props
 
 
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """The cdal metadata of an ONNX sampler graph (validated), read without running it."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return _read_meta(props, path)
+
+
+def _set_sampler_attrs(module: torch.nn.Module, meta: dict[str, str]) -> None:
+    """The FixedStepSampler attributes ``segment`` reads (T, V, mask channels, latent size)."""
+    cfg = json.loads(meta["cdal_model_config"])
+    module.num_steps, module.votes = int(meta["cdal_steps"]), int(meta["cdal_votes"])
+    module.mask_channels, module.nz = int(cfg["mask_channels"]), int(cfg["nz"])
+
+
 def _check_matches(meta: dict[str, str], generator: Generator | None, sha256: str, path: Path) -> None:
     if generator is None:
         return
@@ -109,10 +124,8 @@ class OnnxSampler(torch.nn.Module):
             raise BackendError(f"{path}: not a valid ONNX model ({str(exc).splitlines()[0][:200]})") from None
         meta = _read_meta(dict(self.session.get_modelmeta().custom_metadata_map), path)
         _check_matches(meta, generator, weights_sha256, path)
-        cfg = json.loads(meta["cdal_model_config"])
-        self.num_steps, self.votes = int(meta["cdal_steps"]), int(meta["cdal_votes"])
+        _set_sampler_attrs(self, meta)
         self.size = int(meta["cdal_size"])
-        self.mask_channels, self.nz = int(cfg["mask_channels"]), int(cfg["nz"])
 
     def forward(self, image: torch.Tensor, x_init: torch.Tensor, z: torch.Tensor,
                 post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +181,7 @@ def build_tensorrt_engine(onnx_path: str | Path, precision: str = "fp16", batche
     elif precision == "bf16":
         config.set_flag(trt.BuilderFlag.BF16)
     profile = builder.create_optimization_profile()
-    votes = _votes_of(onnx_path)
+    votes = int(onnx_metadata(onnx_path)["cdal_votes"])
     for i in range(network.num_inputs):
         t = network.get_input(i)
         axis = 0 if t.name in ("image", "x_init") else 1  # z and post are (T, V*B, ...)
@@ -188,13 +201,6 @@ def build_tensorrt_engine(onnx_path: str | Path, precision: str = "fp16", batche
     return out
 
 
-def _votes_of(onnx_path: Path) -> int:
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    return int(_read_meta(props, onnx_path)["cdal_votes"])
-
-
 class TensorRTSampler(torch.nn.Module):
     """A deserialised engine driven with torch CUDA tensors (FixedStepSampler interface)."""
 
@@ -211,13 +217,7 @@ class TensorRTSampler(torch.nn.Module):
             raise BackendError(f"{engine_path}: not a usable TensorRT engine (built by another TensorRT version "
                                "or for another GPU?); delete it to rebuild")
         self.context = self.engine.create_execution_context()
-        import onnx
-
-        props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-        meta = _read_meta(props, Path(onnx_path))
-        cfg = json.loads(meta["cdal_model_config"])
-        self.num_steps, self.votes = int(meta["cdal_steps"]), int(meta["cdal_votes"])
-        self.mask_channels, self.nz = int(cfg["mask_channels"]), int(cfg["nz"])
+        _set_sampler_attrs(self, onnx_metadata(Path(onnx_path)))
 
     def forward(self, image: torch.Tensor, x_init: torch.Tensor, z: torch.Tensor,
                 post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

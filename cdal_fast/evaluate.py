@@ -33,7 +33,7 @@ from .data.datasets import (
 from .data.imageio import read_image, read_mask, resize_image, resize_mask
 from .metrics import dice_iou, per_class_dice_iou
 from .preprocess import match_channels, normalise, to_chw_float
-from .sampler import FixedStepSampler, draw_noise, position_generator
+from .sampler import FixedStepSampler, position_generator, sample
 
 __all__ = ["EvalResult", "evaluate_task", "PatchRunner"]
 
@@ -68,14 +68,11 @@ class PatchRunner:
     @torch.no_grad()
     def __call__(self, patches: torch.Tensor, keys: list[tuple[int, ...]]) -> torch.Tensor:
         """patches (N, C, H, W) normalised; returns vote-mean probabilities (N, Cm, H, W) on CPU."""
-        s = self.sampler
         out = []
         for i in range(0, patches.shape[0], self.batch_size):
-            chunk = patches[i:i + self.batch_size]
+            chunk = patches[i:i + self.batch_size].to(self.device, self.dtype)
             gens = [position_generator(self.seed, *k) for k in keys[i:i + self.batch_size]]
-            noise = draw_noise(s.num_steps, s.votes, s.mask_channels, s.nz, chunk.shape[2], chunk.shape[3], gens)
-            noise = noise.to(self.device, self.dtype)
-            prob, _ = s(chunk.to(self.device, self.dtype), noise.x_init, noise.z, noise.post)
+            prob, _ = sample(self.sampler, chunk, generators=gens)
             out.append(prob.float().cpu())
         return torch.cat(out)
 

@@ -153,6 +153,6 @@ def load_weights(path: str | Path, device: torch.device | str = "cpu",
                 f"{st_path} does not match its config (preset {cfg.name!r}): tensor {name} has shape "
                 f"{tuple(state[name].shape)}, expected {tuple(ref.shape)}"
             )
-    gen.load_state_dict({k: v.to(ref.dtype) for (k, v), ref in zip(state.items(), [expected[k] for k in state])})
+    gen.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     gen.eval().to(device=device, dtype=dtype)
     return ModelBundle(gen, cfg, dict(meta.get("provenance", {})), st_path, meta.get("sha256", ""))

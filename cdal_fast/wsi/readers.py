@@ -86,6 +86,13 @@ def _to_rgb(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
+def _blank_and_box(lv: Level, x: int, y: int, w: int, h: int) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+    """A white (h, w, 3) canvas and the part of the region inside the level (None if nothing is)."""
+    out = np.full((h, w, 3), 255, dtype=np.uint8)
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lv.width), min(y + h, lv.height)
+    return out, ((x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None)
+
+
 def _plausible(mpp: float | None) -> float | None:
     # Screen defaults (72/96 dpi) and bogus tags give absurd values; microscopy is 0.05-20 um/px.
     return mpp if mpp is not None and 0.05 <= mpp <= 20 else None
@@ -143,10 +150,10 @@ class TiffSlide(SlideReader):
     def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         page = self._pages[level]
         lv = self.levels[level]
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lv.width), min(y + h, lv.height)
-        if x1 <= x0 or y1 <= y0:
+        out, box = _blank_and_box(lv, x, y, w, h)
+        if box is None:
             return out
+        x0, y0, x1, y1 = box
         fh = self._tif.filehandle
         if page.is_tiled:
             tw, th = page.tilewidth, page.tilelength
@@ -227,10 +234,9 @@ class SmallImage(SlideReader):
         self.mpp_source = "PNG/JPEG dpi" if self.mpp else "none"
 
     def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
-        lv = self.levels[0]
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lv.width), min(y + h, lv.height)
-        if x1 > x0 and y1 > y0:
+        out, box = _blank_and_box(self.levels[0], x, y, w, h)
+        if box is not None:
+            x0, y0, x1, y1 = box
             out[y0 - y:y1 - y, x0 - x:x1 - x] = self._arr[y0:y1, x0:x1]
         return out
 

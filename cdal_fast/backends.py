@@ -47,9 +47,6 @@ def build_sampler(generator: Generator, steps: int | None, votes: int | None, ba
     else:
         generator.set_fused(False)
     sampler = FixedStepSampler(generator, steps, votes).to(device=device, dtype=dtype).eval()
-    # the schedule tables stay float32 whatever the compute dtype
-    for name in ("c1", "c2", "post_std"):
-        setattr(sampler, name, getattr(sampler, name).float())
     if backend == "torchscript":
         return torch.jit.script(sampler)
     if backend == "compile":

@@ -23,7 +23,8 @@ def _extensions():
     if not sources:
         return [], {}
     include_dirs = [os.path.join(root, "csrc")]
-    cxx = ["-O3", "-std=c++17"]
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 from torch 2.14).
+    cxx = ["-O3"]
     if os.environ.get("CDAL_FAST_OPENMP", "1") == "1":
         cxx.append("-fopenmp")
     import torch
@@ -34,7 +35,7 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             "cdal_fast._C", sources, include_dirs=include_dirs,
             define_macros=[("CDAL_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math",
                                                     "-lineinfo"]},
             extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [],
         )

@@ -39,6 +39,19 @@ from .weights import save_weights
 __all__ = ["TrainConfig", "Trainer", "load_train_config"]
 
 
+def ema_decay(target: float, step: int, warmup: int | None) -> float:
+    """EMA decay for the update after optimiser step ``step`` (0-based).
+
+    With ``warmup`` the decay ramps as ``(1 + step) / (warmup + step)`` up to ``target``. Why: runs
+    here last a few hundred to a few thousand steps, and a fixed 0.999 from step 0 keeps
+    ``0.999 ** steps`` of the random initialisation in the average (58 % after the 551 steps of the
+    first shipped MoNuSeg run); the ramp lets the average follow the early, fast-moving weights.
+    """
+    if warmup is None:
+        return target
+    return min(target, (1.0 + step) / (warmup + step))
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; JSON files under ``train/`` hold these fields."""
@@ -58,6 +71,7 @@ class TrainConfig:
     r1_gamma: float = 1.0
     lazy_reg: int | None = 10
     ema: float | None = None
+    ema_warmup: int | None = 10  # decay min(ema, (1 + step) / (ema_warmup + step)); None: fixed decay
     cosine: bool = True
     cosine_t_max: int | None = 500  # in epochs; None: anneal over max_steps
     eta_min: float = 1e-5
@@ -213,8 +227,9 @@ class Trainer:
         self.opt_g.step()
         if self.ema is not None:
             with torch.no_grad():
+                decay = ema_decay(tc.ema, self.step, tc.ema_warmup)
                 for pe, p in zip(self.ema.parameters(), G.parameters()):
-                    pe.lerp_(p, 1.0 - tc.ema)
+                    pe.lerp_(p, 1.0 - decay)
         self.sched_g.step()
         self.sched_d.step()
         self.step += 1

@@ -16,7 +16,7 @@ from cdal_fast.data.datasets import MonusegData, TaskData
 from cdal_fast.metrics import dice_iou
 from cdal_fast.preprocess import normalise
 from cdal_fast.sampler import FixedStepSampler, sample
-from cdal_fast.training import TrainConfig, Trainer
+from cdal_fast.training import TrainConfig, Trainer, ema_decay
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +80,26 @@ def test_resume_is_bit_exact(tmp_path, monuseg_tiny):
     assert resumed == ref_losses[3:]
     for a, b in zip(ref.G.state_dict().values(), second.G.state_dict().values()):
         assert torch.equal(a, b)
+    for a, b in zip(ref.ema.state_dict().values(), second.ema.state_dict().values()):
+        assert torch.equal(a, b)  # the step-dependent EMA decay resumes too
+
+
+def test_ema_decay_ramps_to_its_target():
+    assert ema_decay(0.999, 0, 10) == pytest.approx(0.1)
+    assert ema_decay(0.999, 90, 10) == pytest.approx(0.91)
+    assert ema_decay(0.999, 10**6, 10) == 0.999
+    assert ema_decay(0.999, 0, None) == 0.999
+
+
+def test_first_ema_update_uses_the_warmup_decay(tmp_path, monuseg_tiny):
+    tr = Trainer(_tc(tmp_path / "r", ema=0.999), data=monuseg_tiny)
+    before = [p.detach().clone() for p in tr.ema.parameters()]
+    tr.train_step()
+    moved = False
+    for b, pe, p in zip(before, tr.ema.parameters(), tr.G.parameters()):
+        torch.testing.assert_close(pe, b.lerp(p, 0.9), rtol=1e-6, atol=1e-7)  # decay 1/10 at step 0
+        moved |= not torch.equal(pe, b)
+    assert moved
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monuseg_tiny):

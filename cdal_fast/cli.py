@@ -103,7 +103,11 @@ def train(config_path: Path, data: str | None, out: str | None, max_steps: int |
               help="Folder with images/ and masks/ (imagesTr/ and labelsTr/ for hippocampus).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Weights (.safetensors with its .json beside it). Default: the task's shipped model.")
-@click.option("--split", default=None, help="Name of a split in DATA/split.json or its parent (e.g. val).")
+@click.option("--split", default=None,
+              help="Name of a split (e.g. val) in --split-file, else in DATA/split.json or its parent.")
+@click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Split JSON for --split; the seeded cxr and hippocampus splits are "
+                   "train/splits/cxr.json and train/splits/hippocampus.json in the repository.")
 @click.option("--names", default=None, help="Comma-separated image names to score (overrides --split).")
 @click.option("--steps", type=int, default=None, help="Reverse steps T (default: the model's).")
 @click.option("--votes", type=int, default=None, help="Votes V (default: the model's).")
@@ -113,7 +117,8 @@ def train(config_path: Path, data: str | None, out: str | None, max_steps: int |
 @click.option("--limit", type=int, default=None, help="Score only the first N images (quick checks).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write means and per-image rows here.")
-def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, names: str | None, steps: int | None,
+def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, split_file: Path | None,
+             names: str | None, steps: int | None,
              votes: int | None, seed: int, batch_size: int, device: str, limit: int | None,
              json_out: Path | None) -> None:
     """Score a model on a labelled folder with the spec's section-8 protocol (Dice and IoU)."""
@@ -131,7 +136,8 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, nam
     runner = PatchRunner(sampler, dev, batch_size=batch_size, seed=seed)
     name_list = [n for n in names.split(",") if n] if names else None
     try:
-        res = evaluate_task(task, data, bundle.config, runner, split=split, names=name_list, limit=limit)
+        res = evaluate_task(task, data, bundle.config, runner, split=split, names=name_list, limit=limit,
+                            split_file=split_file)
     except (FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from None
     for r in res.rows:

@@ -91,3 +91,20 @@ def test_volume_window_protocol_matches_eval(tmp_path, shared_data):
     assert code == 0, output
     got = nib.load(str(tmp_path / "o" / (vol_path.name[: -len(".nii.gz")] + ".labels.nii.gz")))
     assert np.array_equal(np.asarray(got.dataobj), expected.numpy())
+
+
+def test_eval_hippocampus_on_the_seeded_split(tmp_path, shared_data):
+    """`eval --split val --split-file train/splits/hippocampus.json` scores the split's first volume."""
+    w = _weights(tmp_path, "hippocampus", img_channels=1, mask_channels=3, image_size=32, norm_mean=(0.0,),
+                 norm_std=(1.0,), attn_resolutions=(8,), mpp=None)
+    split_file = Path(__file__).resolve().parents[1] / "train" / "splits" / "hippocampus.json"
+    first_val = json.loads(split_file.read_text())["val"][0]
+    args = ["eval", "--task", "hippocampus", "--data", str(shared_data / "hippocampus"), "--weights", str(w),
+            "--split", "val", "--limit", "1", "--batch-size", "32", "--device", "cpu"]
+    res = CliRunner().invoke(main, args)  # no split.json beside the data: a clear hint
+    assert res.exit_code != 0 and "train/splits/<task>.json" in res.output
+    res = CliRunner().invoke(main, [*args, "--split-file", str(split_file), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["n"] == 1 and data["rows"][0]["name"] == first_val
+    assert len(data["dice"]) == 2 and all(0 <= d <= 1 for d in data["dice"])  # anterior, posterior

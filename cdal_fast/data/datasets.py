@@ -66,7 +66,8 @@ def read_split(root: Path, split: str | None, split_file: str | Path | None = No
             if split not in data:
                 raise KeyError(f"{cand} has no split {split!r} (has: {', '.join(data)})")
             return list(data[split])
-    raise FileNotFoundError(f"no split.json in {root} or {root.parent} for split {split!r}")
+    raise FileNotFoundError(f"no split.json in {root} or {root.parent} for split {split!r}; name the split "
+                            "file (the repository's seeded splits are train/splits/<task>.json)")
 
 
 def resolve_2d_root(data: Path) -> Path:

@@ -1,10 +1,13 @@
-"""One prepared GPU run for the shipped MoNuSeg model: probe speed, train in a fixed budget,
-evaluate on the validation split (T=4, V=5), write weights + metrics.
+"""One prepared, time-budgeted training run for a lent GPU (any task): probe speed, train in a
+fixed budget, evaluate the selected weights on the validation split by the section-8 protocol,
+write weights + metrics to OUT.
 
-    python scripts/train_default_gpu.py --data .gpu/monuseg512 --out $OUT --minutes 6.5
+    python scripts/train_budget.py --config train/monuseg_s.json --data .gpu/monuseg512 --out $OUT --minutes 6.5
+    python scripts/train_budget.py --config train/cxr_budget.json --data .gpu/cxr --out $OUT --minutes 4
 
-The number of iterations is chosen from a 30-iteration speed probe so that the cosine learning
-rate anneals to its floor inside the time budget; ``--minutes`` also caps the run itself.
+The number of iterations is chosen from a 30-iteration speed probe so that a cosine learning rate
+annealed over the run (``cosine_t_max: null``) reaches its floor inside the time budget;
+``--minutes`` also caps the run itself.
 """
 
 from __future__ import annotations
@@ -62,11 +65,13 @@ def main() -> None:
     for name in ("best.safetensors", "best.json", "log.jsonl"):
         shutil.copy(run_dir / name, out / name)
 
-    # 3. evaluation of the selected weights by the section-8 protocol, float32 sampler
+    # 3. evaluation of the selected weights by the section-8 protocol (float32 sampler)
     bundle = load_weights(out / "best", device=trainer.device)
-    sampler = FixedStepSampler(bundle.generator, 4, 5).to(trainer.device)
-    runner = PatchRunner(sampler, trainer.device, batch_size=4, seed=0)
-    res = evaluate_task("monuseg", Path(args.data), bundle.config, runner, split="val", progress=False)
+    sampler = FixedStepSampler(bundle.generator).to(trainer.device)  # the preset's T and V
+    batch = 32 if tc.task == "hippocampus" else 4  # one 32-slice window per call
+    runner = PatchRunner(sampler, trainer.device, batch_size=batch, seed=0)
+    res = evaluate_task(tc.task, Path(args.data), bundle.config, runner, split=tc.val_split, progress=False,
+                        split_file=tc.split_file)
     result = {"summary": summary, "val": res.to_dict(), "train_config": tc.to_dict()}
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"val_dice": res.dice, "val_iou": res.iou}), flush=True)

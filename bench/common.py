@@ -42,8 +42,9 @@ def time_calls(fn: Callable[[], object], warmup: int = 1, min_time: float = 2.0,
     return times[len(times) // 2]
 
 
-def write_results(name: str, rows: list[dict], columns: list[str], out_dir: Path, extra: dict | None = None) -> None:
-    """Write ``name.json`` and ``name.md`` (a Markdown table) under ``out_dir``."""
+def write_results(name: str, rows: list[dict], columns: list[str], out_dir: Path, extra: dict | None = None,
+                  quiet: bool = False) -> None:
+    """Write ``name.json`` and ``name.md`` (a Markdown table) under ``out_dir``; print the table unless quiet."""
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"machine": describe_machine(), "rows": rows, **(extra or {})}
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -52,7 +53,8 @@ def write_results(name: str, rows: list[dict], columns: list[str], out_dir: Path
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
     header = f"Machine: {json.dumps(payload['machine'])}\n\n"
     (out_dir / f"{name}.md").write_text(header + "\n".join(lines) + "\n")
-    print(header + "\n".join(lines))
+    if not quiet:
+        print(header + "\n".join(lines))
 
 
 def _fmt(v: object) -> str:

@@ -11,5 +11,5 @@ tail -3 "$OUT/build.txt"
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_fir.py tests/test_sampler.py \
   -k "not cmake and not nvcc" 2>&1 | tail -15 | tee "$OUT/pytest_cuda.txt"
 timeout 400 python3 bench/sampler_backends.py --device cuda --presets monuseg shipped --batches 1 4 16 64 \
-  --out "$OUT" --name sampler_cuda 2>&1 | tail -45
+  --budget-s 330 --out "$OUT" --name sampler_cuda 2>&1 | tail -45
 timeout 120 python3 bench/ops_cpu.py --device cuda --dtype bfloat16 --out "$OUT" 2>&1 | tail -9

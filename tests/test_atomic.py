@@ -18,3 +18,16 @@ def test_rename_on_success_and_cleanup_on_error(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
+def test_outputs_get_the_usual_permissions(tmp_path, tiny_gen):
+    """safetensors creates files 0600; shared output folders need what open() would give."""
+    import os
+
+    from cdal_fast.weights import save_weights
+
+    st, cfg = save_weights(tmp_path / "w", tiny_gen)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for p in (st, cfg):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -1,6 +1,7 @@
 """`cdal-fast eval` and the shipped model."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,12 +44,21 @@ def test_eval_clear_errors(tmp_path, shared_data):
     assert res.exit_code != 0 and "images/" in res.output
 
 
-def test_shipped_model_is_packaged():
-    p = default_weights("monuseg")
+SHIPPED_NOW = {"monuseg": "MODEL_CARD.md", "hippocampus": "MODEL_CARD_hippocampus.md"}
+
+
+@pytest.mark.parametrize("task", sorted(SHIPPED_NOW))
+def test_shipped_model_is_packaged(task):
+    p = default_weights(task)
     assert p.with_suffix(".safetensors").stat().st_size <= 16 * 2**20
-    assert (MODEL_DIR / "MODEL_CARD.md").is_file()
+    assert (MODEL_DIR / SHIPPED_NOW[task]).is_file()
     meta = json.loads(p.with_suffix(".json").read_text())
-    assert meta["dtype"] == "float16" and meta["provenance"]["task"] == "monuseg"
+    assert meta["dtype"] == "float16" and meta["provenance"]["task"] == task
+
+
+def test_unshipped_model_says_so():
+    res = CliRunner().invoke(main, ["eval", "--task", "cxr", "--data", "."])
+    assert res.exit_code != 0 and "not shipped" in res.output
 
 
 @pytest.mark.slow
@@ -63,3 +73,18 @@ def test_shipped_model_reproduces_model_card_on_one_tile(shared_data, tmp_path):
     got = json.loads((tmp_path / "r.json").read_text())["rows"][0]
     assert got["dice"] == pytest.approx(rows["TCGA-49-4488-01Z-00-DX1"]["dice"], abs=0.005)
     assert got["iou"] == pytest.approx(rows["TCGA-49-4488-01Z-00-DX1"]["iou"], abs=0.005)
+
+
+@pytest.mark.slow
+def test_shipped_hippocampus_model_reproduces_model_card_on_one_volume(shared_data, tmp_path):
+    """The card's validation Dice of the first val volume (from the full CPU evaluation), recomputed."""
+    repo = Path(__file__).resolve().parents[1]
+    card = json.loads((repo / "train" / "results" / "hippocampus_cpu" / "eval_val_cpu.json").read_text())
+    first = card["rows"][0]
+    res = CliRunner().invoke(main, ["eval", "--task", "hippocampus", "--data", str(shared_data / "hippocampus"),
+                                    "--names", first["name"], "--batch-size", "32", "--device", "cpu",
+                                    "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "r.json").read_text())["rows"][0]
+    assert got["dice"] == pytest.approx(first["dice"], abs=0.005)  # another CPU may round differently
+    assert got["iou"] == pytest.approx(first["iou"], abs=0.005)

@@ -122,7 +122,11 @@ def evaluate_2d(task: str, data: Path, cfg: ModelConfig, runner: PatchRunner, sp
                       runner.sampler.num_steps, runner.sampler.votes)
 
 
-def predict_volume(vol: np.ndarray, cfg: ModelConfig, runner: PatchRunner, stride: int = 8) -> torch.Tensor:
+VOLUME_STRIDE = 8  # overlap 0.75 of 32^3 windows (spec section 8)
+
+
+def predict_volume(vol: np.ndarray, cfg: ModelConfig, runner: PatchRunner,
+                   stride: int = VOLUME_STRIDE) -> torch.Tensor:
     """Label map of one volume by a 3D sliding window of cubic patches (axial slices)."""
     size = cfg.image_size
     v = pad_to(torch.from_numpy(normalise_volume(vol)), size)

@@ -61,6 +61,7 @@ def test_volumes(tmp_path, shared_data):
     assert set(np.unique(np.asarray(lab.dataobj))) <= {0, 1, 2}
     summary = json.loads((out / f"{stem}.json").read_text())
     assert summary["complete"] and sum(summary["class_voxels"].values()) == int(np.prod(src.shape))
+    assert src.shape == (35, 51, 35) and summary["tiles_sampled"] == 2 * 4 * 2 * 32  # windows x axial slices
     # a PNG is not a volume: reported, the run fails
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
     code, output = run([str(tmp_path / "x.png"), "--out", str(out), "--model", "hippocampus", "--weights", str(w)])

@@ -15,6 +15,16 @@ from pathlib import Path
 __all__ = ["partial_path", "atomic_output"]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+# What open() would give a new file; some writers (safetensors) create theirs 0600.
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 def partial_path(path: Path) -> Path:
     """Hidden sibling that keeps the format suffixes (``a.ome.tif`` -> ``.a.partial.ome.tif``).
 
@@ -35,11 +45,5 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.chmod(tmp, 0o666 & ~_umask())  # as open() would: some writers (safetensors) create files 0600
+    os.chmod(tmp, _FILE_MODE)
     os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

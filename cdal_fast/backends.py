@@ -21,13 +21,20 @@ from . import ops
 from .generator import Generator
 from .sampler import FixedStepSampler
 
-__all__ = ["BACKENDS", "BackendError", "build_sampler"]
+__all__ = ["BACKENDS", "BackendError", "build_sampler", "require_ops"]
 
 BACKENDS = ("eager", "torchscript", "fused", "compile", "onnx", "tensorrt", "graphs")
 
 
 class BackendError(RuntimeError):
     """The requested backend cannot run here."""
+
+
+def require_ops() -> None:
+    """Fail with the build instruction when the ``cdal`` C++ op library is not built."""
+    if not ops.extension_available():
+        raise BackendError("the fused ops need the C++ op library: run `bash scripts/setup.sh` "
+                           "(or `pip install --no-build-isolation -e .`) to build it")
 
 
 def build_sampler(generator: Generator, steps: int | None, votes: int | None, backend: str = "eager",
@@ -40,19 +47,15 @@ def build_sampler(generator: Generator, steps: int | None, votes: int | None, ba
     if backend == "graphs" and torch.device(device).type != "cuda":
         raise BackendError("backend 'graphs' (CUDA graphs) needs --device cuda")
     if backend == "fused":
-        if not ops.extension_available():
-            raise BackendError("backend 'fused' needs the C++ op library: run `bash scripts/setup.sh` "
-                               "(or `pip install --no-build-isolation -e .`) to build it")
-        generator.set_fused(True)
-    else:
-        generator.set_fused(False)
+        require_ops()
+    # graphs uses the custom ops when the library is built; set_fused keeps plain ops otherwise
+    generator.set_fused(backend in ("fused", "graphs"))
     sampler = FixedStepSampler(generator, steps, votes).to(device=device, dtype=dtype).eval()
     if backend == "torchscript":
         return torch.jit.script(sampler)
     if backend == "compile":
         return torch.compile(sampler, dynamic=False)
     if backend == "graphs":
-        generator.set_fused(True)  # uses the custom ops when the library is built, plain ops otherwise
         return GraphedSampler(sampler)
     return sampler
 

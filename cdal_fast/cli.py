@@ -16,6 +16,7 @@ import click
 import torch
 
 from . import __version__
+from .backends import BACKENDS
 
 TASKS = ("monuseg", "cxr", "hippocampus")
 
@@ -170,8 +171,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Compute precision (bfloat16 is fastest on recent GPUs).")
-@click.option("--backend", type=click.Choice(["eager", "torchscript", "fused", "compile", "onnx", "tensorrt",
-                                            "graphs"]),
+@click.option("--backend", type=click.Choice(list(BACKENDS)),
               default="eager", show_default=True,
               help="Sampler implementation; onnx/tensorrt export (and build) once into ~/.cache/cdal-fast.")
 @click.option("--batch-size", type=int, default=None,
@@ -267,15 +267,16 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, votes: 
     int64 seed tensor and returns (probability, uncertainty); normalisation, T, V and the noise
     generator are inside, so the same image and seed give the same mask in Python and C++.
     """
-    from .backends import BackendError, build_sampler
+    from .backends import BackendError, require_ops
     from .export import ExportableSampler, export_aoti, export_torchscript
     from .models import load_model
     from .weights import WeightsError
 
     try:
         bundle = load_model(weights)
-        if fused:  # validates that the op library is there, with a clear message if not
-            build_sampler(bundle.generator, steps, votes, "fused")
+        if fused:
+            require_ops()
+            bundle.generator.set_fused(True)
     except (WeightsError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
     if fmt in ("onnx", "tensorrt"):

@@ -125,6 +125,11 @@ def evaluate_2d(task: str, data: Path, cfg: ModelConfig, runner: PatchRunner, sp
 VOLUME_STRIDE = 8  # overlap 0.75 of 32^3 windows (spec section 8)
 
 
+def volume_windows(shape: tuple[int, ...], size: int, stride: int = VOLUME_STRIDE) -> list[tuple[int, int, int]]:
+    """Window corners :func:`predict_volume` visits for a volume of ``shape`` (short axes padded to ``size``)."""
+    return window_starts(tuple(max(d, size) for d in shape), size, stride)
+
+
 def predict_volume(vol: np.ndarray, cfg: ModelConfig, runner: PatchRunner,
                    stride: int = VOLUME_STRIDE) -> torch.Tensor:
     """Label map of one volume by a 3D sliding window of cubic patches (axial slices)."""
@@ -132,7 +137,7 @@ def predict_volume(vol: np.ndarray, cfg: ModelConfig, runner: PatchRunner,
     v = pad_to(torch.from_numpy(normalise_volume(vol)), size)
     acc = torch.zeros(cfg.mask_channels, *v.shape)
     cnt = torch.zeros(v.shape)
-    for x0, y0, z0 in window_starts(tuple(v.shape), size, stride):
+    for x0, y0, z0 in volume_windows(vol.shape, size, stride):
         cube = v[x0:x0 + size, y0:y0 + size, z0:z0 + size].permute(2, 0, 1)[:, None]  # (z, 1, x, y)
         keys = [(x0, y0, z0 + s) for s in range(size)]
         prob = runner(normalise(cube, cfg), keys)  # (z, Cm, x, y)

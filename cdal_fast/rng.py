@@ -17,7 +17,6 @@ import torch
 __all__ = ["hash32", "counter_normal"]
 
 
-
 def _mul32(a: torch.Tensor, b: int) -> torch.Tensor:
     """(a * b) mod 2^32 for 0 <= a, b < 2^32 without int64 overflow."""
     lo = (a & 0xFFFF) * b

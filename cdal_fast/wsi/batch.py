@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,15 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..evaluate import PatchRunner
 from .other_tasks import VOLUME_SUFFIXES, is_volume, segment_radiograph, segment_volume, volume_stem
-from .pipeline import SegmentOptions, is_complete, is_small_image, segment_slide, slide_stem, summary_complete
+from .pipeline import (
+    SegmentOptions,
+    is_complete,
+    is_small_image,
+    segment_slide,
+    slide_stem,
+    summary_complete,
+    write_summary,
+)
 from .readers import SLIDE_SUFFIXES, SlideError
 
 __all__ = ["find_inputs", "RunReport", "segment_all"]
@@ -93,5 +100,5 @@ def segment_all(files: list[Path], out_dir: Path, sampler: torch.nn.Module, cfg:
         detail = (f"objects {summary['object_fraction']:.3f}, " if "object_fraction" in summary else "")
         echo(f"done  {f}: {detail}{summary['seconds']:.1f} s")
     report.seconds = time.perf_counter() - t0
-    (out_dir / "run_summary.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    write_summary(out_dir / "run_summary.json", report.to_dict())
     return report

@@ -22,9 +22,8 @@ import torch
 
 from ..atomic import atomic_output
 from ..config import ModelConfig
-from ..data.datasets import window_starts
 from ..data.imageio import resize_image
-from ..evaluate import VOLUME_STRIDE, PatchRunner, predict_volume
+from ..evaluate import PatchRunner, predict_volume, volume_windows
 from ..preprocess import match_channels, normalise
 from ..sampler import decode_mask
 from .pipeline import write_png, write_summary
@@ -92,8 +91,7 @@ def segment_volume(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelCon
     with atomic_output(out) as tmp:  # the partial name keeps .nii.gz: nibabel picks the format from it
         nib.save(nib.Nifti1Image(labels, img.affine, header), str(tmp))
     seconds = time.perf_counter() - t0
-    padded = tuple(max(d, cfg.image_size) for d in vol.shape)  # predict_volume pads short axes
-    slices = len(window_starts(padded, cfg.image_size, VOLUME_STRIDE)) * cfg.image_size
+    slices = len(volume_windows(vol.shape, cfg.image_size)) * cfg.image_size
     summary = {"complete": True, "input": str(path), "outputs": {"labels": str(out)}, "shape": list(vol.shape),
                "class_voxels": {str(c): int((labels == c).sum()) for c in range(cfg.mask_channels)},
                "seconds": seconds, "tiles_sampled": slices, "steps": runner.sampler.num_steps,

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import atomic_output
 from ..config import ModelConfig
-from ..preprocess import match_channels, normalise
+from ..preprocess import match_channels, normalise, to_chw_float
 from ..sampler import SamplerNoise, draw_image_noise, position_generator, stack_noise
-from .readers import SlideError, SlideReader, SmallImage, open_slide
+from .readers import SMALL_SUFFIXES, SlideError, SlideReader, SmallImage, open_slide
 from .tiling import Tile, TileGrid, blend_window
 from .tissue import tissue_mask
 from .writer import write_pyramid
@@ -124,7 +124,7 @@ class TileDataset(Dataset):
         x, y = int(round(t.x * s)), int(round(t.y * s))
         size = max(1, int(round(p * s)))
         rgb = self._reader.read_region(self.plan.level, x, y, size, size)
-        img = torch.from_numpy(rgb).permute(2, 0, 1).float()
+        img = to_chw_float(rgb)
         if size != p:
             img = F.interpolate(img[None], size=(p, p), mode="bilinear", antialias=True, align_corners=False)[0]
         img = normalise(match_channels(img, self.cfg.img_channels), self.cfg)[0]
@@ -218,7 +218,7 @@ def slide_stem(path: Path) -> str:
 
 
 def is_small_image(path: Path) -> bool:
-    return path.suffix.lower() in (".png", ".jpg", ".jpeg")
+    return path.name.lower().endswith(SMALL_SUFFIXES)
 
 
 def output_paths(out_dir: Path, stem: str, small: bool) -> dict[str, Path]:

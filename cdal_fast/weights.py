@@ -2,8 +2,11 @@
 
 ``NAME.safetensors`` holds the generator's state dict; ``NAME.json`` holds the model config
 (preset, schedule, normalisation statistics, resolution) and the training provenance. Nothing is
-unpickled. Every failure mode a user can hit (missing file, truncated file, a file that is not
-safetensors, weights that do not fit the config) raises :class:`WeightsError` naming the problem.
+unpickled. A model larger than a per-file cap (the package ships files of at most 16 MiB) is
+written as ``NAME.safetensors`` plus ``NAME.part2.safetensors``, ... listed with their SHA-256 in
+the JSON's ``parts``; the loader reads them all. Every failure mode a user can hit (missing
+file, truncated file, a file that is not safetensors, weights that do not fit the config)
+raises :class:`WeightsError` naming the problem.
 """
 
 from __future__ import annotations
@@ -59,24 +62,62 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def part_path(st_path: Path, index: int) -> Path:
+    """File of shard ``index`` (1 = ``st_path`` itself, 2 = ``NAME.part2.safetensors``, ...)."""
+    return st_path if index == 1 else st_path.with_name(f"{st_path.stem}.part{index}.safetensors")
+
+
+def split_state(state: dict[str, torch.Tensor], max_file_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    """Group tensors in state-dict order into shards whose data stays under ``max_file_bytes``.
+
+    The cap leaves 64 KiB for each file's JSON header. One tensor larger than the cap is an error:
+    it could never be shipped within the limit.
+    """
+    if max_file_bytes is None:
+        return [state]
+    budget = max_file_bytes - (64 << 10)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    used = 0
+    for name, t in state.items():
+        size = t.numel() * t.element_size()
+        if size > budget:
+            raise WeightsError(f"tensor {name} ({size} bytes) does not fit in a {max_file_bytes}-byte file")
+        if used + size > budget and shards[-1]:
+            shards.append({})
+            used = 0
+        shards[-1][name] = t
+        used += size
+    return shards
+
+
 def save_weights(path: str | Path, generator: Generator, provenance: dict[str, Any] | None = None,
-                 dtype: torch.dtype = torch.float16) -> tuple[Path, Path]:
-    """Write ``path.safetensors`` (tensors cast to ``dtype``) and ``path.json`` atomically."""
+                 dtype: torch.dtype = torch.float16, max_file_bytes: int | None = None) -> tuple[Path, Path]:
+    """Write ``path.safetensors`` (tensors cast to ``dtype``) and ``path.json`` atomically.
+
+    With ``max_file_bytes`` the tensors are spread over as many ``.partN`` files as needed; the
+    JSON is written last, so a reader never sees an index whose parts are not complete.
+    """
     st_path, cfg_path = weights_paths(path)
     st_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
              for k, v in generator.state_dict().items()}
-    with atomic_output(st_path) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "preset": generator.cfg.name})
+    parts = []
+    for index, shard in enumerate(split_state(state, max_file_bytes), start=1):
+        target = part_path(st_path, index)
+        with atomic_output(target) as tmp:
+            save_file(shard, str(tmp), metadata={"format": FORMAT, "preset": generator.cfg.name})
+        parts.append({"file": target.name, "sha256": file_sha256(target)})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "preset": generator.cfg.name,
         "dtype": str(dtype).replace("torch.", ""),
-        "sha256": file_sha256(st_path),
+        "sha256": parts[0]["sha256"],
         "model": generator.cfg.to_dict(),
         "provenance": provenance or {},
     }
+    if len(parts) > 1:
+        meta["parts"] = parts[1:]
     with atomic_output(cfg_path) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return st_path, cfg_path
@@ -111,6 +152,22 @@ def _check_safetensors_file(path: Path) -> None:
         raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, header promises {expected})")
 
 
+def _listed_parts(meta: dict[str, Any], st_path: Path, cfg_path: Path) -> list[Path]:
+    """The extra shard files named in the config, which must sit beside the weights."""
+    parts = meta.get("parts", [])
+    if not isinstance(parts, list):
+        raise WeightsError(f"{cfg_path}: 'parts' must be a list of shard files")
+    files = []
+    for index, entry in enumerate(parts, start=2):
+        expected = part_path(st_path, index)
+        if not isinstance(entry, dict) or entry.get("file") != expected.name:
+            raise WeightsError(f"{cfg_path}: shard {index} must be {expected.name}, found {entry!r}")
+        if not expected.is_file():
+            raise WeightsError(f"weights shard not found: {expected} (listed in {cfg_path.name})")
+        files.append(expected)
+    return files
+
+
 def load_weights(path: str | Path, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> ModelBundle:
     """Load a generator from ``path`` (with or without extension); strict about every mismatch."""
@@ -130,11 +187,13 @@ def load_weights(path: str | Path, device: torch.device | str = "cpu",
     except (ConfigError, TypeError) as exc:
         raise WeightsError(f"{cfg_path}: invalid model config: {exc}") from None
 
-    _check_safetensors_file(st_path)
-    try:
-        state = load_file(str(st_path))
-    except Exception as exc:  # safetensors raises its own error types
-        raise WeightsError(f"{st_path}: cannot read safetensors data ({exc})") from None
+    state: dict[str, torch.Tensor] = {}
+    for file in [st_path, *_listed_parts(meta, st_path, cfg_path)]:
+        _check_safetensors_file(file)
+        try:
+            state.update(load_file(str(file)))
+        except Exception as exc:  # safetensors raises its own error types
+            raise WeightsError(f"{file}: cannot read safetensors data ({exc})") from None
 
     gen = Generator(cfg)
     expected = gen.state_dict()

@@ -44,19 +44,24 @@ def test_eval_clear_errors(tmp_path, shared_data):
     assert res.exit_code != 0 and "images/" in res.output
 
 
-SHIPPED_NOW = {"monuseg": "MODEL_CARD.md", "hippocampus": "MODEL_CARD_hippocampus.md"}
+SHIPPED_NOW = {"monuseg": "MODEL_CARD.md", "cxr": "MODEL_CARD_cxr.md", "hippocampus": "MODEL_CARD_hippocampus.md"}
 
 
 @pytest.mark.parametrize("task", sorted(SHIPPED_NOW))
 def test_shipped_model_is_packaged(task):
     p = default_weights(task)
-    assert p.with_suffix(".safetensors").stat().st_size <= 16 * 2**20
     assert (MODEL_DIR / SHIPPED_NOW[task]).is_file()
     meta = json.loads(p.with_suffix(".json").read_text())
+    files = [p.with_suffix(".safetensors")] + [MODEL_DIR / part["file"] for part in meta.get("parts", [])]
+    sizes = [f.stat().st_size for f in files]
+    assert max(sizes) <= 16 * 2**20 and sum(sizes) <= 32 * 2**20  # the package's size rule
     assert meta["dtype"] == "float16" and meta["provenance"]["task"] == task
 
 
-def test_unshipped_model_says_so():
+def test_unshipped_model_says_so(tmp_path, monkeypatch):
+    import cdal_fast.models
+
+    monkeypatch.setattr(cdal_fast.models, "MODEL_DIR", tmp_path)  # a build without the weights
     res = CliRunner().invoke(main, ["eval", "--task", "cxr", "--data", "."])
     assert res.exit_code != 0 and "not shipped" in res.output
 
@@ -87,4 +92,19 @@ def test_shipped_hippocampus_model_reproduces_model_card_on_one_volume(shared_da
     assert res.exit_code == 0, res.output
     got = json.loads((tmp_path / "r.json").read_text())["rows"][0]
     assert got["dice"] == pytest.approx(first["dice"], abs=0.005)  # another CPU may round differently
+    assert got["iou"] == pytest.approx(first["iou"], abs=0.005)
+
+
+@pytest.mark.slow
+def test_shipped_cxr_model_reproduces_model_card_on_one_image(shared_data, tmp_path):
+    """The card's validation Dice of the first val radiograph (T 2, V 30, from the full CPU evaluation)."""
+    repo = Path(__file__).resolve().parents[1]
+    card = json.loads((repo / "train" / "results" / "cxr_cpu" / "eval_val_cpu.json").read_text())
+    first = card["rows"][0]
+    res = CliRunner().invoke(main, ["eval", "--task", "cxr", "--data", str(shared_data / "cxr"),
+                                    "--names", first["name"], "--device", "cpu",
+                                    "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "r.json").read_text())["rows"][0]
+    assert got["dice"] == pytest.approx(first["dice"], abs=0.005)
     assert got["iou"] == pytest.approx(first["iou"], abs=0.005)

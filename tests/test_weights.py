@@ -67,3 +67,30 @@ def test_missing_files_and_bad_config(tmp_path, tiny_gen):
     (tmp_path / "m.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(WeightsError, match="not a cdal-fast weights config"):
         load_weights(tmp_path / "m")
+
+
+def test_sharded_weights_round_trip_and_errors(tmp_path, tiny_gen):
+    """A per-file cap spreads the tensors over NAME.partN files; every file stays under the cap."""
+    cap = (64 << 10) + 400_000  # 400 kB of tensor data per file (the model is 1.56 MB in float32)
+    st, js = save_weights(tmp_path / "s", tiny_gen, dtype=torch.float32, max_file_bytes=cap)
+    meta = json.loads(js.read_text())
+    files = [st] + [tmp_path / p["file"] for p in meta["parts"]]
+    assert len(files) >= 3 and files[1].name == "s.part2.safetensors"
+    assert all(f.stat().st_size <= cap for f in files)
+    bundle = load_weights(tmp_path / "s")
+    for (k, a), b in zip(tiny_gen.state_dict().items(), bundle.generator.state_dict().values()):
+        assert torch.equal(a, b), k
+    # without a cap: one file and no parts key
+    save_weights(tmp_path / "one", tiny_gen)
+    assert "parts" not in json.loads((tmp_path / "one.json").read_text())
+    # a missing or renamed shard is named in the error
+    files[-1].unlink()
+    with pytest.raises(WeightsError, match=f"shard not found: .*{files[-1].name}"):
+        load_weights(tmp_path / "s")
+    meta["parts"][0]["file"] = "../elsewhere.safetensors"
+    js.write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="shard 2 must be s.part2.safetensors"):
+        load_weights(tmp_path / "s")
+    # a single tensor over the cap can never be shipped within it
+    with pytest.raises(WeightsError, match="does not fit"):
+        save_weights(tmp_path / "x", tiny_gen, max_file_bytes=(64 << 10) + 100)

@@ -13,6 +13,7 @@ these numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,9 +131,13 @@ def volume_windows(shape: tuple[int, ...], size: int, stride: int = VOLUME_STRID
     return window_starts(tuple(max(d, size) for d in shape), size, stride)
 
 
-def predict_volume(vol: np.ndarray, cfg: ModelConfig, runner: PatchRunner,
-                   stride: int = VOLUME_STRIDE) -> torch.Tensor:
-    """Label map of one volume by a 3D sliding window of cubic patches (axial slices)."""
+def predict_volume(vol: np.ndarray, cfg: ModelConfig, runner: PatchRunner, stride: int = VOLUME_STRIDE,
+                   progress: Callable[[int], object] | None = None) -> torch.Tensor:
+    """Label map of one volume by a 3D sliding window of cubic patches (axial slices).
+
+    ``progress(n)`` is called after each window with the number of axial slices it sampled, so a
+    caller's progress bar counts the same units as the run summary's ``tiles_sampled``.
+    """
     size = cfg.image_size
     v = pad_to(torch.from_numpy(normalise_volume(vol)), size)
     acc = torch.zeros(cfg.mask_channels, *v.shape)
@@ -143,6 +148,8 @@ def predict_volume(vol: np.ndarray, cfg: ModelConfig, runner: PatchRunner,
         prob = runner(normalise(cube, cfg), keys)  # (z, Cm, x, y)
         acc[:, x0:x0 + size, y0:y0 + size, z0:z0 + size] += prob.permute(1, 2, 3, 0)
         cnt[x0:x0 + size, y0:y0 + size, z0:z0 + size] += 1
+        if progress is not None:
+            progress(size)
     label = (acc / cnt.clamp(min=1)).argmax(0)
     return label[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
 

@@ -90,12 +90,17 @@ def test_volume_window_protocol_matches_eval(tmp_path, shared_data):
     vol_path = sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[1]
     bundle = load_weights(w)
     runner = PatchRunner(FixedStepSampler(bundle.generator), batch_size=32, seed=0)
-    expected = predict_volume(np.asarray(nib.load(str(vol_path)).dataobj, dtype=np.float32), bundle.config, runner)
+    counted: list[int] = []
+    expected = predict_volume(np.asarray(nib.load(str(vol_path)).dataobj, dtype=np.float32), bundle.config, runner,
+                              progress=counted.append)
     code, output = run([str(vol_path), "--out", str(tmp_path / "o"), "--model", "hippocampus", "--weights", str(w),
                         "--batch-size", "32"])
     assert code == 0, output
     got = nib.load(str(tmp_path / "o" / (vol_path.name[: -len(".nii.gz")] + ".labels.nii.gz")))
     assert np.array_equal(np.asarray(got.dataobj), expected.numpy())
+    # progress counts axial slices window by window, the unit of the summary's tiles_sampled
+    summary = json.loads((tmp_path / "o" / (vol_path.name[: -len(".nii.gz")] + ".json")).read_text())
+    assert set(counted) == {32} and sum(counted) == summary["tiles_sampled"]
 
 
 def test_eval_hippocampus_on_the_seeded_split(tmp_path, shared_data):

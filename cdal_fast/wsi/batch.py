@@ -82,11 +82,11 @@ def segment_all(files: list[Path], out_dir: Path, sampler: torch.nn.Module, cfg:
         bar = tqdm(desc=f.name, unit="tile", disable=not show_progress, leave=False, dynamic_ncols=True)
         try:
             if task == "cxr":
-                summary = segment_radiograph(f, out_dir, runner, cfg, model_info)
+                summary = segment_radiograph(f, out_dir, runner, cfg, model_info, progress=bar.update)
             elif task == "hippocampus":
                 if not is_volume(f):
                     raise SlideError(f"{f}: the hippocampus model segments NIfTI volumes (.nii, .nii.gz)")
-                summary = segment_volume(f, out_dir, runner, cfg, model_info)
+                summary = segment_volume(f, out_dir, runner, cfg, model_info, progress=bar.update)
             else:
                 summary = segment_slide(f, out_dir, sampler, cfg, opts, device, dtype, model_info,
                                         progress=bar.update)

@@ -14,6 +14,7 @@ the input done, like slides.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ def volume_stem(path: Path) -> str:
 
 
 def segment_radiograph(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelConfig,
-                       model_info: dict | None = None) -> dict[str, Any]:
+                       model_info: dict | None = None,
+                       progress: Callable[[int], object] | None = None) -> dict[str, Any]:
     from PIL import Image
 
     t0 = time.perf_counter()
@@ -56,6 +58,8 @@ def segment_radiograph(path: Path, out_dir: Path, runner: PatchRunner, cfg: Mode
     img = match_channels(torch.from_numpy(grey.copy()).float()[None], cfg.img_channels)
     small = resize_image(img, cfg.image_size)
     prob = runner(normalise(small[None], cfg), [(0, 0)])[0]  # (C_mask, S, S)
+    if progress is not None:
+        progress(1)
     full = torch.nn.functional.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     mask = decode_mask(full[None])[0].numpy()  # 0/1, or class labels
     if cfg.mask_channels == 1:
@@ -72,7 +76,8 @@ def segment_radiograph(path: Path, out_dir: Path, runner: PatchRunner, cfg: Mode
 
 
 def segment_volume(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelConfig,
-                   model_info: dict | None = None) -> dict[str, Any]:
+                   model_info: dict | None = None,
+                   progress: Callable[[int], object] | None = None) -> dict[str, Any]:
     import nibabel as nib
 
     t0 = time.perf_counter()
@@ -83,7 +88,7 @@ def segment_volume(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelCon
         raise SlideError(f"{path}: not a readable NIfTI volume ({exc})") from exc
     if vol.ndim != 3:
         raise SlideError(f"{path}: expected a 3D volume, got shape {vol.shape}")
-    labels = predict_volume(vol, cfg, runner).numpy().astype(np.uint8)
+    labels = predict_volume(vol, cfg, runner, progress=progress).numpy().astype(np.uint8)
     stem = volume_stem(path)
     out = out_dir / f"{stem}.labels.nii.gz"
     header = img.header.copy()

@@ -44,6 +44,7 @@ class ModelBundle:
     provenance: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     sha256: str = ""
+    files: list[Path] = field(default_factory=list)  # the tensors' files: path, then any .partN shards
 
 
 def weights_paths(path: str | Path) -> tuple[Path, Path]:
@@ -188,7 +189,8 @@ def load_weights(path: str | Path, device: torch.device | str = "cpu",
         raise WeightsError(f"{cfg_path}: invalid model config: {exc}") from None
 
     state: dict[str, torch.Tensor] = {}
-    for file in [st_path, *_listed_parts(meta, st_path, cfg_path)]:
+    files = [st_path, *_listed_parts(meta, st_path, cfg_path)]
+    for file in files:
         _check_safetensors_file(file)
         try:
             state.update(load_file(str(file)))
@@ -214,4 +216,4 @@ def load_weights(path: str | Path, device: torch.device | str = "cpu",
             )
     gen.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     gen.eval().to(device=device, dtype=dtype)
-    return ModelBundle(gen, cfg, dict(meta.get("provenance", {})), st_path, meta.get("sha256", ""))
+    return ModelBundle(gen, cfg, dict(meta.get("provenance", {})), st_path, meta.get("sha256", ""), files)

@@ -13,10 +13,8 @@ import argparse
 
 import torch
 
-from cdal_fast.models import MODEL_DIR, SHIPPED
+from cdal_fast.models import MAX_FILE_BYTES, MODEL_DIR, SHIPPED
 from cdal_fast.weights import load_weights, save_weights
-
-MAX_FILE_BYTES = 16 * 2**20
 
 
 def main() -> None:

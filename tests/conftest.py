@@ -40,3 +40,14 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "monuseg").is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def no_shipped_models(tmp_path, monkeypatch):
+    """A build without shipped weights: the model folder is an empty directory."""
+    import cdal_fast.models
+
+    empty = tmp_path / "no_models"
+    empty.mkdir()
+    monkeypatch.setattr(cdal_fast.models, "MODEL_DIR", empty)
+    return empty

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from cdal_fast.cli import main
 from cdal_fast.metrics import dice_iou, per_class_dice_iou
-from cdal_fast.models import MODEL_DIR, default_weights, load_model
+from cdal_fast.models import MAX_FILE_BYTES, MAX_MODEL_BYTES, MODEL_DIR, default_weights, load_model
 from cdal_fast.weights import save_weights
 
 
@@ -52,16 +52,12 @@ def test_shipped_model_is_packaged(task):
     p = default_weights(task)
     assert (MODEL_DIR / SHIPPED_NOW[task]).is_file()
     meta = json.loads(p.with_suffix(".json").read_text())
-    files = [p.with_suffix(".safetensors")] + [MODEL_DIR / part["file"] for part in meta.get("parts", [])]
-    sizes = [f.stat().st_size for f in files]
-    assert max(sizes) <= 16 * 2**20 and sum(sizes) <= 32 * 2**20  # the package's size rule
+    sizes = [f.stat().st_size for f in load_model(task=task).files]
+    assert max(sizes) <= MAX_FILE_BYTES and sum(sizes) <= MAX_MODEL_BYTES  # the package's size rule
     assert meta["dtype"] == "float16" and meta["provenance"]["task"] == task
 
 
-def test_unshipped_model_says_so(tmp_path, monkeypatch):
-    import cdal_fast.models
-
-    monkeypatch.setattr(cdal_fast.models, "MODEL_DIR", tmp_path)  # a build without the weights
+def test_unshipped_model_says_so(no_shipped_models):
     res = CliRunner().invoke(main, ["eval", "--task", "cxr", "--data", "."])
     assert res.exit_code != 0 and "not shipped" in res.output
 
@@ -80,15 +76,13 @@ def test_shipped_model_reproduces_model_card_on_one_tile(shared_data, tmp_path):
     assert got["iou"] == pytest.approx(rows["TCGA-49-4488-01Z-00-DX1"]["iou"], abs=0.005)
 
 
-@pytest.mark.slow
-def test_shipped_hippocampus_model_reproduces_model_card_on_one_volume(shared_data, tmp_path):
-    """The card's validation Dice of the first val volume (from the full CPU evaluation), recomputed."""
+def _reproduces_first_card_row(task: str, results: str, data: Path, tmp_path: Path, *extra: str) -> None:
+    """Re-score the first row of a committed full CPU evaluation with the shipped model of ``task``."""
     repo = Path(__file__).resolve().parents[1]
-    card = json.loads((repo / "train" / "results" / "hippocampus_cpu" / "eval_val_cpu.json").read_text())
+    card = json.loads((repo / "train" / "results" / results / "eval_val_cpu.json").read_text())
     first = card["rows"][0]
-    res = CliRunner().invoke(main, ["eval", "--task", "hippocampus", "--data", str(shared_data / "hippocampus"),
-                                    "--names", first["name"], "--batch-size", "32", "--device", "cpu",
-                                    "--json", str(tmp_path / "r.json")])
+    res = CliRunner().invoke(main, ["eval", "--task", task, "--data", str(data), "--names", first["name"],
+                                    "--device", "cpu", "--json", str(tmp_path / "r.json"), *extra])
     assert res.exit_code == 0, res.output
     got = json.loads((tmp_path / "r.json").read_text())["rows"][0]
     assert got["dice"] == pytest.approx(first["dice"], abs=0.005)  # another CPU may round differently
@@ -96,15 +90,13 @@ def test_shipped_hippocampus_model_reproduces_model_card_on_one_volume(shared_da
 
 
 @pytest.mark.slow
+def test_shipped_hippocampus_model_reproduces_model_card_on_one_volume(shared_data, tmp_path):
+    """The card's validation Dice of the first val volume (from the full CPU evaluation), recomputed."""
+    _reproduces_first_card_row("hippocampus", "hippocampus_cpu", shared_data / "hippocampus", tmp_path,
+                               "--batch-size", "32")
+
+
+@pytest.mark.slow
 def test_shipped_cxr_model_reproduces_model_card_on_one_image(shared_data, tmp_path):
     """The card's validation Dice of the first val radiograph (T 2, V 30, from the full CPU evaluation)."""
-    repo = Path(__file__).resolve().parents[1]
-    card = json.loads((repo / "train" / "results" / "cxr_cpu" / "eval_val_cpu.json").read_text())
-    first = card["rows"][0]
-    res = CliRunner().invoke(main, ["eval", "--task", "cxr", "--data", str(shared_data / "cxr"),
-                                    "--names", first["name"], "--device", "cpu",
-                                    "--json", str(tmp_path / "r.json")])
-    assert res.exit_code == 0, res.output
-    got = json.loads((tmp_path / "r.json").read_text())["rows"][0]
-    assert got["dice"] == pytest.approx(first["dice"], abs=0.005)
-    assert got["iou"] == pytest.approx(first["iou"], abs=0.005)
+    _reproduces_first_card_row("cxr", "cxr_cpu", shared_data / "cxr", tmp_path)

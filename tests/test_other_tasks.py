@@ -68,11 +68,8 @@ def test_volumes(tmp_path, shared_data):
     assert code == 1 and "NIfTI" in output
 
 
-def test_unshipped_model_message(tmp_path, monkeypatch):
-    """A build without a task's weights (here: an empty model folder) says so and names --weights."""
-    import cdal_fast.models
-
-    monkeypatch.setattr(cdal_fast.models, "MODEL_DIR", tmp_path)
+def test_unshipped_model_message(tmp_path, no_shipped_models):
+    """A build without a task's weights says so and names --weights."""
     code, output = run([str(tmp_path), "--out", str(tmp_path / "o"), "--model", "cxr"])
     assert code != 0 and "not shipped" in output and "--weights" in output
 

@@ -78,6 +78,7 @@ def test_sharded_weights_round_trip_and_errors(tmp_path, tiny_gen):
     assert len(files) >= 3 and files[1].name == "s.part2.safetensors"
     assert all(f.stat().st_size <= cap for f in files)
     bundle = load_weights(tmp_path / "s")
+    assert bundle.files == files
     for (k, a), b in zip(tiny_gen.state_dict().items(), bundle.generator.state_dict().values()):
         assert torch.equal(a, b), k
     # without a cap: one file and no parts key

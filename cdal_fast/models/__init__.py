@@ -8,10 +8,13 @@ import torch
 
 from ..weights import ModelBundle, WeightsError, load_weights
 
-__all__ = ["MODEL_DIR", "SHIPPED", "default_weights", "load_model"]
+__all__ = ["MODEL_DIR", "SHIPPED", "MAX_FILE_BYTES", "MAX_MODEL_BYTES", "default_weights", "load_model"]
 
 MODEL_DIR = Path(__file__).resolve().parent
 SHIPPED = {"monuseg": "monuseg", "cxr": "cxr", "hippocampus": "hippocampus"}
+# Keeps the package light: each shipped file at most 16 MiB, each model at most 32 MiB in all.
+MAX_FILE_BYTES = 16 * 2**20
+MAX_MODEL_BYTES = 32 * 2**20
 
 
 def default_weights(task: str = "monuseg") -> Path:

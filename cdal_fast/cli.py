@@ -65,8 +65,11 @@ def info() -> None:
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: config, else auto).")
 @click.option("--seed", type=int, default=None)
 @click.option("--no-resume", is_flag=True, help="Start from scratch even if OUT/last.pt exists.")
+@click.option("--init-weights", type=click.Path(path_type=Path), default=None,
+              help="Fine-tune: start the generator from these weights (e.g. cdal_fast/models/monuseg) "
+                   "instead of a random init. Ignored when the run resumes from OUT/last.pt.")
 def train(config_path: Path, data: str | None, out: str | None, max_steps: int | None, max_minutes: float | None,
-          device: str | None, seed: int | None, no_resume: bool) -> None:
+          device: str | None, seed: int | None, no_resume: bool, init_weights: Path | None) -> None:
     """Train a cDAL model; writes OUT/last.pt (resumable), OUT/best.{safetensors,json}, OUT/log.jsonl.
 
     Under torchrun (several processes) gradients are averaged across processes:
@@ -79,7 +82,7 @@ def train(config_path: Path, data: str | None, out: str | None, max_steps: int |
     from .training import Trainer, load_train_config
 
     tc = load_train_config(config_path, data=data, out=out, max_steps=max_steps, max_minutes=max_minutes,
-                           device=device, seed=seed)
+                           device=device, seed=seed, init_weights=str(init_weights) if init_weights else None)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         backend = "nccl" if torch.cuda.is_available() and tc.device != "cpu" else "gloo"
@@ -88,8 +91,7 @@ def train(config_path: Path, data: str | None, out: str | None, max_steps: int |
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     try:
         trainer = Trainer(tc)
-        if not no_resume and trainer.resume():
-            click.echo(f"resumed from {trainer.out / 'last.pt'} at step {trainer.step}", err=True)
+        click.echo(trainer.start(resume=not no_resume), err=True)
         summary = trainer.fit()
         if trainer.rank == 0:
             click.echo(json.dumps(summary))

@@ -34,7 +34,7 @@ from .discriminator import Discriminator
 from .evaluate import EvalResult, PatchRunner, evaluate_task, scalar_dice
 from .generator import Generator
 from .sampler import FixedStepSampler
-from .weights import save_weights
+from .weights import load_weights, save_weights
 
 __all__ = ["TrainConfig", "Trainer", "load_train_config"]
 
@@ -85,6 +85,7 @@ class TrainConfig:
     ckpt_every: int = 200
     log_every: int = 10
     seed: int = 0
+    init_weights: str | None = None  # start G (and its EMA) from saved weights: fine-tuning
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA
@@ -144,6 +145,7 @@ class Trainer:
         self.gen = torch.Generator(device=self.device).manual_seed(tc.seed + 1000 * self.rank)
         self.step = 0
         self.best_dice = -1.0
+        self.init_sha256 = ""  # the weights a fine-tune started from (provenance)
         self.amp = bool(tc.amp and self.cuda)
 
     # -- pieces ------------------------------------------------------------------------------
@@ -288,6 +290,35 @@ class Trainer:
         self.load_state_dict(torch.load(p, map_location=self.device, weights_only=True))
         return True
 
+    def start(self, resume: bool = True) -> str:
+        """Resume from ``out/last.pt``, else start G from ``init_weights``, else from the random
+        init; returns a line saying which (a resumed run already holds its fine-tuned weights)."""
+        if resume and self.resume():
+            return f"resumed from {self.out / 'last.pt'} at step {self.step}"
+        if self.tc.init_weights:
+            self.init_from(self.tc.init_weights)
+            return f"generator initialised from {self.tc.init_weights}"
+        return "random initialisation"
+
+    def init_from(self, path: str | Path) -> None:
+        """Start G and its EMA from saved generator weights (a fine-tune); D starts fresh.
+
+        Why D starts fresh: shipped weights hold the generator only. Its loss is the reconstruction
+        term, and D only shapes it through the attention map, so a new D re-learns that quickly.
+        The weights' model config must equal this run's preset, field by field.
+        """
+        bundle = load_weights(path, device=self.device)
+        if bundle.config != self.cfg:
+            mine, theirs = self.cfg.to_dict(), bundle.config.to_dict()
+            diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+            raise ValueError(f"init_weights {path}: model config differs from preset {self.tc.preset!r} "
+                             f"in {', '.join(diff)}")
+        state = bundle.generator.state_dict()
+        for target in (self.G, self.ema):
+            if target is not None:
+                target.load_state_dict(state)
+        self.init_sha256 = bundle.sha256
+
     def inference_generator(self) -> Generator:
         return self.ema if self.ema is not None else self.G
 
@@ -315,6 +346,8 @@ class Trainer:
             return
         prov = {"task": self.tc.task, "step": self.step, "train_config": self.tc.to_dict(),
                 "device": torch.cuda.get_device_name(self.device) if self.cuda else "cpu", **(extra or {})}
+        if self.init_sha256:
+            prov["init_sha256"] = self.init_sha256
         save_weights(self.out / name, self.inference_generator(), provenance=prov)
 
     def fit(self) -> dict[str, Any]:
@@ -326,6 +359,8 @@ class Trainer:
                    desc="train", dynamic_ncols=True)
         last: dict[str, float] = {}
         stop_reason = "max_steps"
+        if self.step == 0 and tc.init_weights and tc.val_every:
+            self._validate_and_select(start)  # the starting point is the score to beat
         while self.step < tc.max_steps:
             if tc.max_minutes is not None and (time.monotonic() - start) / 60 >= tc.max_minutes:
                 stop_reason = "time budget"

@@ -56,6 +56,7 @@ def main() -> None:
     tc = load_train_config(args.config, data=args.data, out=str(run_dir), device=args.device,
                            max_steps=steps, max_minutes=budget_s / 60, progress=False, ckpt_every=10**9)
     trainer = Trainer(tc)
+    print(trainer.start(resume=False), flush=True)  # a config with init_weights fine-tunes
     t_train = time.monotonic()
     summary = trainer.fit()
     summary["train_minutes"] = (time.monotonic() - t_train) / 60

@@ -13,10 +13,13 @@ import torch
 
 from cdal_fast.config import get_preset
 from cdal_fast.data.datasets import MonusegData, TaskData
+from cdal_fast.generator import Generator
 from cdal_fast.metrics import dice_iou
 from cdal_fast.preprocess import normalise
 from cdal_fast.sampler import FixedStepSampler, sample
 from cdal_fast.training import TrainConfig, Trainer, ema_decay
+
+from .conftest import perturbed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,3 +130,37 @@ def test_torchrun_two_processes_gloo(tmp_path, shared_data):
     assert summary["step"] == 4
     assert summary["ranks_in_sync"] is True
     assert (tmp_path / "ddp" / "last.pt").is_file()
+
+
+def test_fine_tune_starts_from_saved_weights_and_scores_them_first(tmp_path, monuseg_tiny, shared_data):
+    """init_weights loads G and its EMA; the run validates step 0 so it never ships worse weights."""
+    from cdal_fast.weights import load_weights, save_weights
+
+    torch.manual_seed(3)
+    src = perturbed(Generator(get_preset("tiny")))
+    save_weights(tmp_path / "start", src)
+    start = load_weights(tmp_path / "start")  # float16 on disk: compare with what was stored
+
+    tc = _tc(tmp_path, ema=0.99, max_steps=1, val_every=5, val_limit=1, val_votes=1,
+             data=str(shared_data / "monuseg"), init_weights=str(tmp_path / "start"))
+    tr = Trainer(tc, data=monuseg_tiny)
+    assert tr.start() == f"generator initialised from {tc.init_weights}"  # no last.pt to resume
+    for module in (tr.G, tr.ema):
+        for name, ref in start.generator.state_dict().items():
+            assert torch.equal(module.state_dict()[name], ref), name
+    tr.fit()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and "val_dice" in log[0]  # the starting point is scored first
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best["provenance"]["init_sha256"] == start.sha256
+    again = Trainer(tc, data=monuseg_tiny)
+    assert again.start().startswith("resumed from") and again.step == 1  # a rerun resumes, not re-inits
+
+
+def test_fine_tune_refuses_weights_of_another_layout(tmp_path, monuseg_tiny):
+    from cdal_fast.weights import save_weights
+
+    save_weights(tmp_path / "other", Generator(get_preset("tiny", nf=32)))
+    tr = Trainer(_tc(tmp_path), data=monuseg_tiny)
+    with pytest.raises(ValueError, match="differs from preset 'tiny' in nf"):
+        tr.init_from(tmp_path / "other")

@@ -260,10 +260,12 @@ class Trainer:
             "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
             "gen": self.gen.get_state(), "cpu_rng": torch.get_rng_state(),
             "model": self.cfg.to_dict(), "train": json.dumps(self.tc.to_dict()),
+            "init_sha256": self.init_sha256,
         }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.step, self.best_dice = int(st["step"]), float(st["best_dice"])
+        self.init_sha256 = str(st.get("init_sha256", ""))  # a resumed fine-tune keeps its provenance
         self.G.load_state_dict(st["G"])
         self.D.load_state_dict(st["D"])
         if self.ema is not None and st.get("ema") is not None:

@@ -155,6 +155,7 @@ def test_fine_tune_starts_from_saved_weights_and_scores_them_first(tmp_path, mon
     assert best["provenance"]["init_sha256"] == start.sha256
     again = Trainer(tc, data=monuseg_tiny)
     assert again.start().startswith("resumed from") and again.step == 1  # a rerun resumes, not re-inits
+    assert again.init_sha256 == start.sha256  # and its exports still name the weights it started from
 
 
 def test_fine_tune_refuses_weights_of_another_layout(tmp_path, monuseg_tiny):

@@ -88,7 +88,11 @@ class TrainConfig:
     init_weights: str | None = None  # start G (and its EMA) from saved weights: fine-tuning
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
-    channels_last: bool = True  # on CUDA
+    channels_last: bool = True  # on CUDA (and on CPU with cpu_amp)
+    # bf16 autocast + channels_last for CPU training too. Why: on a CPU with AVX512-BF16 (or AMX)
+    # oneDNN runs the convolutions about 2.4x faster (8.4 against 20 s per MoNuSeg iteration on
+    # the 2-core dev machine). Validation stays float32 so selection scores what is shipped.
+    cpu_amp: bool = False
     progress: bool = True
 
     def model_config(self) -> ModelConfig:
@@ -128,7 +132,9 @@ class Trainer:
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.G = Generator(self.cfg).to(self.device)
         self.D = Discriminator(self.cfg).to(self.device)
-        if self.cuda and tc.channels_last:
+        self.amp = bool(tc.amp and self.cuda) or (tc.cpu_amp and self.device.type == "cpu")
+        self.channels_last = tc.channels_last and (self.cuda or self.amp)
+        if self.channels_last:
             self.G = self.G.to(memory_format=torch.channels_last)
             self.D = self.D.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.G).eval().requires_grad_(False) if tc.ema else None
@@ -146,7 +152,6 @@ class Trainer:
         self.step = 0
         self.best_dice = -1.0
         self.init_sha256 = ""  # the weights a fine-tune started from (provenance)
-        self.amp = bool(tc.amp and self.cuda)
 
     # -- pieces ------------------------------------------------------------------------------
     def _cosine(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -181,7 +186,7 @@ class Trainer:
         """One D step and one G step; returns the losses."""
         tc, G, D, sch = self.tc, self.G, self.D, self.sched
         y, x0 = self.data.batch(tc.batch_size, self.gen)
-        if self.cuda and tc.channels_last:
+        if self.channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
         b = x0.shape[0]
 
@@ -330,9 +335,9 @@ class Trainer:
         was_training = g.training
         g.eval()
         sampler = FixedStepSampler(g, self.tc.val_steps, self.tc.val_votes).to(self.device)
-        dtype = torch.bfloat16 if self.amp else torch.float32
+        amp = self.amp and self.cuda  # CPU validation is float32, like the shipped model's eval
         runner = PatchRunner(sampler, self.device, torch.float32, batch_size=8, seed=0)
-        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
             res = evaluate_task(self.tc.task, Path(self.tc.data), self.cfg, runner, split=self.tc.val_split,
                                 limit=self.tc.val_limit, progress=False, split_file=self.tc.split_file)
         g.train(was_training)

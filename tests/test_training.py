@@ -165,3 +165,26 @@ def test_fine_tune_refuses_weights_of_another_layout(tmp_path, monuseg_tiny):
     tr = Trainer(_tc(tmp_path), data=monuseg_tiny)
     with pytest.raises(ValueError, match="differs from preset 'tiny' in nf"):
         tr.init_from(tmp_path / "other")
+
+
+def test_cpu_amp_trains_in_bf16_but_validates_and_exports_float32(tmp_path, monuseg_tiny, shared_data):
+    """cpu_amp: bf16 autocast + channels_last for the training steps only; validation scores the
+    weights in float32 (as the shipped model is run) and the export is plain contiguous safetensors."""
+    from cdal_fast.weights import load_weights
+
+    kw = dict(max_steps=2, val_limit=1, val_votes=1, data=str(shared_data / "monuseg"))
+    fast = Trainer(_tc(tmp_path / "amp", cpu_amp=True, **kw), data=monuseg_tiny)
+    ref = Trainer(_tc(tmp_path / "ref", **kw), data=monuseg_tiny)
+    assert fast.amp and fast.channels_last and not ref.amp
+    conv = next(p for p in fast.G.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        a, b = fast.train_step(), ref.train_step()
+        assert all(torch.isfinite(torch.tensor(v)) for v in a.values())
+        assert a["loss_g"] == pytest.approx(b["loss_g"], rel=0.05)  # same seed, same draws
+    ref.G.load_state_dict(fast.G.state_dict())
+    assert fast.validate().dice == pytest.approx(ref.validate().dice, abs=1e-3)
+    fast.export("best")
+    saved = load_weights(tmp_path / "amp" / "run" / "best").generator.state_dict()
+    for name, t in fast.G.state_dict().items():
+        assert torch.equal(saved[name], t.half().float()) or not t.is_floating_point(), name

@@ -68,12 +68,13 @@ def info() -> None:
 @click.option("--init-weights", type=click.Path(path_type=Path), default=None,
               help="Fine-tune: start the generator from these weights (e.g. cdal_fast/models/monuseg) "
                    "instead of a random init. Ignored when the run resumes from OUT/last.pt.")
-@click.option("--cpu-amp", is_flag=True, default=None,
-              help="On a CPU, train in bfloat16 autocast with channels_last (about 2.4x faster where the CPU "
-                   "has AVX512-BF16 or AMX); validation stays float32. Same as cpu_amp in the config.")
+@click.option("--cpu-amp", is_flag=True,
+              help="On a CPU, train in bfloat16 autocast with channels_last (faster where the CPU has "
+                   "AVX512-BF16 or AMX; see bench/train_throughput.py); validation stays float32. "
+                   "Same as cpu_amp: true in the config.")
 def train(config_path: Path, data: str | None, out: str | None, max_steps: int | None, max_minutes: float | None,
           device: str | None, seed: int | None, no_resume: bool, init_weights: Path | None,
-          cpu_amp: bool | None) -> None:
+          cpu_amp: bool) -> None:
     """Train a cDAL model; writes OUT/last.pt (resumable), OUT/best.{safetensors,json}, OUT/log.jsonl.
 
     Under torchrun (several processes) gradients are averaged across processes:
@@ -87,7 +88,7 @@ def train(config_path: Path, data: str | None, out: str | None, max_steps: int |
 
     tc = load_train_config(config_path, data=data, out=out, max_steps=max_steps, max_minutes=max_minutes,
                            device=device, seed=seed, init_weights=str(init_weights) if init_weights else None,
-                           cpu_amp=cpu_amp or None)
+                           cpu_amp=cpu_amp or None)  # unset: the config decides
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         backend = "nccl" if torch.cuda.is_available() and tc.device != "cpu" else "gloo"

@@ -89,9 +89,8 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA (and on CPU with cpu_amp)
-    # bf16 autocast + channels_last for CPU training too. Why: on a CPU with AVX512-BF16 (or AMX)
-    # oneDNN runs the convolutions about 2.4x faster (8.4 against 20 s per MoNuSeg iteration on
-    # the 2-core dev machine). Validation stays float32 so selection scores what is shipped.
+    # bf16 autocast + channels_last for CPU training too: oneDNN's bf16 convolutions pay off on CPUs
+    # with AVX512-BF16 or AMX (bench/train_throughput.py --cpu-amp). Validation stays float32.
     cpu_amp: bool = False
     progress: bool = True
 
@@ -132,7 +131,10 @@ class Trainer:
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.G = Generator(self.cfg).to(self.device)
         self.D = Discriminator(self.cfg).to(self.device)
-        self.amp = bool(tc.amp and self.cuda) or (tc.cpu_amp and self.device.type == "cpu")
+        # bf16 autocast: validation only on CUDA (CPU validation scores what the shipped model runs:
+        # float32); the training steps also on a CPU with cpu_amp
+        self.val_amp = bool(tc.amp and self.cuda)
+        self.amp = self.val_amp or (tc.cpu_amp and self.device.type == "cpu")
         self.channels_last = tc.channels_last and (self.cuda or self.amp)
         if self.channels_last:
             self.G = self.G.to(memory_format=torch.channels_last)
@@ -335,9 +337,8 @@ class Trainer:
         was_training = g.training
         g.eval()
         sampler = FixedStepSampler(g, self.tc.val_steps, self.tc.val_votes).to(self.device)
-        amp = self.amp and self.cuda  # CPU validation is float32, like the shipped model's eval
         runner = PatchRunner(sampler, self.device, torch.float32, batch_size=8, seed=0)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.val_amp):
             res = evaluate_task(self.tc.task, Path(self.tc.data), self.cfg, runner, split=self.tc.val_split,
                                 limit=self.tc.val_limit, progress=False, split_file=self.tc.split_file)
         g.train(was_training)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from cdal_fast import ops
-from cdal_fast.cli import DTYPES
+from cdal_fast.inference import DTYPES
 
 try:
     from bench.common import time_calls, write_results

@@ -9,55 +9,111 @@
 * ``graphs``: eager (fused ops when built) replayed as CUDA graphs per static input shape (GPU only).
 
 Backends that need something missing fail at start with one message saying what to install.
+
+This module only maps names to builders. Errors and requirement checks live in
+:mod:`cdal_fast.requires`, the compiled samplers in :mod:`cdal_fast.compiled`, CUDA-graph replay in
+:mod:`cdal_fast.graphs`. A builder never changes the generator it is given: fusion is a property of
+the sampler it returns (a parameter-sharing copy routed through the custom ops, or not).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from . import ops
+from .compiled import OnnxSampler, TensorRTSampler, build_tensorrt_engine
 from .generator import Generator
-from .sampler import FixedStepSampler
+from .graphs import GraphedSampler
+from .requires import BackendError, require_cuda_device, require_ops, require_tensorrt
+from .sampler import FixedStepSampler, SamplerLike
 
-__all__ = ["BACKENDS", "BackendError", "build_sampler", "require_ops"]
+__all__ = ["BACKENDS", "BackendError", "build_sampler", "require_ops", "GraphedSampler"]
 
-BACKENDS = ("eager", "torchscript", "fused", "compile", "onnx", "tensorrt", "graphs")
-
-
-class BackendError(RuntimeError):
-    """The requested backend cannot run here."""
+Builder = Callable[[Generator, "int | None", "int | None", torch.device, torch.dtype, str], SamplerLike]
 
 
-def require_ops() -> None:
-    """Fail with the build instruction when the ``cdal`` C++ op library is not built."""
-    if not ops.extension_available():
-        raise BackendError("the fused ops need the C++ op library: run `bash scripts/setup.sh` "
-                           "(or `pip install --no-build-isolation -e .`) to build it")
+def _sampler_generator(generator: Generator, fused: bool, device: torch.device, dtype: torch.dtype) -> Generator:
+    """The generator a built sampler runs: never the caller's object.
+
+    When the weights are already on ``device`` in ``dtype`` the copy shares them (no memory cost);
+    otherwise it is a full copy, so moving or casting it leaves the caller's model as it was.
+    """
+    p = next(generator.parameters())
+    in_place = p.dtype == dtype and p.device.type == device.type and (
+        device.index is None or p.device.index == device.index)
+    if in_place:
+        return generator.with_fused(fused)
+    return copy.deepcopy(generator).set_fused(fused)
+
+
+def _eager(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
+           dtype: torch.dtype, fused: bool = False) -> FixedStepSampler:
+    gen = _sampler_generator(generator, fused, device, dtype)
+    return FixedStepSampler(gen, steps, votes).to(device=device, dtype=dtype).eval()
+
+
+def _build_eager(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
+                 dtype: torch.dtype, weights_sha256: str) -> SamplerLike:
+    return _eager(generator, steps, votes, device, dtype)
+
+
+def _build_torchscript(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
+                       dtype: torch.dtype, weights_sha256: str) -> SamplerLike:
+    return torch.jit.script(_eager(generator, steps, votes, device, dtype))
+
+
+def _build_fused(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
+                 dtype: torch.dtype, weights_sha256: str) -> SamplerLike:
+    require_ops()
+    return _eager(generator, steps, votes, device, dtype, fused=True)
+
+
+def _build_compile(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
+                   dtype: torch.dtype, weights_sha256: str) -> SamplerLike:
+    return torch.compile(_eager(generator, steps, votes, device, dtype), dynamic=False)
+
+
+def _build_graphs(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
+                  dtype: torch.dtype, weights_sha256: str) -> SamplerLike:
+    require_cuda_device(device, "graphs", "CUDA graphs")
+    # the custom ops when the library is built; set_fused keeps plain ops otherwise
+    return GraphedSampler(_eager(generator, steps, votes, device, dtype, fused=True))
+
+
+def _build_onnx(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
+                dtype: torch.dtype, weights_sha256: str) -> SamplerLike:
+    return OnnxSampler(cached_onnx(generator, steps, votes, weights_sha256), generator, weights_sha256)
+
+
+def _build_tensorrt(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
+                    dtype: torch.dtype, weights_sha256: str) -> SamplerLike:
+    require_tensorrt()  # fail at start, before any export work
+    path = cached_onnx(generator, steps, votes, weights_sha256)
+    return TensorRTSampler(build_tensorrt_engine(path), path)
+
+
+BUILDERS: dict[str, Builder] = {
+    "eager": _build_eager,
+    "torchscript": _build_torchscript,
+    "fused": _build_fused,
+    "compile": _build_compile,
+    "onnx": _build_onnx,
+    "tensorrt": _build_tensorrt,
+    "graphs": _build_graphs,
+}
+BACKENDS = tuple(BUILDERS)
 
 
 def build_sampler(generator: Generator, steps: int | None, votes: int | None, backend: str = "eager",
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  weights_sha256: str = "") -> torch.nn.Module:
-    if backend not in BACKENDS:
+                  weights_sha256: str = "") -> SamplerLike:
+    """The sampler of ``backend`` for ``generator`` (which is left unchanged)."""
+    if backend not in BUILDERS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend in ("onnx", "tensorrt"):
-        return _compiled_sampler(generator, steps, votes, backend, weights_sha256)
-    if backend == "graphs" and torch.device(device).type != "cuda":
-        raise BackendError("backend 'graphs' (CUDA graphs) needs --device cuda")
-    if backend == "fused":
-        require_ops()
-    # graphs uses the custom ops when the library is built; set_fused keeps plain ops otherwise
-    generator.set_fused(backend in ("fused", "graphs"))
-    sampler = FixedStepSampler(generator, steps, votes).to(device=device, dtype=dtype).eval()
-    if backend == "torchscript":
-        return torch.jit.script(sampler)
-    if backend == "compile":
-        return torch.compile(sampler, dynamic=False)
-    if backend == "graphs":
-        return GraphedSampler(sampler)
-    return sampler
+    return BUILDERS[backend](generator, steps, votes, torch.device(device), dtype, weights_sha256)
 
 
 def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weights_sha256: str) -> Path:
@@ -71,52 +127,3 @@ def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weig
     if not path.is_file() or not weights_sha256:
         export_onnx(generator, path, t, v, weights_sha256=weights_sha256)
     return path
-
-
-def _compiled_sampler(generator: Generator, steps: int | None, votes: int | None, backend: str,
-                      weights_sha256: str) -> torch.nn.Module:
-    from .compiled import OnnxSampler, TensorRTSampler, _require_tensorrt, build_tensorrt_engine
-
-    if backend == "tensorrt":
-        _require_tensorrt()  # fail at start, before any export work
-    path = cached_onnx(generator, steps, votes, weights_sha256)
-    if backend == "onnx":
-        return OnnxSampler(path, generator, weights_sha256)
-    return TensorRTSampler(build_tensorrt_engine(path), path)
-
-
-class GraphedSampler(torch.nn.Module):
-    """Replays the whole T-step sampler as one CUDA graph per input shape (static shapes only).
-
-    Inputs are copied into static buffers, the captured graph is replayed and the outputs are
-    cloned, which removes the per-kernel launch overhead that dominates small batches.
-    """
-
-    def __init__(self, sampler: torch.nn.Module) -> None:
-        super().__init__()
-        self.sampler = sampler
-        self.num_steps, self.votes = sampler.num_steps, sampler.votes
-        self.mask_channels, self.nz = sampler.mask_channels, sampler.nz
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
-
-    def forward(self, image: torch.Tensor, x_init: torch.Tensor, z: torch.Tensor,
-                post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = [t.to(image.device, image.dtype) for t in (image, x_init, z, post)]
-        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
-        if key not in self._graphs:
-            static = [t.clone() for t in inputs]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.inference_mode():
-                for _ in range(2):  # warm-up: cuDNN autotuning and allocator
-                    self.sampler(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.inference_mode():
-                outputs = self.sampler(*static)
-            self._graphs[key] = (graph, static, outputs)
-        graph, static, outputs = self._graphs[key]
-        for dst, src in zip(static, inputs):
-            dst.copy_(src)
-        graph.replay()
-        return tuple(o.clone() for o in outputs)

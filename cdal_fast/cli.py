@@ -17,8 +17,10 @@ import torch
 
 from . import __version__
 from .backends import BACKENDS
+from .inference import DTYPES
 
 TASKS = ("monuseg", "cxr", "hippocampus")
+PLAIN_OP_FORMATS = ("onnx", "tensorrt")  # export formats that cannot call the cdal custom ops
 
 
 def _device(name: str) -> torch.device:
@@ -131,7 +133,8 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
              votes: int | None, seed: int, batch_size: int, device: str, limit: int | None,
              json_out: Path | None) -> None:
     """Score a model on a labelled folder with the spec's section-8 protocol (Dice and IoU)."""
-    from .evaluate import PatchRunner, evaluate_task
+    from .evaluate import evaluate_task
+    from .inference import PatchRunner
     from .models import load_model
     from .sampler import FixedStepSampler
     from .weights import WeightsError
@@ -157,9 +160,6 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
         payload = res.to_dict() | {"weights": str(bundle.path), "seed": seed}
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(payload, indent=2) + "\n")
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @main.command()
@@ -213,8 +213,9 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
 
     Example: cdal-fast segment slides/ --out masks/ --device cuda --dtype bfloat16
     """
-    from .backends import BackendError, build_sampler
+    from .backends import build_sampler
     from .models import load_model
+    from .requires import BackendError
     from .weights import WeightsError
     from .wsi.batch import find_inputs, segment_all
     from .wsi.pipeline import SegmentOptions
@@ -275,26 +276,28 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, votes: 
     int64 seed tensor and returns (probability, uncertainty); normalisation, T, V and the noise
     generator are inside, so the same image and seed give the same mask in Python and C++.
     """
-    from .backends import BackendError, require_ops
     from .export import ExportableSampler, export_aoti, export_torchscript
     from .models import load_model
+    from .requires import BackendError, require_ops, require_tensorrt
     from .weights import WeightsError
 
+    if fused and fmt in PLAIN_OP_FORMATS:
+        raise click.UsageError(f"--fused cannot be honoured by --format {fmt}: the graph uses standard ONNX ops "
+                               "only (drop --fused; TensorRT fuses the graph itself)")
     try:
         bundle = load_model(weights)
         if fused:
             require_ops()
-            bundle.generator.set_fused(True)
     except (WeightsError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
-    if fmt in ("onnx", "tensorrt"):
+    if fmt in PLAIN_OP_FORMATS:
         import shutil
 
-        from .compiled import _require_tensorrt, build_tensorrt_engine, export_onnx
+        from .compiled import build_tensorrt_engine, export_onnx
 
         try:
             if fmt == "tensorrt":
-                _require_tensorrt()  # say what is missing before exporting anything
+                require_tensorrt()  # say what is missing before exporting anything
             if fmt == "onnx":
                 path = export_onnx(bundle.generator, out, steps, votes, size, weights_sha256=bundle.sha256)
             else:
@@ -306,7 +309,7 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, votes: 
             raise click.ClickException(str(exc)) from None
         click.echo(f"wrote {path}")
         return
-    module = ExportableSampler(bundle.generator, steps, votes).eval()
+    module = ExportableSampler(bundle.generator.with_fused(fused), steps, votes).eval()
     path = export_torchscript(module, out) if fmt == "torchscript" else export_aoti(module, out, batch, size)
     click.echo(f"wrote {path} (T={module.num_steps}, V={module.votes}, fused={fused})")
 

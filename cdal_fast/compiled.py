@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from .atomic import atomic_output
-from .backends import BackendError
 from .generator import Generator
+from .requires import BackendError, require_tensorrt
 from .sampler import FixedStepSampler, draw_noise, generators_from_seed
 
 __all__ = ["export_onnx", "OnnxSampler", "TensorRTSampler", "build_tensorrt_engine", "cache_dir"]
@@ -51,11 +51,13 @@ def _meta(generator: Generator, steps: int, votes: int, size: int, weights_sha25
 
 def export_onnx(generator: Generator, out: str | Path, steps: int | None = None, votes: int | None = None,
                 size: int | None = None, batch: int = 1, weights_sha256: str = "") -> Path:
-    """Write the unrolled sampler as ONNX (plain ops; the fused custom ops are not used)."""
+    """Write the unrolled sampler as ONNX (plain ops; the fused custom ops are not used).
+
+    The graph is traced from a plain-op copy of ``generator``; the caller's fusion setting is kept.
+    """
     import onnx
 
-    generator.set_fused(False)
-    sampler = FixedStepSampler(generator, steps, votes).eval()
+    sampler = FixedStepSampler(generator.with_fused(False), steps, votes).eval()
     cfg = generator.cfg
     s = size or cfg.image_size
     n = draw_noise(sampler.num_steps, sampler.votes, cfg.mask_channels, cfg.nz, s, s, generators_from_seed(0, batch))
@@ -139,15 +141,6 @@ class OnnxSampler(torch.nn.Module):
 
 
 # -- TensorRT ---------------------------------------------------------------------------------------
-def _require_tensorrt():
-    if not torch.cuda.is_available():
-        raise BackendError("the tensorrt backend needs an NVIDIA GPU with CUDA; none is visible to torch here")
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise BackendError("the tensorrt backend needs TensorRT's Python package: pip install tensorrt "
-                           "(matching your CUDA version), then rerun") from None
-    return trt
 
 
 def engine_key(onnx_path: Path, precision: str, batches: tuple[int, int, int], trt_version: str, gpu: str) -> str:
@@ -160,7 +153,7 @@ def engine_key(onnx_path: Path, precision: str, batches: tuple[int, int, int], t
 def build_tensorrt_engine(onnx_path: str | Path, precision: str = "fp16", batches: tuple[int, int, int] = (1, 8, 16),
                           cache: Path | None = None) -> Path:
     """Build (or reuse from the cache) a serialised engine with one optimisation profile."""
-    trt = _require_tensorrt()
+    trt = require_tensorrt()
     onnx_path = Path(onnx_path)
     gpu = torch.cuda.get_device_name(0)
     cache = cache or cache_dir() / "engines"
@@ -206,7 +199,7 @@ class TensorRTSampler(torch.nn.Module):
 
     def __init__(self, engine_path: str | Path, onnx_path: str | Path) -> None:
         super().__init__()
-        trt = _require_tensorrt()
+        trt = require_tensorrt()
         engine_path = Path(engine_path)
         try:
             runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))

@@ -1,19 +1,17 @@
 """Scoring protocols of spec section 8, shared by ``cdal-fast eval`` and training validation.
 
+Only the scoring lives here (reading labelled folders, Dice/IoU, means); running the sampler over
+tiles and volumes is :mod:`cdal_fast.inference`, which ``segment`` uses too.
+
 * MoNuSeg: tile -> 512x512 -> four 256 patches -> sampler -> stitched vote mean, rounded;
   Dice/IoU of the nucleus class at 512x512, averaged over images.
 * Chest X-ray: whole image at 256x256; Dice/IoU of the lung class.
 * Hippocampus: 3D sliding window of 32^3 patches, overlap 0.75, each patch as 32 axial slices;
   per-class Dice/IoU (anterior = 1, posterior = 2) per volume.
-
-Noise is keyed by the patch position (:func:`cdal_fast.sampler.position_generator`), so a patch
-gets the same noise whatever batch it runs in, and ``segment`` on the same geometry reproduces
-these numbers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,21 +20,17 @@ import torch
 from tqdm import tqdm
 
 from .config import ModelConfig
-from .data.datasets import (
-    HippocampusData,
-    find_pairs,
-    normalise_volume,
-    pad_to,
-    read_split,
-    resolve_2d_root,
-    window_starts,
-)
-from .data.imageio import read_image, read_mask, resize_image, resize_mask
+from .data.datasets import HippocampusData, find_pairs, read_split, resolve_2d_root
+from .decode import to_labels
+from .imageio import read_image, read_mask, resize_mask
+from .inference import VOLUME_STRIDE, PatchRunner, predict_image, predict_monuseg_tile, predict_volume, volume_windows
 from .metrics import dice_iou, per_class_dice_iou
-from .preprocess import match_channels, normalise, to_chw_float
-from .sampler import FixedStepSampler, position_generator, sample
+from .preprocess import match_channels, to_chw_float
 
-__all__ = ["EvalResult", "evaluate_task", "PatchRunner"]
+# PatchRunner, predict_volume, volume_windows, VOLUME_STRIDE, predict_monuseg_tile: re-exported for
+# callers that imported them from here before they moved to cdal_fast.inference.
+__all__ = ["EvalResult", "evaluate_task", "scalar_dice", "PatchRunner", "predict_monuseg_tile", "predict_volume",
+           "volume_windows", "VOLUME_STRIDE"]
 
 HIPPO_CLASSES = [1, 2]
 
@@ -55,52 +49,11 @@ class EvalResult:
                 "votes": self.votes, "n": len(self.rows), "rows": self.rows}
 
 
-class PatchRunner:
-    """Run a sampler over normalised patches in batches with position-keyed noise."""
-
-    def __init__(self, sampler: FixedStepSampler, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, batch_size: int = 4, seed: int = 0) -> None:
-        self.sampler = sampler
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.seed = seed
-
-    @torch.no_grad()
-    def __call__(self, patches: torch.Tensor, keys: list[tuple[int, ...]]) -> torch.Tensor:
-        """patches (N, C, H, W) normalised; returns vote-mean probabilities (N, Cm, H, W) on CPU."""
-        out = []
-        for i in range(0, patches.shape[0], self.batch_size):
-            chunk = patches[i:i + self.batch_size].to(self.device, self.dtype)
-            gens = [position_generator(self.seed, *k) for k in keys[i:i + self.batch_size]]
-            prob, _ = sample(self.sampler, chunk, generators=gens)
-            out.append(prob.float().cpu())
-        return torch.cat(out)
-
-
 def _mean(rows: list[dict], key: str) -> float | list[float]:
     vals = [r[key] for r in rows]
     if vals and isinstance(vals[0], list):
         return [float(np.mean([v[i] for v in vals])) for i in range(len(vals[0]))]
     return float(np.mean(vals)) if vals else float("nan")
-
-
-def predict_monuseg_tile(image_chw: torch.Tensor, cfg: ModelConfig, runner: PatchRunner,
-                         work_size: int = 512) -> torch.Tensor:
-    """Probability map (work_size, work_size) of one tile by the section-8 protocol."""
-    p = cfg.image_size
-    img = resize_image(image_chw, work_size)
-    n = work_size // p
-    patches, keys = [], []
-    for r in range(n):
-        for c in range(n):
-            patches.append(img[:, r * p:(r + 1) * p, c * p:(c + 1) * p])
-            keys.append((r * p, c * p))
-    prob = runner(normalise(torch.stack(patches), cfg), keys)
-    full = torch.zeros(work_size, work_size)
-    for (y, x), pr in zip(keys, prob):
-        full[y:y + p, x:x + p] = pr[0]
-    return full
 
 
 def evaluate_2d(task: str, data: Path, cfg: ModelConfig, runner: PatchRunner, split: str | None,
@@ -113,45 +66,14 @@ def evaluate_2d(task: str, data: Path, cfg: ModelConfig, runner: PatchRunner, sp
         img = match_channels(to_chw_float(read_image(ip)), cfg.img_channels)
         mask = torch.from_numpy(read_mask(mp))
         if task == "monuseg":
-            prob = predict_monuseg_tile(img, cfg, runner)
+            prob = predict_monuseg_tile(img, cfg, runner)[None]
         else:
-            prob = runner(normalise(resize_image(img, cfg.image_size)[None], cfg), [(0, 0)])[0, 0]
+            prob = predict_image(img, cfg, runner)[:1]
         target = resize_mask(mask, prob.shape[-1])
-        d, i = dice_iou(prob >= 0.5, target)
+        d, i = dice_iou(to_labels(prob, cfg).bool(), target)
         rows.append({"name": name, "dice": d, "iou": i})
     return EvalResult(task, _mean(rows, "dice"), _mean(rows, "iou"), rows,
                       runner.sampler.num_steps, runner.sampler.votes)
-
-
-VOLUME_STRIDE = 8  # overlap 0.75 of 32^3 windows (spec section 8)
-
-
-def volume_windows(shape: tuple[int, ...], size: int, stride: int = VOLUME_STRIDE) -> list[tuple[int, int, int]]:
-    """Window corners :func:`predict_volume` visits for a volume of ``shape`` (short axes padded to ``size``)."""
-    return window_starts(tuple(max(d, size) for d in shape), size, stride)
-
-
-def predict_volume(vol: np.ndarray, cfg: ModelConfig, runner: PatchRunner, stride: int = VOLUME_STRIDE,
-                   progress: Callable[[int], object] | None = None) -> torch.Tensor:
-    """Label map of one volume by a 3D sliding window of cubic patches (axial slices).
-
-    ``progress(n)`` is called after each window with the number of axial slices it sampled, so a
-    caller's progress bar counts the same units as the run summary's ``tiles_sampled``.
-    """
-    size = cfg.image_size
-    v = pad_to(torch.from_numpy(normalise_volume(vol)), size)
-    acc = torch.zeros(cfg.mask_channels, *v.shape)
-    cnt = torch.zeros(v.shape)
-    for x0, y0, z0 in volume_windows(vol.shape, size, stride):
-        cube = v[x0:x0 + size, y0:y0 + size, z0:z0 + size].permute(2, 0, 1)[:, None]  # (z, 1, x, y)
-        keys = [(x0, y0, z0 + s) for s in range(size)]
-        prob = runner(normalise(cube, cfg), keys)  # (z, Cm, x, y)
-        acc[:, x0:x0 + size, y0:y0 + size, z0:z0 + size] += prob.permute(1, 2, 3, 0)
-        cnt[x0:x0 + size, y0:y0 + size, z0:z0 + size] += 1
-        if progress is not None:
-            progress(size)
-    label = (acc / cnt.clamp(min=1)).argmax(0)
-    return label[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
 
 
 def evaluate_hippocampus(data: Path, cfg: ModelConfig, runner: PatchRunner, names: list[str] | None = None,

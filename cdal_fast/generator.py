@@ -6,6 +6,8 @@ image only: the sampler runs it once per tile and reuses ``c`` for all T steps a
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -204,3 +206,13 @@ class Generator(nn.Module):
             if isinstance(m, (AdaGNSiLU, SelfAttention)):
                 m.fused = fused
         return self
+
+    def with_fused(self, fused: bool) -> Generator:
+        """A copy routed through the custom ops or not, sharing this generator's parameters and buffers.
+
+        Builders use it so that choosing fusion for one sampler never changes the caller's model
+        (a later ``set_fused`` on either copy leaves the other as it was). Only the module objects
+        are copied; the tensors are the same, so it costs no parameter memory.
+        """
+        shared = {id(t): t for t in (*self.parameters(), *self.buffers())}
+        return copy.deepcopy(self, memo=shared).set_fused(fused)

@@ -13,16 +13,43 @@ Layout: votes are stacked vote-major, i.e. row ``v * B + b`` is vote ``v`` of im
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from .decode import MaskChannels, to_labels
 from .diffusion import make_schedule
 from .generator import Generator
 
-__all__ = ["FixedStepSampler", "SamplerNoise", "draw_noise", "draw_image_noise", "stack_noise", "decode_mask",
-           "sample", "generators_from_seed",
-           "position_generator"]
+__all__ = ["SamplerLike", "SAMPLER_ATTRS", "copy_sampler_attrs", "FixedStepSampler", "SamplerNoise", "draw_noise",
+           "draw_image_noise", "stack_noise", "decode_mask", "sample", "generators_from_seed", "position_generator"]
+
+
+@runtime_checkable
+class SamplerLike(Protocol):
+    """What a caller of a T-step, V-vote sampler relies on (eager, scripted, compiled, ONNX, TensorRT, graphs).
+
+    The attributes size the noise (:func:`draw_noise`); the call maps a normalised image batch and
+    its noise to the vote-mean probability and the vote std, each (B, C_mask, H, W).
+    """
+
+    num_steps: int
+    votes: int
+    mask_channels: int
+    nz: int
+
+    def __call__(self, image: torch.Tensor, x_init: torch.Tensor, z: torch.Tensor,
+                 post_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+SAMPLER_ATTRS = ("num_steps", "votes", "mask_channels", "nz")
+
+
+def copy_sampler_attrs(dst: object, src: SamplerLike) -> None:
+    """Give a wrapper the :class:`SamplerLike` attributes of the sampler it runs."""
+    for name in SAMPLER_ATTRS:
+        setattr(dst, name, int(getattr(src, name)))
 
 
 @dataclass
@@ -117,14 +144,13 @@ def position_generator(seed: int, *key: int) -> torch.Generator:
 
 
 def decode_mask(prob: torch.Tensor) -> torch.Tensor:
-    """Binary: prob >= 0.5 (uint8 0/1). Multi-class: argmax over the class channels (uint8)."""
-    if prob.shape[1] == 1:
-        return (prob[:, 0] >= 0.5).to(torch.uint8)
-    return prob.argmax(dim=1).to(torch.uint8)
+    """Labels of a batch (B, C, H, W) for callers without a config: :func:`cdal_fast.decode.to_labels`
+    with the mask channel count read from ``prob`` (binary 0/1 at P >= 0.5, else the argmax class)."""
+    return to_labels(prob, MaskChannels(prob.shape[1]))
 
 
 @torch.no_grad()
-def sample(sampler: FixedStepSampler | torch.jit.ScriptModule, image: torch.Tensor, seed: int = 0,
+def sample(sampler: SamplerLike, image: torch.Tensor, seed: int = 0,
            generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Convenience: draw seeded noise for ``image`` and run ``sampler`` on image's device/dtype."""
     b, _, h, w = image.shape

@@ -31,8 +31,9 @@ from .config import ModelConfig, get_preset
 from .data.datasets import TaskData, load_task_data
 from .diffusion import make_schedule
 from .discriminator import Discriminator
-from .evaluate import EvalResult, PatchRunner, evaluate_task, scalar_dice
+from .evaluate import EvalResult, evaluate_task, scalar_dice
 from .generator import Generator
+from .inference import PatchRunner
 from .sampler import FixedStepSampler
 from .weights import load_weights, save_weights
 

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..imageio import IMAGE_SUFFIXES, read_image, read_mask, resize_image, resize_mask
 from ..preprocess import match_channels, normalise, to_chw_float
+from ..volume import normalise_volume, pad_to, window_starts
 from .augment import color_jitter, random_affine_crop
-from .imageio import IMAGE_SUFFIXES, read_image, read_mask, resize_image, resize_mask
 
 __all__ = ["TaskData", "MonusegData", "CxrData", "HippocampusData", "load_task_data", "find_pairs",
            "read_split", "normalise_volume"]
@@ -143,15 +144,6 @@ class CxrData:
         return TaskData(cfg, imgs, masks, names, "cxr")
 
 
-def normalise_volume(vol: np.ndarray) -> np.ndarray:
-    """Z-score a volume over its non-zero voxels (MR intensities have no fixed scale)."""
-    v = vol.astype(np.float32)
-    fg = v[v != 0]
-    if fg.size < 2:
-        return v
-    return (v - fg.mean()) / max(float(fg.std()), 1e-6)
-
-
 class HippocampusData:
     """Volumes -> every 32^3 patch position's axial slices, drawn at random for training."""
 
@@ -189,25 +181,6 @@ class HippocampusData:
                 imgs.append(pv[:, None])
                 masks.append(F.one_hot(pl, cfg.mask_channels).permute(0, 3, 1, 2).float() * 2 - 1)
         return TaskData(cfg, torch.cat(imgs), torch.cat(masks), [], "none")
-
-
-def pad_to(vol: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero-pad each spatial axis of a 3D tensor up to ``size`` (at the end)."""
-    pads = []
-    for dim in reversed(vol.shape):
-        pads += [0, max(0, size - dim)]
-    return F.pad(vol, pads) if any(pads) else vol
-
-
-def window_starts(shape: tuple[int, ...], size: int, stride: int) -> list[tuple[int, int, int]]:
-    """Sliding-window corners covering a 3D volume, the last window flush with the end."""
-    axes = []
-    for dim in shape:
-        starts = list(range(0, max(dim - size, 0) + 1, stride))
-        if starts[-1] != max(dim - size, 0):
-            starts.append(max(dim - size, 0))
-        axes.append(starts)
-    return [(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]]
 
 
 def load_task_data(task: str, data: Path, cfg: ModelConfig, split: str | None = "train",

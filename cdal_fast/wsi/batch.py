@@ -1,30 +1,29 @@
-"""Run ``segment_slide`` over many inputs: discovery, skip-if-done, per-file errors, a run summary."""
+"""Run a task's job over many inputs: discovery, skip-if-done, per-file errors, progress, a run summary.
+
+Every task is one row of :data:`TASKS`: ``name -> (segment_fn, done_fn)`` with one signature for all,
+so adding a task (or a distributed runner calling these) needs no ``if task == ...`` chain.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from ..config import ModelConfig
-from ..evaluate import PatchRunner
-from .other_tasks import VOLUME_SUFFIXES, is_volume, segment_radiograph, segment_volume, volume_stem
-from .pipeline import (
-    SegmentOptions,
-    is_complete,
-    is_small_image,
-    segment_slide,
-    slide_stem,
-    summary_complete,
-    write_summary,
-)
+from ..inference import PatchRunner
+from ..sampler import SamplerLike
+from .other_tasks import VOLUME_SUFFIXES, radiograph_done, segment_radiograph, segment_volume, volume_done
+from .outputs import is_complete, is_small_image, slide_stem, write_summary
+from .pipeline import SegmentOptions, segment_slide
+from .progress import TileProgress, TqdmProgress
 from .readers import SLIDE_SUFFIXES, SlideError
 
-__all__ = ["find_inputs", "RunReport", "segment_all"]
+__all__ = ["find_inputs", "RunReport", "TaskRun", "TASKS", "segment_all"]
 
 
 def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None = None) -> list[Path]:
@@ -60,36 +59,67 @@ class RunReport:
                 "tiles": tiles, "tiles_per_second": tiles / self.seconds if self.seconds else 0.0}
 
 
-def _done(out_dir: Path, f: Path, task: str) -> bool:
-    if task == "monuseg":
-        return is_complete(out_dir, slide_stem(f), is_small_image(f))
-    return summary_complete(out_dir / f"{volume_stem(f) if is_volume(f) else f.stem}.json")
+@dataclass
+class TaskRun:
+    """What every task's job needs besides the input: the sampler (and a patch runner over it), config, options."""
+
+    sampler: SamplerLike
+    runner: PatchRunner
+    cfg: ModelConfig
+    opts: SegmentOptions
+    device: torch.device
+    dtype: torch.dtype
+    model_info: dict[str, Any]
 
 
-def segment_all(files: list[Path], out_dir: Path, sampler: torch.nn.Module, cfg: ModelConfig, opts: SegmentOptions,
+SegmentFn = Callable[[Path, Path, TaskRun, TileProgress], dict[str, Any]]
+DoneFn = Callable[[Path, Path], bool]  # (out_dir, input) -> already complete
+
+
+def _segment_slide(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
+    return segment_slide(path, out_dir, run.sampler, run.cfg, run.opts, run.device, run.dtype, run.model_info,
+                         progress=progress)
+
+
+def _slide_done(out_dir: Path, path: Path) -> bool:
+    return is_complete(out_dir, slide_stem(path), is_small_image(path))
+
+
+def _segment_radiograph(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
+    return segment_radiograph(path, out_dir, run.runner, run.cfg, run.model_info, progress=progress)
+
+
+def _segment_volume(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
+    return segment_volume(path, out_dir, run.runner, run.cfg, run.model_info, progress=progress)
+
+
+TASKS: dict[str, tuple[SegmentFn, DoneFn]] = {
+    "monuseg": (_segment_slide, _slide_done),
+    "cxr": (_segment_radiograph, radiograph_done),
+    "hippocampus": (_segment_volume, volume_done),
+}
+
+
+def segment_all(files: list[Path], out_dir: Path, sampler: SamplerLike, cfg: ModelConfig, opts: SegmentOptions,
                 device: torch.device, dtype: torch.dtype, model_info: dict, echo=print,
                 show_progress: bool = True, task: str = "monuseg") -> RunReport:
     """Segment ``files`` for ``task``: slides/images (monuseg), radiographs (cxr), volumes (hippocampus)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    segment_fn, done_fn = TASKS[task]
     out_dir.mkdir(parents=True, exist_ok=True)
     report = RunReport()
     t0 = time.perf_counter()
     runner = PatchRunner(sampler, device, dtype, batch_size=max(opts.batch_size, 1), seed=opts.seed)
-    for f in files:
-        if not opts.overwrite and _done(out_dir, f, task):
+    run = TaskRun(sampler, runner, cfg, opts, device, dtype, model_info)
+    for n, f in enumerate(files, start=1):
+        if not opts.overwrite and done_fn(out_dir, f):
             report.skipped.append(str(f))
             echo(f"skip  {f} (already done; --overwrite to redo)")
             continue
-        bar = tqdm(desc=f.name, unit="tile", disable=not show_progress, leave=False, dynamic_ncols=True)
+        bar = TqdmProgress(f.name, n, len(files), enabled=show_progress)
         try:
-            if task == "cxr":
-                summary = segment_radiograph(f, out_dir, runner, cfg, model_info, progress=bar.update)
-            elif task == "hippocampus":
-                if not is_volume(f):
-                    raise SlideError(f"{f}: the hippocampus model segments NIfTI volumes (.nii, .nii.gz)")
-                summary = segment_volume(f, out_dir, runner, cfg, model_info, progress=bar.update)
-            else:
-                summary = segment_slide(f, out_dir, sampler, cfg, opts, device, dtype, model_info,
-                                        progress=bar.update)
+            summary = segment_fn(f, out_dir, run, bar)
         except (SlideError, OSError, ValueError) as exc:
             report.failed.append((str(f), str(exc)))
             echo(f"FAIL  {f}: {exc}")

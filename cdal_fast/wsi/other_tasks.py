@@ -4,7 +4,7 @@
   protocol scores whole 256x256 images), sampled, and the probability resized back; the mask is a
   PNG of the input's size (255 = lung).
 * Volumes (NIfTI): a 3D sliding window of cubic patches (overlap 0.75), each processed as axial
-  slices, exactly as :func:`cdal_fast.evaluate.predict_volume`; the label map is written as NIfTI
+  slices, exactly as :func:`cdal_fast.inference.predict_volume`; the label map is written as NIfTI
   with the input's affine and header (0 background, 1 anterior, 2 posterior).
 
 Both write under temporary names, rename when complete and finish with a JSON summary that marks
@@ -14,7 +14,6 @@ the input done, like slides.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,15 @@ import torch
 
 from ..atomic import atomic_output
 from ..config import ModelConfig
-from ..data.imageio import resize_image
-from ..evaluate import PatchRunner, predict_volume, volume_windows
-from ..preprocess import match_channels, normalise
-from ..sampler import decode_mask
-from .pipeline import write_png, write_summary
+from ..decode import labels_to_mask, to_labels
+from ..inference import PatchRunner, predict_image, predict_volume, volume_windows
+from ..preprocess import match_channels
+from .outputs import summary_complete, write_png, write_summary
+from .progress import NullProgress, TileProgress
 from .readers import SlideError
 
-__all__ = ["VOLUME_SUFFIXES", "is_volume", "volume_stem", "segment_radiograph", "segment_volume"]
+__all__ = ["VOLUME_SUFFIXES", "is_volume", "volume_stem", "segment_radiograph", "radiograph_done", "segment_volume",
+           "volume_done"]
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 
@@ -43,12 +43,23 @@ def volume_stem(path: Path) -> str:
     return path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
 
 
+def radiograph_done(out_dir: Path, path: Path) -> bool:
+    """A radiograph is done when its summary says complete."""
+    return summary_complete(out_dir / f"{path.stem}.json")
+
+
+def volume_done(out_dir: Path, path: Path) -> bool:
+    """A volume is done when its summary says complete (non-volume names use their plain stem)."""
+    return summary_complete(out_dir / f"{volume_stem(path) if is_volume(path) else path.stem}.json")
+
+
 def segment_radiograph(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelConfig,
-                       model_info: dict | None = None,
-                       progress: Callable[[int], object] | None = None) -> dict[str, Any]:
+                       model_info: dict | None = None, progress: TileProgress | None = None) -> dict[str, Any]:
+    """Whole radiograph at the model size, probability resized back, PNG mask at the input's size."""
     from PIL import Image
 
     t0 = time.perf_counter()
+    progress = progress or NullProgress()
     try:
         with Image.open(path) as im:
             grey = np.asarray(im.convert("L"))
@@ -56,14 +67,11 @@ def segment_radiograph(path: Path, out_dir: Path, runner: PatchRunner, cfg: Mode
         raise SlideError(f"{path}: not a readable image ({exc})") from exc
     h, w = grey.shape
     img = match_channels(torch.from_numpy(grey.copy()).float()[None], cfg.img_channels)
-    small = resize_image(img, cfg.image_size)
-    prob = runner(normalise(small[None], cfg), [(0, 0)])[0]  # (C_mask, S, S)
-    if progress is not None:
-        progress(1)
+    progress.set_total(1)
+    prob = predict_image(img, cfg, runner)  # (C_mask, S, S)
+    progress.update(1)
     full = torch.nn.functional.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    mask = decode_mask(full[None])[0].numpy()  # 0/1, or class labels
-    if cfg.mask_channels == 1:
-        mask = mask * 255
+    mask = labels_to_mask(to_labels(full, cfg).numpy(), cfg)  # 255 = object, or class labels
     out = out_dir / f"{path.stem}.mask.png"
     write_png(out, mask)
     seconds = time.perf_counter() - t0
@@ -76,11 +84,14 @@ def segment_radiograph(path: Path, out_dir: Path, runner: PatchRunner, cfg: Mode
 
 
 def segment_volume(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelConfig,
-                   model_info: dict | None = None,
-                   progress: Callable[[int], object] | None = None) -> dict[str, Any]:
+                   model_info: dict | None = None, progress: TileProgress | None = None) -> dict[str, Any]:
+    """Label map of a NIfTI volume by the evaluation protocol's sliding window, written with its affine."""
     import nibabel as nib
 
     t0 = time.perf_counter()
+    progress = progress or NullProgress()
+    if not is_volume(path):
+        raise SlideError(f"{path}: the hippocampus model segments NIfTI volumes (.nii, .nii.gz)")
     try:
         img = nib.load(str(path))
         vol = np.asarray(img.dataobj, dtype=np.float32)
@@ -88,7 +99,8 @@ def segment_volume(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelCon
         raise SlideError(f"{path}: not a readable NIfTI volume ({exc})") from exc
     if vol.ndim != 3:
         raise SlideError(f"{path}: expected a 3D volume, got shape {vol.shape}")
-    labels = predict_volume(vol, cfg, runner, progress=progress).numpy().astype(np.uint8)
+    progress.set_total(len(volume_windows(vol.shape, cfg.image_size)) * cfg.image_size)
+    labels = predict_volume(vol, cfg, runner, progress=progress.update).numpy().astype(np.uint8)
     stem = volume_stem(path)
     out = out_dir / f"{stem}.labels.nii.gz"
     header = img.header.copy()

@@ -1,17 +1,23 @@
-"""Segment one slide: read -> tile -> batch -> sample -> stitch -> write.
+"""Segment one slide in named stages with plain data between them.
 
-Data flow and memory
---------------------
-1. The slide's resolution decides the working scale (the model's um/px) and the pyramid level read.
-2. Tissue is found on a thumbnail; only tiles touching tissue are sampled.
-3. A ``DataLoader`` with background workers reads each tile's region, resizes it to the model size,
-   normalises it and draws its noise from ``(seed, tile position)``, in tile order.
-4. The sampler runs batches of tiles on the device.
-5. :class:`BandStitcher` blends tile probabilities into a band of ``tile`` rows x slide width and
-   flushes finished rows to disk-backed maps, so memory is bounded by one tile row (plus the
-   loader's prefetch), independent of slide height.
-6. Writers stream the maps into pyramidal OME-TIFFs (or PNGs for PNG/JPEG inputs) under temporary
-   names, renamed when complete; the JSON summary is written last and marks the slide as done.
+    plan_slide -> read_tiles -> sample_tiles -> stitch_tiles -> post_process -> write_outputs -> summarise
+
+Each stage is a plain function whose inputs and outputs are dataclasses of paths, numbers, numpy
+arrays and CPU tensors (all picklable), so a distributed runner can call the stages on its own
+workers; :func:`segment_slide` chains them for one process. What each stage does:
+
+1. ``plan_slide``: the slide's resolution decides the working scale (the model's um/px) and the
+   pyramid level read; tissue is found on a thumbnail and only tiles touching tissue are kept.
+2. ``read_tiles``: a ``DataLoader`` with background workers reads each tile's region, resizes it
+   to the model size, normalises it and draws its noise from ``(seed, tile position)``, in tile order.
+3. ``sample_tiles``: the sampler runs one batch of tiles on the device.
+4. ``stitch_tiles``: :class:`BandStitcher` blends tile probabilities into a band of ``tile`` rows x
+   slide width and flushes finished rows to disk-backed maps in the slide's work folder, so memory
+   is bounded by one tile row (plus the loader's prefetch), independent of slide height.
+5. ``post_process``: a hook on the finished maps (empty today; nucleus objects plug in here).
+6. ``write_outputs``: writers stream the maps into pyramidal OME-TIFFs (or PNGs for PNG/JPEG
+   inputs) under temporary names, renamed when complete.
+7. ``summarise``: the JSON summary is written last and marks the slide as done.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +39,37 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import atomic_output
 from ..config import ModelConfig
+from ..decode import U8_MAX, MaskChannels, MaskKind, object_pixels, prob_to_u8, u8_to_mask
 from ..preprocess import match_channels, normalise, to_chw_float
-from ..sampler import SamplerNoise, draw_image_noise, position_generator, stack_noise
-from .readers import SMALL_SUFFIXES, SlideError, SlideReader, SmallImage, open_slide
+from ..sampler import SamplerLike, SamplerNoise, draw_image_noise, position_generator, stack_noise
+from .outputs import (
+    is_complete,
+    is_small_image,
+    output_paths,
+    slide_stem,
+    summary_complete,
+    write_png,
+    write_summary,
+)
+from .progress import NullProgress, TileProgress
+from .readers import SlideError, SlideReader, SmallImage, open_slide
 from .tiling import Tile, TileGrid, blend_window
 from .tissue import tissue_mask
 from .writer import write_pyramid
 
-__all__ = ["SegmentOptions", "segment_slide", "output_paths", "is_complete", "slide_stem", "is_small_image",
-           "write_png", "write_summary", "summary_complete"]
+# output_paths, is_complete, slide_stem, is_small_image, write_png, write_summary, summary_complete
+# live in .outputs; they stay importable from here for existing callers.
+__all__ = ["SegmentOptions", "SlidePlan", "TileBatch", "TileResult", "StitchedMaps", "plan_slide", "read_tiles",
+           "sample_tiles", "stitch_tiles", "post_process", "write_outputs", "summarise", "segment_slide",
+           "output_paths", "is_complete", "slide_stem", "is_small_image", "write_png", "write_summary",
+           "summary_complete"]
+
+STD_TO_UNIT = 2.0  # the vote std of values in [0, 1] is at most 0.5: stored as 255 * 2 * std
+OVERLAY_SIDE = 1024  # longest side of the overlay PNG
+OVERLAY_ALPHA = 0.5
+OVERLAY_RGB = (0, 255, 0)
+LEVEL_SLACK = 1.05  # read a pyramid level up to 5 % coarser than the working scale
+PREFETCH_BATCHES = 4  # per loader worker
 
 
 @dataclass
@@ -82,7 +112,7 @@ def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None)
     work_mpp = cfg.mpp or mpp0
     best = 0
     for i, lv in enumerate(reader.levels):
-        if mpp0 * lv.downsample <= work_mpp * 1.05:
+        if mpp0 * lv.downsample <= work_mpp * LEVEL_SLACK:
             best = i
     lv0, lv = reader.levels[0], reader.levels[best]
     work_h = max(1, round(lv0.height * mpp0 / work_mpp))
@@ -146,8 +176,10 @@ def collate(items: list[tuple[int, torch.Tensor, SamplerNoise]]) -> tuple[list[i
 class BandStitcher:
     """Weighted blending of tile outputs into disk-backed maps, one tile row in memory."""
 
-    def __init__(self, grid: TileGrid, channels: int, prob_map: np.ndarray, std_map: np.ndarray) -> None:
+    def __init__(self, grid: TileGrid, channels: int, prob_map: np.ndarray, std_map: np.ndarray,
+                 kind: MaskKind | None = None) -> None:
         self.grid = grid
+        self.kind = kind if kind is not None else MaskChannels(channels)
         p, w = grid.tile, grid.width
         ov = grid.overlap
         self.windows = {
@@ -191,10 +223,11 @@ class BandStitcher:
         valid = wsum > 0
         prob = torch.where(valid, self.acc[:, :m] / wsum.clamp(min=1e-12), torch.zeros(()))
         std = torch.where(valid, self.acc_std[:m] / wsum.clamp(min=1e-12), torch.zeros(()))
-        encoded = _encode_prob(prob)
-        self.objects += int((encoded >= 128).sum()) if prob.shape[0] == 1 else int((encoded > 0).sum())
+        encoded = prob_to_u8(prob, self.kind)
+        self.objects += object_pixels(encoded, self.kind)
         self.prob_map[self.band_y:self.band_y + m] = encoded.numpy()
-        self.std_map[self.band_y:self.band_y + m] = (std * 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+        std_u8 = (std * STD_TO_UNIT).clamp(0, 1).mul(U8_MAX).round().to(torch.uint8)
+        self.std_map[self.band_y:self.band_y + m] = std_u8.numpy()
         for buf in (self.acc, self.acc_std, self.wsum):
             if m < buf.shape[-2]:
                 buf[..., :-m, :] = buf[..., m:, :].clone()
@@ -204,64 +237,7 @@ class BandStitcher:
         self.band_y = until
 
 
-def _encode_prob(prob: torch.Tensor) -> torch.Tensor:
-    """Binary: P(object) as uint8 0-255. Multi-class: class label map (argmax) as uint8."""
-    if prob.shape[0] == 1:
-        return prob[0].clamp(0, 1).mul(255).round().to(torch.uint8)
-    return prob.argmax(0).to(torch.uint8)
-
-
-# -- outputs -------------------------------------------------------------------------------------
-def slide_stem(path: Path) -> str:
-    """Output name stem: ``a.ome.tif`` -> ``a``, ``b.svs`` -> ``b``."""
-    return path.name.split(".")[0] if path.name.lower().endswith((".ome.tif", ".ome.tiff")) else path.stem
-
-
-def is_small_image(path: Path) -> bool:
-    return path.name.lower().endswith(SMALL_SUFFIXES)
-
-
-def output_paths(out_dir: Path, stem: str, small: bool) -> dict[str, Path]:
-    ext = ".png" if small else ".ome.tif"
-    return {
-        "mask": out_dir / f"{stem}.mask{ext}",
-        "prob": out_dir / f"{stem}.prob{ext}",
-        "uncertainty": out_dir / f"{stem}.uncertainty{ext}",
-        "overlay": out_dir / f"{stem}.overlay.png",
-        "summary": out_dir / f"{stem}.json",
-    }
-
-
-def is_complete(out_dir: Path, stem: str, small: bool) -> bool:
-    paths = output_paths(out_dir, stem, small)
-    return paths["mask"].is_file() and summary_complete(paths["summary"])
-
-
-def _mask_from_prob(a: np.ndarray, multiclass: bool) -> np.ndarray:
-    return a if multiclass else np.where(a >= 128, 255, 0).astype(np.uint8)
-
-
-def write_png(path: Path, arr: np.ndarray) -> None:
-    from PIL import Image
-
-    with atomic_output(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
-
-
-def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    """Written last: its ``complete`` flag is what marks an input as done."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def summary_complete(path: Path) -> bool:
-    try:
-        return bool(json.loads(path.read_text()).get("complete"))
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def _overlay(thumb: np.ndarray, prob_map: np.ndarray, multiclass: bool, max_side: int = 1024) -> np.ndarray:
+def _overlay(thumb: np.ndarray, prob_map: np.ndarray, kind: MaskKind, max_side: int = OVERLAY_SIDE) -> np.ndarray:
     """Thumbnail with objects tinted green (a quick visual check, not a measurement)."""
     from PIL import Image
 
@@ -271,21 +247,39 @@ def _overlay(thumb: np.ndarray, prob_map: np.ndarray, multiclass: bool, max_side
     base = np.asarray(Image.fromarray(thumb).resize(size, Image.BILINEAR)).astype(np.float32)
     ys = np.minimum((np.arange(size[1]) + 0.5) / size[1] * prob_map.shape[0], prob_map.shape[0] - 1).astype(int)
     xs = np.minimum((np.arange(size[0]) + 0.5) / size[0] * prob_map.shape[1], prob_map.shape[1] - 1).astype(int)
-    m = _mask_from_prob(np.asarray(prob_map[ys][:, xs]), multiclass) > 0
-    base[m] = base[m] * 0.5 + np.array([0, 255, 0], dtype=np.float32) * 0.5
+    m = u8_to_mask(np.asarray(prob_map[ys][:, xs]), kind) > 0
+    base[m] = base[m] * (1 - OVERLAY_ALPHA) + np.array(OVERLAY_RGB, dtype=np.float32) * OVERLAY_ALPHA
     return base.astype(np.uint8)
 
 
-# -- the job -------------------------------------------------------------------------------------
-def segment_slide(path: Path, out_dir: Path, sampler: torch.nn.Module, cfg: ModelConfig, opts: SegmentOptions,
-                  device: torch.device, dtype: torch.dtype = torch.float32, model_info: dict | None = None,
-                  progress: Any = None) -> dict[str, Any]:
-    """Segment ``path`` into ``out_dir``; returns the summary (also written as JSON)."""
-    t0 = time.perf_counter()
+# -- stage 1: plan -----------------------------------------------------------------------------
+@dataclass
+class SlidePlan:
+    """Everything the later stages need to know about one slide (stage 1's output)."""
+
+    path: Path
+    out_dir: Path
+    stem: str
+    small: bool  # PNG/JPEG input: PNG outputs at the input's size
+    paths: dict[str, Path]
+    plan: Plan
+    grid: TileGrid
+    tiles: list[Tile]  # the tiles to sample (tissue only, unless disabled)
+    tiles_total: int
+    tissue_fraction: float
+    thumbnail: np.ndarray = field(repr=False)
+
+    @property
+    def work_dir(self) -> Path:
+        """Hidden folder of the stitched maps while the slide is in progress."""
+        return self.out_dir / f".{self.stem}.work"
+
+
+def plan_slide(path: Path, out_dir: Path, cfg: ModelConfig, opts: SegmentOptions) -> SlidePlan:
+    """Stage 1: working scale, level, tile grid and the tiles worth sampling."""
     stem = slide_stem(path)
     with open_slide(path) as reader:
         small = isinstance(reader, SmallImage)
-        paths = output_paths(out_dir, stem, small)
         plan = make_plan(reader, cfg, opts.mpp)
         grid = TileGrid(plan.work_h, plan.work_w, cfg.image_size, opts.tile_overlap)
         all_tiles = grid.tiles()
@@ -294,82 +288,178 @@ def segment_slide(path: Path, out_dir: Path, sampler: torch.nn.Module, cfg: Mode
         else:
             tiles, tissue_fraction = all_tiles, 1.0
             thumb, _ = reader.thumbnail(opts.thumbnail_side)
+    return SlidePlan(path, out_dir, stem, small, output_paths(out_dir, stem, small), plan, grid, tiles,
+                     len(all_tiles), tissue_fraction, thumb)
 
-    work = out_dir / f".{stem}.work"
+
+# -- stage 2: read tiles -----------------------------------------------------------------------
+@dataclass
+class TileBatch:
+    """Normalised tile images and their noise; ``indices`` point into ``SlidePlan.tiles``."""
+
+    indices: list[int]
+    images: torch.Tensor  # (B, C_img, p, p)
+    noise: SamplerNoise
+
+
+def read_tiles(slide: SlidePlan, cfg: ModelConfig, opts: SegmentOptions, steps: int, votes: int,
+               pin_memory: bool = False) -> Iterator[TileBatch]:
+    """Stage 2: batches of tiles in tile order, read by ``opts.workers`` background processes."""
+    ds = TileDataset(slide.path, slide.plan, slide.tiles, cfg.image_size, cfg, opts.seed, steps, votes)
+    loader = DataLoader(ds, batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers,
+                        collate_fn=collate, pin_memory=pin_memory, worker_init_fn=_worker_init,
+                        prefetch_factor=PREFETCH_BATCHES if opts.workers > 0 else None)
+    for idx, img, noise in loader:
+        yield TileBatch(idx, img, noise)
+
+
+# -- stage 3: sample ---------------------------------------------------------------------------
+@dataclass
+class TileResult:
+    """Vote-mean probability and vote std of a batch (CPU float32) and the sampler's wall time."""
+
+    indices: list[int]
+    prob: torch.Tensor  # (B, C_mask, p, p)
+    std: torch.Tensor
+    seconds: float
+
+
+@torch.inference_mode()
+def sample_tiles(sampler: SamplerLike, batch: TileBatch, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> TileResult:
+    """Stage 3: run the sampler on one batch on ``device`` in ``dtype``."""
+    ts = time.perf_counter()
+    n = batch.noise.to(device, dtype)
+    prob, std = sampler(batch.images.to(device, dtype, non_blocking=True), n.x_init, n.z, n.post)
+    prob, std = prob.float().cpu(), std.float().cpu()
+    return TileResult(batch.indices, prob, std, time.perf_counter() - ts)
+
+
+# -- stage 4: stitch ---------------------------------------------------------------------------
+@dataclass
+class StitchedMaps:
+    """The slide's finished maps on disk (uint8 ``.npy``, working resolution) and what they hold."""
+
+    prob_path: Path  # binary: round(255 * P); multi-class: labels (cdal_fast.decode.prob_to_u8)
+    std_path: Path  # 255 * 2 * vote std
+    object_pixels: int
+    sampler_seconds: float  # summed over the stitched results
+
+    def open(self) -> tuple[np.ndarray, np.ndarray]:
+        """Read-only memory maps of (prob, std)."""
+        return np.load(self.prob_path, mmap_mode="r"), np.load(self.std_path, mmap_mode="r")
+
+
+def stitch_tiles(slide: SlidePlan, results: Iterable[TileResult], cfg: ModelConfig) -> StitchedMaps:
+    """Stage 4: blend results (in tile order) into disk-backed maps in ``slide.work_dir``."""
+    shape = (slide.plan.work_h, slide.plan.work_w)
+    prob_path, std_path = slide.work_dir / "prob.npy", slide.work_dir / "std.npy"
+    prob_map = np.lib.format.open_memmap(prob_path, mode="w+", dtype=np.uint8, shape=shape)
+    std_map = np.lib.format.open_memmap(std_path, mode="w+", dtype=np.uint8, shape=shape)
+    stitcher = BandStitcher(slide.grid, cfg.mask_channels, prob_map, std_map, kind=cfg)
+    seconds = 0.0
+    for res in results:
+        seconds += res.seconds
+        for j, i in enumerate(res.indices):
+            stitcher.add(slide.tiles[i], res.prob[j], res.std[j])
+    stitcher.flush(slide.grid.height)
+    prob_map.flush()
+    std_map.flush()
+    return StitchedMaps(prob_path, std_path, stitcher.objects, seconds)
+
+
+# -- stage 5: post-process ---------------------------------------------------------------------
+def post_process(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig) -> StitchedMaps:
+    """Stage 5: a hook on the finished maps; empty today (nucleus objects will be derived here)."""
+    return maps
+
+
+# -- stage 6: write ----------------------------------------------------------------------------
+def write_outputs(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig, opts: SegmentOptions) -> None:
+    """Stage 6: mask (+ prob, uncertainty when asked) and the overlay, each renamed when complete."""
+    prob_map, std_map = maps.open()
+    plan, paths = slide.plan, slide.paths
+    if slide.small:
+        mask = u8_to_mask(np.asarray(prob_map), cfg)
+        from PIL import Image
+
+        if mask.shape != (plan.slide_h, plan.slide_w):
+            mask = np.asarray(Image.fromarray(mask).resize((plan.slide_w, plan.slide_h), Image.NEAREST))
+        write_png(paths["mask"], mask)
+        if opts.save_prob:
+            write_png(paths["prob"], np.asarray(prob_map))
+        if opts.save_uncertainty:
+            write_png(paths["uncertainty"], np.asarray(std_map))
+    else:
+        desc = json.dumps({"cdal_fast": "mask", "source": slide.path.name})
+        outs: list[tuple[str, np.ndarray, Callable[[np.ndarray], np.ndarray]]] = [
+            ("mask", prob_map, lambda a: u8_to_mask(a, cfg))]
+        if opts.save_prob:
+            outs.append(("prob", prob_map, lambda a: a))
+        if opts.save_uncertainty:
+            outs.append(("uncertainty", std_map, lambda a: a))
+        for key, src, fn in outs:
+            with atomic_output(paths[key]) as tmp:
+                write_pyramid(tmp, src, plan.slide_h, plan.slide_w, plan.mpp0, transform=fn, description=desc)
+    write_png(paths["overlay"], _overlay(slide.thumbnail, prob_map, cfg))
+
+
+# -- stage 7: summarise ------------------------------------------------------------------------
+def summarise(slide: SlidePlan, maps: StitchedMaps, opts: SegmentOptions, steps: int, votes: int,
+              seconds: float, model_info: dict | None = None) -> dict[str, Any]:
+    """Stage 7: the summary, written last (its ``complete`` flag marks the slide done)."""
+    plan, paths = slide.plan, slide.paths
+    summary = {
+        "complete": True,
+        "slide": str(slide.path),
+        "outputs": {k: str(v) for k, v in paths.items() if v.exists() or k == "summary"},
+        "slide_size": [plan.slide_w, plan.slide_h],
+        "working_size": [plan.work_w, plan.work_h],
+        "mpp": plan.mpp0, "mpp_source": plan.mpp_source, "working_mpp": plan.work_mpp,
+        "level_read": plan.level,
+        "tiles_total": slide.tiles_total, "tiles_sampled": len(slide.tiles),
+        "tissue_fraction": slide.tissue_fraction,
+        "object_fraction": maps.object_pixels / float(plan.work_h * plan.work_w),
+        "seconds": seconds, "sampler_seconds": maps.sampler_seconds,
+        "tiles_per_second": len(slide.tiles) / seconds if seconds > 0 else 0.0,
+        "steps": steps, "votes": votes, "seed": opts.seed, "tile_overlap": opts.tile_overlap,
+        "options": asdict(opts), "model": model_info or {},
+    }
+    write_summary(paths["summary"], summary)
+    return summary
+
+
+# -- the job -------------------------------------------------------------------------------------
+@contextmanager
+def work_folder(slide: SlidePlan) -> Iterator[Path]:
+    """A fresh ``slide.work_dir`` (leftovers of an interrupted run removed), deleted afterwards."""
+    work = slide.work_dir
     if work.exists():
-        shutil.rmtree(work)  # leftovers of an interrupted run
+        shutil.rmtree(work)
     work.mkdir(parents=True)
     try:
-        prob_map = np.lib.format.open_memmap(work / "prob.npy", mode="w+", dtype=np.uint8,
-                                             shape=(plan.work_h, plan.work_w))
-        std_map = np.lib.format.open_memmap(work / "std.npy", mode="w+", dtype=np.uint8,
-                                            shape=(plan.work_h, plan.work_w))
-        stitcher = BandStitcher(grid, cfg.mask_channels, prob_map, std_map)
-        steps = int(sampler.num_steps)
-        votes = int(sampler.votes)
-        ds = TileDataset(path, plan, tiles, cfg.image_size, cfg, opts.seed, steps, votes)
-        loader = DataLoader(ds, batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers,
-                            collate_fn=collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
-                            prefetch_factor=4 if opts.workers > 0 else None)
-        t_sample = 0.0
-        with torch.inference_mode():
-            for idx, img, noise in loader:
-                ts = time.perf_counter()
-                n = noise.to(device, dtype)
-                prob, std = sampler(img.to(device, dtype, non_blocking=True), n.x_init, n.z, n.post)
-                prob, std = prob.float().cpu(), std.float().cpu()
-                t_sample += time.perf_counter() - ts
-                for j, i in enumerate(idx):
-                    stitcher.add(tiles[i], prob[j], std[j])
-                if progress is not None:
-                    progress(len(idx))
-        stitcher.flush(grid.height)
-        prob_map.flush()
-        std_map.flush()
-
-        multiclass = cfg.mask_channels > 1
-        desc = json.dumps({"cdal_fast": "mask", "source": path.name})
-        if small:
-            mask = _mask_from_prob(np.asarray(prob_map), multiclass)
-            from PIL import Image
-
-            if mask.shape != (plan.slide_h, plan.slide_w):
-                mask = np.asarray(Image.fromarray(mask).resize((plan.slide_w, plan.slide_h), Image.NEAREST))
-            write_png(paths["mask"], mask)
-            if opts.save_prob:
-                write_png(paths["prob"], np.asarray(prob_map))
-            if opts.save_uncertainty:
-                write_png(paths["uncertainty"], np.asarray(std_map))
-        else:
-            outs = [("mask", prob_map, lambda a: _mask_from_prob(a, multiclass))]
-            if opts.save_prob:
-                outs.append(("prob", prob_map, lambda a: a))
-            if opts.save_uncertainty:
-                outs.append(("uncertainty", std_map, lambda a: a))
-            for key, src, fn in outs:
-                with atomic_output(paths[key]) as tmp:
-                    write_pyramid(tmp, src, plan.slide_h, plan.slide_w, plan.mpp0, transform=fn, description=desc)
-        write_png(paths["overlay"], _overlay(thumb, prob_map, multiclass))
-
-        seconds = time.perf_counter() - t0
-        summary = {
-            "complete": True,
-            "slide": str(path),
-            "outputs": {k: str(v) for k, v in paths.items()
-                        if v.exists() or k == "summary"},
-            "slide_size": [plan.slide_w, plan.slide_h],
-            "working_size": [plan.work_w, plan.work_h],
-            "mpp": plan.mpp0, "mpp_source": plan.mpp_source, "working_mpp": plan.work_mpp,
-            "level_read": plan.level,
-            "tiles_total": len(all_tiles), "tiles_sampled": len(tiles),
-            "tissue_fraction": tissue_fraction,
-            "object_fraction": stitcher.objects / float(plan.work_h * plan.work_w),
-            "seconds": seconds, "sampler_seconds": t_sample,
-            "tiles_per_second": len(tiles) / seconds if seconds > 0 else 0.0,
-            "steps": steps, "votes": votes, "seed": opts.seed, "tile_overlap": opts.tile_overlap,
-            "options": asdict(opts), "model": model_info or {},
-        }
-        write_summary(paths["summary"], summary)
-        return summary
+        yield work
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def segment_slide(path: Path, out_dir: Path, sampler: SamplerLike, cfg: ModelConfig, opts: SegmentOptions,
+                  device: torch.device, dtype: torch.dtype = torch.float32, model_info: dict | None = None,
+                  progress: TileProgress | None = None) -> dict[str, Any]:
+    """Segment ``path`` into ``out_dir`` by chaining the seven stages; returns the summary (also JSON)."""
+    t0 = time.perf_counter()
+    progress = progress or NullProgress()
+    steps, votes = int(sampler.num_steps), int(sampler.votes)
+    slide = plan_slide(path, out_dir, cfg, opts)
+    progress.set_total(len(slide.tiles))
+
+    def sampled() -> Iterator[TileResult]:
+        for batch in read_tiles(slide, cfg, opts, steps, votes, pin_memory=device.type == "cuda"):
+            result = sample_tiles(sampler, batch, device, dtype)
+            progress.update(len(result.indices))
+            yield result
+
+    with work_folder(slide):
+        maps = post_process(slide, stitch_tiles(slide, sampled(), cfg), cfg)
+        write_outputs(slide, maps, cfg, opts)
+        return summarise(slide, maps, opts, steps, votes, time.perf_counter() - t0, model_info)

@@ -1,0 +1,80 @@
+"""The one decoding rule from sampler probabilities to masks, keyed on ``cfg.multiclass``.
+
+Binary models (one mask channel) threshold P(object) at 0.5; multi-class models take the argmax
+over their class channels. Probabilities are channel-first with the channel axis third from the
+end, so a batch ``(B, C, H, W)`` and a single map ``(C, H, W)`` decode alike.
+
+On disk a probability map is one uint8 plane (:func:`prob_to_u8`): binary models store
+``round(255 * P)``, multi-class models store the label itself; :func:`u8_to_mask` turns that plane
+into the mask image (255 = object for binary, labels unchanged for multi-class).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+__all__ = ["MaskKind", "MaskChannels", "to_labels", "prob_to_u8", "u8_to_mask", "labels_to_mask",
+           "object_pixels", "BINARY_THRESHOLD", "U8_MAX", "U8_OBJECT"]
+
+BINARY_THRESHOLD = 0.5
+U8_MAX = 255  # a stored probability of 1.0, and the "object" value of a binary mask image
+# round(255 * 0.5) = round(127.5) = 128 (half to even), so ">= 128" on the stored plane is
+# "P >= 0.5" on the probability, the same threshold as to_labels.
+U8_OBJECT = 128
+CHANNEL_AXIS = -3
+
+
+class MaskKind(Protocol):
+    """Anything that says whether masks are multi-class (``ModelConfig`` is one)."""
+
+    @property
+    def multiclass(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class MaskChannels:
+    """A :class:`MaskKind` for callers that know only the mask channel count (``ModelConfig`` rule)."""
+
+    count: int
+
+    @property
+    def multiclass(self) -> bool:
+        return self.count > 1
+
+
+def to_labels(prob: torch.Tensor, cfg: MaskKind, axis: int = CHANNEL_AXIS) -> torch.Tensor:
+    """uint8 labels: binary 0/1 (P >= 0.5), multi-class the argmax class; the channel ``axis`` is dropped.
+
+    ``axis`` is the channel axis: -3 for images and batches, 0 for a (C, X, Y, Z) volume.
+    """
+    if cfg.multiclass:
+        return prob.argmax(dim=axis).to(torch.uint8)
+    return (prob.select(axis, 0) >= BINARY_THRESHOLD).to(torch.uint8)
+
+
+def prob_to_u8(prob: torch.Tensor, cfg: MaskKind) -> torch.Tensor:
+    """The stored uint8 plane: binary round(255 * P), multi-class the argmax label."""
+    if cfg.multiclass:
+        return prob.argmax(dim=CHANNEL_AXIS).to(torch.uint8)
+    return prob.select(CHANNEL_AXIS, 0).clamp(0, 1).mul(U8_MAX).round().to(torch.uint8)
+
+
+def u8_to_mask(plane: np.ndarray, cfg: MaskKind) -> np.ndarray:
+    """Mask image from a stored plane: binary 255 where P >= 0.5 else 0; multi-class labels as stored."""
+    if cfg.multiclass:
+        return plane
+    return np.where(plane >= U8_OBJECT, U8_MAX, 0).astype(np.uint8)
+
+
+def labels_to_mask(labels: np.ndarray, cfg: MaskKind) -> np.ndarray:
+    """Mask image from :func:`to_labels` output: binary 0/1 becomes 0/255, class labels stay."""
+    return labels if cfg.multiclass else (labels * U8_MAX).astype(np.uint8)
+
+
+def object_pixels(plane: torch.Tensor, cfg: MaskKind) -> int:
+    """Pixels of a stored plane that are object (binary P >= 0.5, multi-class any non-background class)."""
+    return int((plane > 0).sum()) if cfg.multiclass else int((plane >= U8_OBJECT).sum())

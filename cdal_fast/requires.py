@@ -1,0 +1,44 @@
+"""Backend errors and the checks that say what a backend needs before any work starts.
+
+A module of its own so that the builders (:mod:`cdal_fast.backends`), the compiled samplers
+(:mod:`cdal_fast.compiled`) and the CLI can all raise and check without importing each other.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from . import ops
+
+__all__ = ["BackendError", "require_ops", "require_tensorrt", "require_cuda_device"]
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run here."""
+
+
+def require_ops() -> None:
+    """Fail with the build instruction when the ``cdal`` C++ op library is not built."""
+    if not ops.extension_available():
+        raise BackendError("the fused ops need the C++ op library: run `bash scripts/setup.sh` "
+                           "(or `pip install --no-build-isolation -e .`) to build it")
+
+
+def require_cuda_device(device: torch.device | str, backend: str, what: str) -> None:
+    """Fail unless ``device`` is a CUDA device (``what`` names the feature for the message)."""
+    if torch.device(device).type != "cuda":
+        raise BackendError(f"backend {backend!r} ({what}) needs --device cuda")
+
+
+def require_tensorrt() -> ModuleType:
+    """TensorRT's Python module, or a BackendError saying what is missing (GPU or package)."""
+    if not torch.cuda.is_available():
+        raise BackendError("the tensorrt backend needs an NVIDIA GPU with CUDA; none is visible to torch here")
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendError("the tensorrt backend needs TensorRT's Python package: pip install tensorrt "
+                           "(matching your CUDA version), then rerun") from None
+    return trt

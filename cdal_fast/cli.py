@@ -222,7 +222,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     dev = _device(device)
     try:
         bundle = load_model(weights, task=task, device=dev)
-        sampler = build_sampler(bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.sha256)
+        sampler = build_sampler(bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.content_sha256)
     except (WeightsError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
     files = find_inputs(list(inputs), recursive, pattern)

@@ -122,7 +122,9 @@ def test_torchrun_two_processes_gloo(tmp_path, shared_data):
         "lazy_reg": 2,
     }))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    # --standalone: the launcher binds port 0 and keeps it, so no other run (a parallel CI job, a
+    # second checkout) can take or share the rendezvous port, as a fixed --master_port allowed.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "cdal_fast.cli", "train", "--config", str(cfg_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

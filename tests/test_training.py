@@ -190,3 +190,18 @@ def test_cpu_amp_trains_in_bf16_but_validates_and_exports_float32(tmp_path, monu
     saved = load_weights(tmp_path / "amp" / "run" / "best").generator.state_dict()
     for name, t in fast.G.state_dict().items():
         assert torch.equal(saved[name], t.half().float()), name  # float16 on disk
+
+
+@pytest.mark.parametrize(("finished", "calls"), [(True, ["barrier", "destroy"]), (False, ["destroy"])])
+def test_process_group_teardown_order(monkeypatch, finished, calls):
+    """A finished rank waits for its peers before destroying the group (no rank tears gloo down
+    under another's feet); a failed rank destroys at once (its peers may never arrive)."""
+    import torch.distributed as dist
+
+    from cdal_fast.cli import _leave_process_group
+
+    seen: list[str] = []
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: seen.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: seen.append("destroy"))
+    _leave_process_group(finished)
+    assert seen == calls

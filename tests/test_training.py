@@ -205,3 +205,27 @@ def test_process_group_teardown_order(monkeypatch, finished, calls):
     monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: seen.append("destroy"))
     _leave_process_group(finished)
     assert seen == calls
+
+
+def test_fine_tune_provenance_records_only_a_verified_hash(tmp_path):
+    """init_sha256 is a fact: swapped weights beside their old JSON are refused, not recorded under
+    the JSON's claim; weights whose JSON records no hash start the run but name no hash."""
+    from types import SimpleNamespace
+
+    from cdal_fast.weights import WeightsError, file_sha256, save_weights
+
+    st, js = save_weights(tmp_path / "start", perturbed(Generator(get_preset("tiny"))))
+    save_weights(tmp_path / "other", perturbed(Generator(get_preset("tiny")), seed=4))
+    target = SimpleNamespace(device=torch.device("cpu"), cfg=get_preset("tiny"), G=Generator(get_preset("tiny")),
+                             ema=None, tc=SimpleNamespace(preset="tiny"), init_sha256="")
+    Trainer.init_from(target, tmp_path / "start")
+    assert target.init_sha256 == file_sha256(st)
+    claimed = target.init_sha256
+    st.write_bytes((tmp_path / "other.safetensors").read_bytes())
+    with pytest.raises(WeightsError, match="SHA-256 mismatch"):
+        Trainer.init_from(target, tmp_path / "start")
+    meta = json.loads(js.read_text())
+    del meta["sha256"]
+    js.write_text(json.dumps(meta))
+    Trainer.init_from(target, tmp_path / "start")
+    assert target.init_sha256 == "" != claimed

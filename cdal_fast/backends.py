@@ -19,6 +19,7 @@ the sampler it returns (a parameter-sharing copy routed through the custom ops, 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -116,14 +117,47 @@ def build_sampler(generator: Generator, steps: int | None, votes: int | None, ba
     return BUILDERS[backend](generator, steps, votes, torch.device(device), dtype, weights_sha256)
 
 
+_SAFE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+_MAX_NAME_CHARS = 40  # of the preset name kept in a cache file name (the hash is the real key)
+_HASH_TAG_CHARS = 32  # hex digits of the verified hash in the file name (128 bits)
+
+
+def _safe_name(name: str) -> str:
+    """``name`` reduced to letters, digits, ``_`` and ``-``: the preset name comes from an untrusted
+    JSON, and ``../../x`` or ``a/b`` must not leave (or restructure) the cache folder."""
+    cleaned = "".join(c if c in _SAFE_NAME_CHARS else "_" for c in name)[:_MAX_NAME_CHARS].strip("_")
+    return cleaned or "model"
+
+
+def _verified_tag(weights_sha256: str) -> str:
+    """The cache key for a verified weights hash; "" when the value is not a SHA-256 at all."""
+    digest = weights_sha256.lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        return ""
+    return digest[:_HASH_TAG_CHARS]
+
+
 def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weights_sha256: str) -> Path:
-    """The sampler's ONNX graph for these weights, T and V, exported once into the cache."""
+    """The sampler's ONNX graph for these weights, T and V, exported once into the cache.
+
+    ``weights_sha256`` must be the hash ``load_weights`` verified (``ModelBundle.content_sha256``);
+    only then is a cached graph reused. Without one (unverified weights, a bare generator) the
+    graph is exported afresh into a file private to this process and never read from the cache.
+    The file name holds nothing but a sanitised preset name, the hash, T, V and the tile size.
+    """
     from .compiled import cache_dir, export_onnx
 
     cfg = generator.cfg
     t, v = steps or cfg.num_steps, votes or cfg.votes
-    tag = weights_sha256[:16] or "unhashed"
-    path = cache_dir() / "onnx" / f"{cfg.name}-{tag}-T{t}-V{v}-S{cfg.image_size}.onnx"
-    if not path.is_file() or not weights_sha256:
-        export_onnx(generator, path, t, v, weights_sha256=weights_sha256)
+    tag = _verified_tag(weights_sha256)
+    folder = cache_dir() / "onnx"
+    shape = f"T{int(t)}-V{int(v)}-S{int(cfg.image_size)}"
+    if tag:
+        path = folder / f"{_safe_name(cfg.name)}-{tag}-{shape}.onnx"
+    else:
+        path = folder / "unverified" / f"{_safe_name(cfg.name)}-pid{os.getpid()}-{shape}.onnx"
+    if path.resolve().parent != (folder / ("" if tag else "unverified")).resolve():
+        raise BackendError(f"ONNX cache file {path} would lie outside the cache folder {folder}")
+    if not tag or not path.is_file():
+        export_onnx(generator, path, t, v, weights_sha256=weights_sha256 if tag else "")
     return path

@@ -17,6 +17,20 @@ import torch
 
 from . import __version__
 from .backends import BACKENDS
+from .cli_options import (
+    ALLOW_UNTRAINED_STEPS_HELP,
+    BATCH,
+    COUNT,
+    MINUTES,
+    MPP,
+    OVERLAP,
+    SEED,
+    STEPS,
+    TILE_SIZE,
+    VOTES,
+    WORKERS,
+    check_steps,
+)
 from .inference import DTYPES
 
 TASKS = ("monuseg", "cxr", "hippocampus")
@@ -62,10 +76,10 @@ def info() -> None:
 @click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
               help="Override the config's data folder.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Override the output folder.")
-@click.option("--max-steps", type=int, default=None, help="Override the number of iterations.")
-@click.option("--max-minutes", type=float, default=None, help="Stop after this many minutes (checkpoint kept).")
+@click.option("--max-steps", type=COUNT, default=None, help="Override the number of iterations.")
+@click.option("--max-minutes", type=MINUTES, default=None, help="Stop after this many minutes (checkpoint kept).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: config, else auto).")
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=SEED, default=None)
 @click.option("--no-resume", is_flag=True, help="Start from scratch even if OUT/last.pt exists.")
 @click.option("--init-weights", type=click.Path(path_type=Path), default=None,
               help="Fine-tune: start the generator from these weights (e.g. cdal_fast/models/monuseg) "
@@ -97,15 +111,34 @@ def train(config_path: Path, data: str | None, out: str | None, max_steps: int |
         dist.init_process_group(backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    finished = False
     try:
         trainer = Trainer(tc)
         click.echo(trainer.start(resume=not no_resume), err=True)
         summary = trainer.fit()
         if trainer.rank == 0:
             click.echo(json.dumps(summary))
+        finished = True
     finally:
         if distributed:
-            dist.destroy_process_group()
+            _leave_process_group(finished)
+
+
+def _leave_process_group(finished: bool) -> None:
+    """Tear the process group down on all ranks together.
+
+    Ranks leave the last collective at different times (rank 0 alone writes last.pt and prints),
+    and a rank that destroys its gloo group and exits closes its sockets while the other still
+    holds live connections to it; gloo's transport threads on that other rank then end the
+    process with SIGABRT ("terminate called without an active exception"). A barrier first makes
+    every rank reach teardown with no traffic left in flight. After a failure the barrier is
+    skipped: the peer may never arrive, and waiting would only turn an error into a hang.
+    """
+    import torch.distributed as dist
+
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 @main.command(name="eval")
@@ -120,16 +153,17 @@ def train(config_path: Path, data: str | None, out: str | None, max_steps: int |
               help="Split JSON for --split; the seeded cxr and hippocampus splits are "
                    "train/splits/cxr.json and train/splits/hippocampus.json in the repository.")
 @click.option("--names", default=None, help="Comma-separated image names to score (overrides --split).")
-@click.option("--steps", type=int, default=None, help="Reverse steps T (default: the model's).")
-@click.option("--votes", type=int, default=None, help="Votes V (default: the model's).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Patches per sampler call.")
+@click.option("--steps", type=STEPS, default=None, help="Reverse steps T (default: the model's).")
+@click.option("--allow-untrained-steps", is_flag=True, help=ALLOW_UNTRAINED_STEPS_HELP)
+@click.option("--votes", type=VOTES, default=None, help="Votes V (default: the model's).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--batch-size", type=BATCH, default=4, show_default=True, help="Patches per sampler call.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--limit", type=int, default=None, help="Score only the first N images (quick checks).")
+@click.option("--limit", type=COUNT, default=None, help="Score only the first N images (quick checks).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write means and per-image rows here.")
 def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, split_file: Path | None,
-             names: str | None, steps: int | None,
+             names: str | None, steps: int | None, allow_untrained_steps: bool,
              votes: int | None, seed: int, batch_size: int, device: str, limit: int | None,
              json_out: Path | None) -> None:
     """Score a model on a labelled folder with the spec's section-8 protocol (Dice and IoU)."""
@@ -144,6 +178,7 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
         bundle = load_model(weights, task=task, device=dev)
     except WeightsError as exc:
         raise click.ClickException(str(exc)) from None
+    untrained = check_steps(steps, bundle.config.num_steps, allow_untrained_steps)
     sampler = FixedStepSampler(bundle.generator, steps, votes).to(dev)
     runner = PatchRunner(sampler, dev, batch_size=batch_size, seed=seed)
     name_list = [n for n in names.split(",") if n] if names else None
@@ -157,7 +192,8 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
     click.echo(f"{'MEAN':40s} dice {_fmt(res.dice)}  iou {_fmt(res.iou)}  (n={len(res.rows)}, T={res.steps}, "
                f"V={res.votes})")
     if json_out:
-        payload = res.to_dict() | {"weights": str(bundle.path), "seed": seed}
+        payload = res.to_dict() | {"weights": str(bundle.path), "seed": seed, "trained_steps": bundle.config.num_steps,
+                                   "untrained_steps": untrained}
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -173,7 +209,7 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
               help="Weights (.safetensors with its .json). Default: the shipped model of --model.")
 @click.option("--recursive", "-r", is_flag=True, help="Search folders recursively.")
 @click.option("--glob", "pattern", default=None, help="File-name pattern inside folders, e.g. '*.svs'.")
-@click.option("--mpp", type=float, default=None,
+@click.option("--mpp", type=MPP, default=None,
               help="Micrometres per pixel of the full-resolution level; overrides the file's metadata "
                    "(needed when the file has none, e.g. PNG/JPEG).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
@@ -182,13 +218,14 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--backend", type=click.Choice(list(BACKENDS)),
               default="eager", show_default=True,
               help="Sampler implementation; onnx/tensorrt export (and build) once into ~/.cache/cdal-fast.")
-@click.option("--batch-size", type=int, default=None,
+@click.option("--batch-size", type=BATCH, default=None,
               help="Tiles per sampler call (default: 8 on a GPU, 1 on a CPU, where big batches only cost memory).")
-@click.option("--workers", type=int, default=2, show_default=True, help="Background tile-reading processes.")
-@click.option("--steps", type=int, default=None, help="Reverse steps T (default: the model's).")
-@click.option("--votes", type=int, default=None, help="Votes V (default: the model's).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same mask.")
-@click.option("--tile-overlap", type=int, default=None,
+@click.option("--workers", type=WORKERS, default=2, show_default=True, help="Background tile-reading processes.")
+@click.option("--steps", type=STEPS, default=None, help="Reverse steps T (default: the model's).")
+@click.option("--allow-untrained-steps", is_flag=True, help=ALLOW_UNTRAINED_STEPS_HELP)
+@click.option("--votes", type=VOTES, default=None, help="Votes V (default: the model's).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Same seed, same mask.")
+@click.option("--tile-overlap", type=OVERLAP, default=None,
               help="Overlap of adjacent tiles in model pixels (default: a quarter of the tile, 64 for 256).")
 @click.option("--no-tissue-mask", is_flag=True, help="Sample every tile, not only tiles with tissue.")
 @click.option("--save-prob", is_flag=True, help="Also write the probability map (uint8, 255 = 1.0).")
@@ -199,7 +236,8 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | None, recursive: bool,
             pattern: str | None,
             mpp: float | None, device: str, dtype: str, backend: str, batch_size: int | None, workers: int,
-            steps: int | None, votes: int | None, seed: int, tile_overlap: int | None, no_tissue_mask: bool,
+            steps: int | None, allow_untrained_steps: bool, votes: int | None, seed: int, tile_overlap: int | None,
+            no_tissue_mask: bool,
             save_prob: bool, save_uncertainty: bool, overwrite: bool, quiet: bool) -> None:
     """Segment slides and images into masks.
 
@@ -223,7 +261,8 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     dev = _device(device)
     try:
         bundle = load_model(weights, task=task, device=dev)
-        sampler = build_sampler(bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.sha256)
+        untrained = check_steps(steps, bundle.config.num_steps, allow_untrained_steps)
+        sampler = build_sampler(bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.content_sha256)
     except (WeightsError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
     files = find_inputs(list(inputs), recursive, pattern)
@@ -240,8 +279,10 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     opts = SegmentOptions(batch_size=batch_size, steps=steps, votes=votes, seed=seed, tile_overlap=tile_overlap,
                           workers=workers, mpp=mpp, tissue=not no_tissue_mask, save_prob=save_prob,
                           save_uncertainty=save_uncertainty, overwrite=overwrite)
-    info = {"weights": str(bundle.path), "sha256": bundle.sha256, "preset": bundle.config.name,
-            "backend": backend, "dtype": dtype, "device": str(dev)}
+    info = {"weights": str(bundle.path), "sha256": bundle.sha256, "weights_verified": bundle.verified,
+            "preset": bundle.config.name, "backend": backend, "dtype": dtype, "device": str(dev),
+            "steps": steps or bundle.config.num_steps, "trained_steps": bundle.config.num_steps,
+            "untrained_steps": untrained}
     report = segment_all(files, out_dir, sampler, bundle.config, opts, dev, DTYPES[dtype], info,
                          echo=lambda m: click.echo(m, err=True), show_progress=not quiet, task=task)
     r = report.to_dict()
@@ -261,14 +302,17 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Weights to export (default: the shipped MoNuSeg model).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output file.")
-@click.option("--steps", type=int, default=None, help="Reverse steps T fixed in the export (default: the model's).")
-@click.option("--votes", type=int, default=None, help="Votes V fixed in the export (default: the model's).")
+@click.option("--steps", type=STEPS, default=None,
+              help="Reverse steps T fixed in the export (default: the model's).")
+@click.option("--allow-untrained-steps", is_flag=True, help=ALLOW_UNTRAINED_STEPS_HELP)
+@click.option("--votes", type=VOTES, default=None, help="Votes V fixed in the export (default: the model's).")
 @click.option("--fused", is_flag=True, help="Call the cdal C++ ops (the C++ program must link libcdal_ops).")
-@click.option("--batch", type=int, default=1, show_default=True, help="aoti: the fixed batch size.")
-@click.option("--size", type=int, default=None, help="aoti/onnx: the fixed tile size (default: the model's).")
+@click.option("--batch", type=BATCH, default=1, show_default=True, help="aoti: the fixed batch size.")
+@click.option("--size", type=TILE_SIZE, default=None, help="aoti/onnx: the fixed tile size (default: the model's).")
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
               help="tensorrt: engine precision.")
-def export(fmt: str, weights: Path | None, out: Path, steps: int | None, votes: int | None, fused: bool,
+def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_untrained_steps: bool,
+           votes: int | None, fused: bool,
            batch: int, size: int | None, precision: str) -> None:
     """Export the whole fixed-step sampler for use without Python (see docs/cpp.md).
 
@@ -286,6 +330,7 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, votes: 
                                "only (drop --fused; TensorRT fuses the graph itself)")
     try:
         bundle = load_model(weights)
+        check_steps(steps, bundle.config.num_steps, allow_untrained_steps)
         if fused:
             require_ops()
     except (WeightsError, BackendError) as exc:

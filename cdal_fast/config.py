@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config_limits import ConfigError, check_model_config
+
 __all__ = ["ModelConfig", "PRESETS", "get_preset", "load_config", "ConfigError"]
-
-
-class ConfigError(ValueError):
-    """Raised for an invalid or unreadable configuration."""
 
 
 @dataclass(frozen=True)
@@ -57,22 +55,9 @@ class ModelConfig:
     beta_max: float = 20.0
 
     def __post_init__(self) -> None:
-        if self.disc not in ("large", "small"):
-            raise ConfigError(f"disc must be 'large' or 'small', got {self.disc!r}")
-        if self.num_steps < 1:
-            raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
-        if self.votes < 1:
-            raise ConfigError(f"votes must be >= 1, got {self.votes}")
-        if len(self.norm_mean) != self.img_channels or len(self.norm_std) != self.img_channels:
-            raise ConfigError(
-                f"norm_mean/norm_std need {self.img_channels} values (one per image channel), "
-                f"got {len(self.norm_mean)} and {len(self.norm_std)}"
-            )
-        down = 2 ** (len(self.ch_mult) - 1)
-        if self.image_size % down:
-            raise ConfigError(f"image_size {self.image_size} must be divisible by {down}")
-        if self.nf % 2:
-            raise ConfigError("nf must be even (sinusoidal step embedding)")
+        # Types and ranges first (config_limits): a config from a file is untrusted, and nothing
+        # may be allocated from it before every field is known to be sane.
+        check_model_config(self)
 
     @property
     def multiclass(self) -> bool:
@@ -84,10 +69,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"model config must be a JSON object, got {type(data).__name__}")
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
+
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if isinstance(value, list):

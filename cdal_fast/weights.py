@@ -7,6 +7,12 @@ written as ``NAME.safetensors`` plus ``NAME.part2.safetensors``, ... listed with
 the JSON's ``parts``; the loader reads them all. Every failure mode a user can hit (missing
 file, truncated file, a file that is not safetensors, weights that do not fit the config)
 raises :class:`WeightsError` naming the problem.
+
+Every file's SHA-256 is recomputed while it is read and compared with the one the JSON records,
+so a swapped ``.safetensors`` beside an unchanged JSON is refused; only a bundle whose hashes were
+checked carries a ``sha256`` (provenance and caches key on it, so they record facts, not claims).
+Companion names are derived by stripping only the known suffixes: ``model.v2.safetensors`` pairs
+with ``model.v2.json``, never with ``model.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from .atomic import atomic_output
 from .config import ConfigError, ModelConfig
@@ -29,6 +36,9 @@ __all__ = ["WeightsError", "ModelBundle", "save_weights", "load_weights", "weigh
 
 FORMAT = "cdal-fast-weights"
 FORMAT_VERSION = 1
+TENSORS_SUFFIX = ".safetensors"
+CONFIG_SUFFIX = ".json"
+_HASH_CHUNK = 1 << 20  # bytes read per step while hashing: streams any file size in 1 MiB of memory
 
 
 class WeightsError(RuntimeError):
@@ -43,29 +53,58 @@ class ModelBundle:
     config: ModelConfig
     provenance: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
-    sha256: str = ""
+    sha256: str = ""  # the main file's SHA-256, set only when every file's recorded hash was checked
     files: list[Path] = field(default_factory=list)  # the tensors' files: path, then any .partN shards
+    verified: bool = False  # True when every file hashed to the value its JSON records
+    file_sha256s: list[str] = field(default_factory=list)  # verified hash of each entry of ``files``
+
+    @property
+    def content_sha256(self) -> str:
+        """One verified hash over all tensor files ("" when unverified): the key for caches.
+
+        For a single file it is that file's hash; for a sharded model it also covers every shard,
+        so two models that share a first file but differ in a shard never share a cache entry.
+        """
+        if not self.verified:
+            return ""
+        if len(self.file_sha256s) == 1:
+            return self.file_sha256s[0]
+        return hashlib.sha256(",".join(self.file_sha256s).encode()).hexdigest()
+
+
+def _base_name(path: Path) -> Path:
+    """``path`` without a trailing ``.safetensors``/``.json``; every other dot is part of the name."""
+    for suffix in (TENSORS_SUFFIX, CONFIG_SUFFIX):
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return path
 
 
 def weights_paths(path: str | Path) -> tuple[Path, Path]:
-    """Map ``x``, ``x.safetensors`` or ``x.json`` to the (tensors, config) pair."""
-    p = Path(path)
-    if p.suffix in (".safetensors", ".json"):
-        p = p.with_suffix("")
-    return p.with_suffix(".safetensors"), p.with_suffix(".json")
+    """Map ``x``, ``x.safetensors`` or ``x.json`` to the (tensors, config) pair.
+
+    ``Path.with_suffix`` would treat ``model.v2`` or ``cdal-1.5`` as having a suffix and pair them
+    with another model's files, so only the two known suffixes are stripped and appended.
+    """
+    base = _base_name(Path(path))
+    return base.with_name(base.name + TENSORS_SUFFIX), base.with_name(base.name + CONFIG_SUFFIX)
 
 
 def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, streamed so that large weights never sit in memory twice."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
 def part_path(st_path: Path, index: int) -> Path:
     """File of shard ``index`` (1 = ``st_path`` itself, 2 = ``NAME.part2.safetensors``, ...)."""
-    return st_path if index == 1 else st_path.with_name(f"{st_path.stem}.part{index}.safetensors")
+    if index == 1:
+        return st_path
+    base = _base_name(st_path)
+    return base.with_name(f"{base.name}.part{index}{TENSORS_SUFFIX}")
 
 
 def split_state(state: dict[str, torch.Tensor], max_file_bytes: int | None) -> list[dict[str, torch.Tensor]]:
@@ -153,8 +192,8 @@ def _check_safetensors_file(path: Path) -> None:
         raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, header promises {expected})")
 
 
-def _listed_parts(meta: dict[str, Any], st_path: Path, cfg_path: Path) -> list[Path]:
-    """The extra shard files named in the config, which must sit beside the weights."""
+def _listed_parts(meta: dict[str, Any], st_path: Path, cfg_path: Path) -> list[tuple[Path, str]]:
+    """The extra shard files named in the config (beside the weights) with their recorded hashes."""
     parts = meta.get("parts", [])
     if not isinstance(parts, list):
         raise WeightsError(f"{cfg_path}: 'parts' must be a list of shard files")
@@ -165,13 +204,60 @@ def _listed_parts(meta: dict[str, Any], st_path: Path, cfg_path: Path) -> list[P
             raise WeightsError(f"{cfg_path}: shard {index} must be {expected.name}, found {entry!r}")
         if not expected.is_file():
             raise WeightsError(f"weights shard not found: {expected} (listed in {cfg_path.name})")
-        files.append(expected)
+        files.append((expected, _recorded_hash(entry.get("sha256"), cfg_path, f"parts[{index - 2}].sha256")))
     return files
+
+
+def _recorded_hash(value: Any, cfg_path: Path, key: str) -> str:
+    """A recorded SHA-256 as lower-case hex; "" when the config records none (legacy, unverified)."""
+    if value is None or value == "":
+        return ""
+    text = str(value).lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise WeightsError(f"{cfg_path}: {key} must be a 64-digit hex SHA-256, got {value!r}")
+    return text
+
+
+def _read_verified(file: Path, recorded: str, cfg_path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Read ``file`` once, hashing the bytes as they stream in, and parse those same bytes.
+
+    Hashing and parsing one in-memory copy means the tensors used are exactly the bytes hashed
+    (a file replaced between a hash pass and a load pass could not slip through).
+    """
+    h = hashlib.sha256()
+    chunks = []
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            h.update(chunk)
+            chunks.append(chunk)
+    actual = h.hexdigest()
+    if recorded and actual != recorded:
+        raise WeightsError(f"{file}: SHA-256 mismatch: the file hashes to {actual} but {cfg_path.name} records "
+                           f"{recorded}; the weights were replaced or corrupted (re-download or re-export them)")
+    try:
+        return load_bytes(b"".join(chunks)), actual
+    except Exception as exc:  # safetensors raises its own error types
+        raise WeightsError(f"{file}: cannot read safetensors data ({exc})") from None
+
+
+def _check_tensor_values(state: dict[str, torch.Tensor], st_path: Path) -> None:
+    """Weights must be finite floating-point numbers: anything else is a damaged or foreign file."""
+    for name, t in state.items():
+        if not t.is_floating_point():
+            raise WeightsError(f"{st_path}: tensor {name} has dtype {str(t.dtype).replace('torch.', '')}; "
+                               "weights must be floating point")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise WeightsError(f"{st_path}: tensor {name} holds {bad} NaN/Inf values of {t.numel()}")
 
 
 def load_weights(path: str | Path, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> ModelBundle:
-    """Load a generator from ``path`` (with or without extension); strict about every mismatch."""
+    """Load a generator from ``path`` (with or without extension); strict about every mismatch.
+
+    Order matters: the config is validated (types and ranges) and every file's hash checked before
+    the generator is built, so a hostile JSON cannot trigger a huge allocation.
+    """
     st_path, cfg_path = weights_paths(path)
     if not st_path.is_file():
         raise WeightsError(f"weights file not found: {st_path}")
@@ -181,7 +267,7 @@ def load_weights(path: str | Path, device: torch.device | str = "cpu",
         meta = json.loads(cfg_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WeightsError(f"{cfg_path}: not a valid JSON config ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("model"), dict):
         raise WeightsError(f"{cfg_path}: not a cdal-fast weights config (missing format/model keys)")
     try:
         cfg = ModelConfig.from_dict(meta["model"])
@@ -189,13 +275,17 @@ def load_weights(path: str | Path, device: torch.device | str = "cpu",
         raise WeightsError(f"{cfg_path}: invalid model config: {exc}") from None
 
     state: dict[str, torch.Tensor] = {}
-    files = [st_path, *_listed_parts(meta, st_path, cfg_path)]
-    for file in files:
+    listed = [(st_path, _recorded_hash(meta.get("sha256"), cfg_path, "sha256")),
+              *_listed_parts(meta, st_path, cfg_path)]
+    hashes = []
+    for file, recorded in listed:
         _check_safetensors_file(file)
-        try:
-            state.update(load_file(str(file)))
-        except Exception as exc:  # safetensors raises its own error types
-            raise WeightsError(f"{file}: cannot read safetensors data ({exc})") from None
+        tensors, actual = _read_verified(file, recorded, cfg_path)
+        state.update(tensors)
+        hashes.append(actual)
+    verified = all(recorded for _, recorded in listed)
+    files = [file for file, _ in listed]
+    _check_tensor_values(state, st_path)
 
     gen = Generator(cfg)
     expected = gen.state_dict()
@@ -216,4 +306,6 @@ def load_weights(path: str | Path, device: torch.device | str = "cpu",
             )
     gen.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     gen.eval().to(device=device, dtype=dtype)
-    return ModelBundle(gen, cfg, dict(meta.get("provenance", {})), st_path, meta.get("sha256", ""), files)
+    provenance = meta.get("provenance", {})
+    return ModelBundle(gen, cfg, dict(provenance) if isinstance(provenance, dict) else {}, st_path,
+                       hashes[0] if verified else "", files, verified, hashes if verified else [])

@@ -128,3 +128,36 @@ def test_tensorrt_engine_matches_pytorch(tmp_path, monkeypatch):
     p_trt, _ = trt_sampler(image, n.x_init, n.z, n.post)
     assert (p_trt.cpu() - p_ref).abs().max().item() <= 2e-2  # fp16 engine
     assert Path(next((tmp_path / "cache" / "engines").glob("*.engine"))).is_file()
+
+
+def _fake_export(calls: list):
+    def export(generator, path, steps, votes, weights_sha256=""):
+        calls.append((Path(path), weights_sha256))
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(b"graph")
+        return Path(path)
+    return export
+
+
+def test_onnx_cache_name_cannot_escape_and_only_verified_hashes_hit(tmp_path, monkeypatch):
+    """A hostile preset name or claimed hash stays inside the cache; unverified weights always re-export."""
+    import cdal_fast.compiled as compiled
+    from cdal_fast.backends import cached_onnx
+
+    cache = tmp_path / "deep" / "cache"
+    monkeypatch.setenv("CDAL_FAST_CACHE", str(cache))
+    calls: list = []
+    monkeypatch.setattr(compiled, "export_onnx", _fake_export(calls))
+    gen = Generator(get_preset("tiny").replace(name="../../../x"))
+    digest = "ab" * 32
+    path = cached_onnx(gen, None, None, digest)
+    assert path.parent == cache / "onnx" and path.name == f"x-{digest[:32]}-T2-V2-S64.onnx"
+    assert cached_onnx(gen, None, None, digest) == path and len(calls) == 1  # verified: reused
+    assert calls[0][1] == digest
+    for claim in ("", "../../../../etc/x", "not-a-hash"):
+        p = cached_onnx(gen, None, None, claim)
+        assert p.parent == cache / "onnx" / "unverified"
+        assert calls[-1] == (p, "")  # exported afresh, and no claimed hash written into the graph
+    assert len(calls) == 4
+    assert sorted(f.name for f in tmp_path.rglob("*") if f.is_file()) == sorted(
+        {c[0].name for c in calls})  # nothing written anywhere else

@@ -122,7 +122,9 @@ def test_torchrun_two_processes_gloo(tmp_path, shared_data):
         "lazy_reg": 2,
     }))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    # --standalone: the launcher binds port 0 and keeps it, so no other run (a parallel CI job, a
+    # second checkout) can take or share the rendezvous port, as a fixed --master_port allowed.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "cdal_fast.cli", "train", "--config", str(cfg_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -188,3 +190,42 @@ def test_cpu_amp_trains_in_bf16_but_validates_and_exports_float32(tmp_path, monu
     saved = load_weights(tmp_path / "amp" / "run" / "best").generator.state_dict()
     for name, t in fast.G.state_dict().items():
         assert torch.equal(saved[name], t.half().float()), name  # float16 on disk
+
+
+@pytest.mark.parametrize(("finished", "calls"), [(True, ["barrier", "destroy"]), (False, ["destroy"])])
+def test_process_group_teardown_order(monkeypatch, finished, calls):
+    """A finished rank waits for its peers before destroying the group (no rank tears gloo down
+    under another's feet); a failed rank destroys at once (its peers may never arrive)."""
+    import torch.distributed as dist
+
+    from cdal_fast.cli import _leave_process_group
+
+    seen: list[str] = []
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: seen.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: seen.append("destroy"))
+    _leave_process_group(finished)
+    assert seen == calls
+
+
+def test_fine_tune_provenance_records_only_a_verified_hash(tmp_path):
+    """init_sha256 is a fact: swapped weights beside their old JSON are refused, not recorded under
+    the JSON's claim; weights whose JSON records no hash start the run but name no hash."""
+    from types import SimpleNamespace
+
+    from cdal_fast.weights import WeightsError, file_sha256, save_weights
+
+    st, js = save_weights(tmp_path / "start", perturbed(Generator(get_preset("tiny"))))
+    save_weights(tmp_path / "other", perturbed(Generator(get_preset("tiny")), seed=4))
+    target = SimpleNamespace(device=torch.device("cpu"), cfg=get_preset("tiny"), G=Generator(get_preset("tiny")),
+                             ema=None, tc=SimpleNamespace(preset="tiny"), init_sha256="")
+    Trainer.init_from(target, tmp_path / "start")
+    assert target.init_sha256 == file_sha256(st)
+    claimed = target.init_sha256
+    st.write_bytes((tmp_path / "other.safetensors").read_bytes())
+    with pytest.raises(WeightsError, match="SHA-256 mismatch"):
+        Trainer.init_from(target, tmp_path / "start")
+    meta = json.loads(js.read_text())
+    del meta["sha256"]
+    js.write_text(json.dumps(meta))
+    Trainer.init_from(target, tmp_path / "start")
+    assert target.init_sha256 == "" != claimed

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..weights import ModelBundle, WeightsError, load_weights
+from ..weights import ModelBundle, WeightsError, load_weights, weights_paths
 
 __all__ = ["MODEL_DIR", "SHIPPED", "MAX_FILE_BYTES", "MAX_MODEL_BYTES", "default_weights", "load_model"]
 
@@ -22,7 +22,7 @@ def default_weights(task: str = "monuseg") -> Path:
     if task not in SHIPPED:
         raise WeightsError(f"no shipped model for task {task!r}; choose one of {', '.join(SHIPPED)}")
     path = MODEL_DIR / SHIPPED[task]
-    if not path.with_suffix(".safetensors").is_file():
+    if not weights_paths(path)[0].is_file():
         raise WeightsError(
             f"the {task!r} model is not shipped in this version of cdal-fast; pass --weights "
             "with a weights file trained by `cdal-fast train`"

@@ -1,0 +1,69 @@
+"""Range-checked types for the CLI's numeric options, and the reverse-step (T) policy.
+
+Every numeric option is checked by click before any work starts, so ``--votes 0`` (NaN
+probabilities, empty masks, exit 0), ``--steps 0`` or ``--batch-size 0`` (tracebacks) end in one
+usage error naming the option and its allowed range. The upper bounds are the model limits of
+:mod:`cdal_fast.config_limits` or generous sanity caps; raise the constants here to lift them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import click
+
+from .config_limits import INT_LIMITS, MAX_MPP, MAX_STEPS, MAX_VOTES
+
+__all__ = ["STEPS", "VOTES", "BATCH", "WORKERS", "SEED", "COUNT", "MINUTES", "MPP", "OVERLAP", "TILE_SIZE",
+           "ALLOW_UNTRAINED_STEPS_HELP", "check_steps"]
+
+MAX_BATCH = 4096  # tiles per sampler call; far beyond any GPU's memory for the shipped models
+MAX_WORKERS = 64  # tile-reading processes
+MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit
+MAX_COUNT = 10**9  # iterations, image limits
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A ``click.FloatRange`` that also refuses NaN and infinity (NaN passes every comparison)."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number.", param, ctx)
+        return rv
+
+
+STEPS = click.IntRange(1, MAX_STEPS)
+VOTES = click.IntRange(1, MAX_VOTES)
+BATCH = click.IntRange(1, MAX_BATCH)
+WORKERS = click.IntRange(0, MAX_WORKERS)
+SEED = click.IntRange(0, MAX_SEED)
+COUNT = click.IntRange(1, MAX_COUNT)
+MINUTES = FiniteFloatRange(0, min_open=True)
+MPP = FiniteFloatRange(0, MAX_MPP, min_open=True)
+OVERLAP = click.IntRange(0, INT_LIMITS["image_size"][1])  # and below the model's tile, checked later
+TILE_SIZE = click.IntRange(*INT_LIMITS["image_size"])
+
+ALLOW_UNTRAINED_STEPS_HELP = (
+    "Allow --steps different from the T the model was trained with. The schedule then differs from "
+    "the one the model learned, so masks are not those the model was validated for; the output "
+    "records untrained_steps: true."
+)
+
+
+def check_steps(steps: int | None, trained: int, allow: bool) -> bool:
+    """Refuse ``--steps`` other than the trained T unless allowed; True when T is untrained.
+
+    cDAL's generator is trained for one fixed schedule of T reverse steps: another T silently
+    runs a schedule the model never saw, so it needs the explicit flag.
+    """
+    if steps is None or steps == trained:
+        return False
+    if not allow:
+        raise click.BadParameter(
+            f"{steps} differs from the {trained} reverse steps this model was trained with; pass "
+            "--allow-untrained-steps to run an untrained schedule anyway", param_hint="--steps")
+    return True

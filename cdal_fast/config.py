@@ -22,6 +22,9 @@ class ConfigError(ValueError):
     """Raised for an invalid or unreadable configuration."""
 
 
+VOLUME_SCALINGS = ("zscore", "minmax")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture, schedule and data conventions of one cDAL model."""
@@ -55,8 +58,17 @@ class ModelConfig:
     votes: int = 5
     beta_min: float = 0.1
     beta_max: float = 20.0
+    # Preprocessing and decoding conventions. The defaults are cdal-fast's own; models imported
+    # from the authors' checkpoints (cdal_fast.authors) carry the authors' (see docs/authors.md).
+    volume_scaling: str = "zscore"  # 3D volumes: "zscore" (non-zero voxels) or "minmax" (to [-1, 1])
+    mask_polarity: int = 1  # +1: the object is the network's +1 side; -1: the -1 side (authors' cxr)
 
     def __post_init__(self) -> None:
+        if self.volume_scaling not in VOLUME_SCALINGS:
+            raise ConfigError(f"volume_scaling must be one of {', '.join(VOLUME_SCALINGS)}, "
+                              f"got {self.volume_scaling!r}")
+        if self.mask_polarity not in (1, -1):
+            raise ConfigError(f"mask_polarity must be 1 or -1, got {self.mask_polarity!r}")
         if self.disc not in ("large", "small"):
             raise ConfigError(f"disc must be 'large' or 'small', got {self.disc!r}")
         if self.num_steps < 1:

@@ -25,7 +25,6 @@ from .config import ModelConfig
 from .data.datasets import (
     HippocampusData,
     find_pairs,
-    normalise_volume,
     pad_to,
     read_split,
     resolve_2d_root,
@@ -33,7 +32,7 @@ from .data.datasets import (
 )
 from .data.imageio import read_image, read_mask, resize_image, resize_mask
 from .metrics import dice_iou, per_class_dice_iou
-from .preprocess import match_channels, normalise, to_chw_float
+from .preprocess import match_channels, normalise, scale_volume, to_chw_float
 from .sampler import FixedStepSampler, position_generator, sample
 
 __all__ = ["EvalResult", "evaluate_task", "PatchRunner"]
@@ -139,7 +138,7 @@ def predict_volume(vol: np.ndarray, cfg: ModelConfig, runner: PatchRunner, strid
     caller's progress bar counts the same units as the run summary's ``tiles_sampled``.
     """
     size = cfg.image_size
-    v = pad_to(torch.from_numpy(normalise_volume(vol)), size)
+    v = pad_to(torch.from_numpy(scale_volume(vol, cfg)), size)  # the model's volume scaling
     acc = torch.zeros(cfg.mask_channels, *v.shape)
     cnt = torch.zeros(v.shape)
     for x0, y0, z0 in volume_windows(vol.shape, size, stride):

@@ -10,7 +10,9 @@ import torch
 
 from .config import ModelConfig
 
-__all__ = ["normalise", "to_chw_float", "match_channels"]
+__all__ = ["normalise", "to_chw_float", "match_channels", "scale_volume", "object_sign"]
+
+MINMAX_EPS = 1e-8  # a constant volume maps to -1 instead of dividing by zero
 
 
 def to_chw_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -47,3 +49,31 @@ def normalise(image: torch.Tensor | np.ndarray, cfg: ModelConfig) -> torch.Tenso
     mean = torch.tensor(cfg.norm_mean, dtype=torch.float32, device=t.device).view(1, -1, 1, 1)
     std = torch.tensor(cfg.norm_std, dtype=torch.float32, device=t.device).view(1, -1, 1, 1)
     return (t - mean) / std
+
+
+def scale_volume(vol: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Intensity scaling of a whole 3D volume before its patches are cut, as the model was trained.
+
+    ``zscore`` (cdal-fast's models): z-score over the non-zero voxels. ``minmax`` (the authors'
+    Hippocampus data code, carried by imported models): per-volume min-max to [0, 1], then
+    2x - 1. Every volume path (``eval``, ``segment``) calls this one function, so a model never
+    sees the other scaling.
+    """
+    if cfg.volume_scaling == "minmax":
+        v = vol.astype(np.float32)
+        lo, hi = float(v.min()), float(v.max())
+        return (2.0 * (v - lo) / max(hi - lo, MINMAX_EPS) - 1.0).astype(np.float32)
+    from .data.datasets import normalise_volume
+
+    return normalise_volume(vol)
+
+
+def object_sign(cfg: ModelConfig) -> float:
+    """+1 when the object is the network's +1 side, -1 when it is the -1 side.
+
+    The authors' chest X-ray models were trained with lung = -1 (their scoring flips it back), so
+    the sampler turns the final state into an object probability as clamp((sign * x + 1) / 2),
+    which is 1 - p for those models; everything after the sampler (vote mean, threshold,
+    uncertainty) is then polarity-free.
+    """
+    return float(cfg.mask_polarity)

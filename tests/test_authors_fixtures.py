@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,16 +44,8 @@ SCHEDULE_TOL = 1e-6
 LOGIT_RTOL = 2e-6
 VOTES = 5  # the fixture's sampling ran V = 5 votes
 
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"authors' fixtures not found at {FIXTURES}")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """32-px networks gain nothing from threads; on a busy 2-core runner they lose 20x to oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"authors' fixtures not found at {FIXTURES}"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @functools.cache

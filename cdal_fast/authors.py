@@ -137,6 +137,7 @@ def config_from_args(args: dict[str, Any], task: str | None = None, name: str | 
             beta_max=float(args.get("beta_max", 20.0)),
             volume_scaling="minmax" if task == "hippocampus" else "zscore",
             mask_polarity=MASK_POLARITY[task],
+            volume_orientation="LPI" if task == "hippocampus" else "native",
         )
     except (ConfigError, TypeError, ValueError) as exc:
         if isinstance(exc, AuthorsCheckpointError):

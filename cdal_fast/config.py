@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 
 VOLUME_SCALINGS = ("zscore", "minmax")
+AXIS_CODES = "LRAPIS"  # nibabel's axis codes: the direction each array axis points to
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,16 @@ class ModelConfig:
     # from the authors' checkpoints (cdal_fast.authors) carry the authors' (see docs/authors.md).
     volume_scaling: str = "zscore"  # 3D volumes: "zscore" (non-zero voxels) or "minmax" (to [-1, 1])
     mask_polarity: int = 1  # +1: the object is the network's +1 side; -1: the -1 side (authors' cxr)
+    volume_orientation: str = "native"  # 3D volumes: "native" (as stored) or nibabel axis codes, e.g. "LPI"
 
     def __post_init__(self) -> None:
         if self.volume_scaling not in VOLUME_SCALINGS:
             raise ConfigError(f"volume_scaling must be one of {', '.join(VOLUME_SCALINGS)}, "
                               f"got {self.volume_scaling!r}")
+        if self.volume_orientation != "native" and (
+                len(self.volume_orientation) != 3 or not set(self.volume_orientation) <= set(AXIS_CODES)):
+            raise ConfigError(f"volume_orientation must be 'native' or three axis codes from {AXIS_CODES} "
+                              f"(e.g. 'LPI'), got {self.volume_orientation!r}")
         if self.mask_polarity not in (1, -1):
             raise ConfigError(f"mask_polarity must be 1 or -1, got {self.mask_polarity!r}")
         if self.disc not in ("large", "small"):

@@ -32,7 +32,7 @@ from .data.datasets import (
 )
 from .data.imageio import read_image, read_mask, resize_image, resize_mask
 from .metrics import dice_iou, per_class_dice_iou
-from .preprocess import match_channels, normalise, scale_volume, to_chw_float
+from .preprocess import match_channels, normalise, orient_volume, scale_volume, to_chw_float
 from .sampler import FixedStepSampler, position_generator, sample
 
 __all__ = ["EvalResult", "evaluate_task", "PatchRunner"]
@@ -131,13 +131,18 @@ def volume_windows(shape: tuple[int, ...], size: int, stride: int = VOLUME_STRID
 
 
 def predict_volume(vol: np.ndarray, cfg: ModelConfig, runner: PatchRunner, stride: int = VOLUME_STRIDE,
-                   progress: Callable[[int], object] | None = None) -> torch.Tensor:
+                   progress: Callable[[int], object] | None = None,
+                   affine: np.ndarray | None = None) -> torch.Tensor:
     """Label map of one volume by a 3D sliding window of cubic patches (axial slices).
+
+    The volume is first put in the model's orientation (``affine`` is needed for models that carry
+    one, e.g. the authors' LPI) and the label map is returned on the input's own grid.
 
     ``progress(n)`` is called after each window with the number of axial slices it sampled, so a
     caller's progress bar counts the same units as the run summary's ``tiles_sampled``.
     """
     size = cfg.image_size
+    vol, to_input_grid = orient_volume(vol, affine, cfg)
     v = pad_to(torch.from_numpy(scale_volume(vol, cfg)), size)  # the model's volume scaling
     acc = torch.zeros(cfg.mask_channels, *v.shape)
     cnt = torch.zeros(v.shape)
@@ -150,7 +155,20 @@ def predict_volume(vol: np.ndarray, cfg: ModelConfig, runner: PatchRunner, strid
         if progress is not None:
             progress(size)
     label = (acc / cnt.clamp(min=1)).argmax(0)
-    return label[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
+    label = label[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
+    return label if cfg.volume_orientation == "native" else torch.from_numpy(to_input_grid(label.numpy()))
+
+
+def volume_affine(data: Path, name: str, cfg: ModelConfig) -> np.ndarray | None:
+    """The voxel-to-world affine of image ``name`` when the model needs an orientation, else None."""
+    if cfg.volume_orientation == "native":
+        return None
+    import nibabel as nib
+
+    paths = sorted((data / "imagesTr").glob(f"{name}.nii*"))
+    if not paths:
+        raise FileNotFoundError(f"image {name!r} not found in {data / 'imagesTr'}")
+    return nib.load(str(paths[0])).affine
 
 
 def evaluate_hippocampus(data: Path, cfg: ModelConfig, runner: PatchRunner, names: list[str] | None = None,
@@ -158,7 +176,7 @@ def evaluate_hippocampus(data: Path, cfg: ModelConfig, runner: PatchRunner, name
     pairs = HippocampusData.read_pairs(data, names)[:limit]
     rows = []
     for name, vol, lab in tqdm(pairs, desc="eval hippocampus", disable=not progress, leave=False):
-        pred = predict_volume(vol, cfg, runner)
+        pred = predict_volume(vol, cfg, runner, affine=volume_affine(data, name, cfg))
         d, i = per_class_dice_iou(pred, torch.from_numpy(lab.astype(np.int64)), HIPPO_CLASSES)
         rows.append({"name": name, "dice": d, "iou": i})
     return EvalResult("hippocampus", _mean(rows, "dice"), _mean(rows, "iou"), rows,

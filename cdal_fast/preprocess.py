@@ -5,12 +5,14 @@ Keeping it in one place guarantees the model sees at inference exactly what it s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from .config import ModelConfig
 
-__all__ = ["normalise", "to_chw_float", "match_channels", "scale_volume", "object_sign"]
+__all__ = ["normalise", "to_chw_float", "match_channels", "scale_volume", "object_sign", "orient_volume"]
 
 MINMAX_EPS = 1e-8  # a constant volume maps to -1 instead of dividing by zero
 
@@ -77,3 +79,26 @@ def object_sign(cfg: ModelConfig) -> float:
     uncertainty) is then polarity-free.
     """
     return float(cfg.mask_polarity)
+
+
+def orient_volume(vol: np.ndarray, affine: np.ndarray | None,
+                  cfg: ModelConfig) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """Reorient a volume to the axis order the model was trained in; returns it and the way back.
+
+    cdal-fast's models see volumes as stored ("native"); the authors' Hippocampus data code
+    reoriented every volume to LPI (nibabel axis codes: axis 0 points left, 1 posterior,
+    2 inferior) before cutting patches, so their imported model must see that orientation. The
+    returned function maps a label map of the reoriented volume back onto the input's grid.
+    """
+    if cfg.volume_orientation == "native":
+        return vol, lambda a: a
+    if affine is None:
+        raise ValueError(f"model {cfg.name!r} needs volumes reoriented to {cfg.volume_orientation}, "
+                         "which needs the volume's affine (none was given)")
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    source = io_orientation(affine)
+    target = axcodes2ornt(tuple(cfg.volume_orientation))
+    forward, back = ornt_transform(source, target), ornt_transform(target, source)
+    return np.ascontiguousarray(apply_orientation(vol, forward)), lambda a: np.ascontiguousarray(
+        apply_orientation(np.asarray(a), back))

@@ -20,7 +20,7 @@ from cdal_fast.authors import (
 )
 from cdal_fast.cli import main
 from cdal_fast.config import ConfigError, ModelConfig, get_preset
-from cdal_fast.preprocess import scale_volume
+from cdal_fast.preprocess import orient_volume, scale_volume
 from cdal_fast.sampler import FixedStepSampler
 from cdal_fast.weights import file_sha256, load_weights
 
@@ -178,3 +178,39 @@ def test_cli_refuses_incomplete_args_without_writing(tmp_path):
                                     "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "is missing from the authors' arguments" in res.output
     assert not (tmp_path / "o.json").exists()
+
+
+def test_lpi_orientation_flips_a_ras_volume_and_back():
+    vol = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    cfg = get_preset("hippocampus", volume_orientation="LPI")
+    oriented, back = orient_volume(vol, np.eye(4), cfg)  # RAS+ storage: every axis is reversed
+    np.testing.assert_array_equal(oriented, vol[::-1, ::-1, ::-1])
+    np.testing.assert_array_equal(back(oriented), vol)
+    lpi_affine = np.diag([-1.0, -1.0, -1.0, 1.0])
+    np.testing.assert_array_equal(orient_volume(vol, lpi_affine, cfg)[0], vol)
+    with pytest.raises(ValueError, match="needs volumes reoriented to LPI.*affine"):
+        orient_volume(vol, None, cfg)
+    with pytest.raises(ConfigError, match="volume_orientation must be 'native' or three axis codes"):
+        get_preset("hippocampus", volume_orientation="XYZ")
+
+
+def test_predict_volume_runs_an_lpi_model_in_lpi_space():
+    from cdal_fast.evaluate import PatchRunner, predict_volume
+    from cdal_fast.generator import Generator
+
+    native = get_preset("tiny", img_channels=1, mask_channels=3, image_size=32, norm_mean=(0.0,), norm_std=(1.0,))
+    torch.manual_seed(0)
+    gen = Generator(native).eval()
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    lpi = native.replace(volume_orientation="LPI")
+    gen_lpi = Generator(lpi).eval()
+    gen_lpi.load_state_dict(gen.state_dict())
+    vol = np.random.default_rng(1).normal(size=(32, 32, 32)).astype(np.float32)
+
+    def run(g, v, affine=None):
+        return predict_volume(v, g.cfg, PatchRunner(FixedStepSampler(g, 1, 1), batch_size=32), affine=affine)
+
+    expected = run(gen, np.ascontiguousarray(vol[::-1, ::-1, ::-1])).numpy()[::-1, ::-1, ::-1]
+    np.testing.assert_array_equal(run(gen_lpi, vol, np.eye(4)).numpy(), expected)

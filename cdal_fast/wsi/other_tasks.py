@@ -88,7 +88,7 @@ def segment_volume(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelCon
         raise SlideError(f"{path}: not a readable NIfTI volume ({exc})") from exc
     if vol.ndim != 3:
         raise SlideError(f"{path}: expected a 3D volume, got shape {vol.shape}")
-    labels = predict_volume(vol, cfg, runner, progress=progress).numpy().astype(np.uint8)
+    labels = predict_volume(vol, cfg, runner, progress=progress, affine=img.affine).numpy().astype(np.uint8)
     stem = volume_stem(path)
     out = out_dir / f"{stem}.labels.nii.gz"
     header = img.header.copy()

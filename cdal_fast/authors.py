@@ -18,6 +18,7 @@ naming the key and the shapes rather than with a silently wrong model:
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,7 +163,10 @@ def read_authors_state(path: str | Path, what: str = "generator") -> dict[str, t
     if not p.is_file():
         raise AuthorsCheckpointError(f"checkpoint not found: {p}")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        # Their resume files also pickle the argparse Namespace; allowing that one plain attribute
+        # container keeps the load free of arbitrary code.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights_only errors have no common type
         raise AuthorsCheckpointError(
             f"{p}: not a PyTorch checkpoint of plain tensors (torch.load(weights_only=True) failed: "

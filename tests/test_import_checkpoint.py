@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -65,14 +66,26 @@ def test_args_translate_per_task(monu_args):
 def test_checkpoint_forms_are_accepted(tmp_path, monu_args, monu_state):
     ref = read_authors_state(FIXTURES / "monu_small.netG.pth")
     bare = {k.removeprefix("module."): v for k, v in monu_state.items()}
-    torch.save({"netG_dict": monu_state, "netD_dict": {}, "epoch": 3}, tmp_path / "resume.pth")
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])
+    torch.save({"netG_dict": monu_state, "netD_dict": {}, "epoch": 3, "args": argparse.Namespace(**monu_args),
+                "optimizerG": opt.state_dict()}, tmp_path / "resume.pth")  # as their training saves it
     torch.save(bare, tmp_path / "bare.pth")
     for name in ("resume.pth", "bare.pth"):
         state = read_authors_state(tmp_path / name)
         assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
 
 
+class RunsCode:
+    """A pickle that would call a function when unpickled without weights_only."""
+
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
 def test_wrong_files_are_refused_with_reasons(tmp_path, monu_args, monu_state):
+    torch.save({"netG_dict": RunsCode()}, tmp_path / "evil.pth")
+    with pytest.raises(AuthorsCheckpointError, match="evil.pth: not a PyTorch checkpoint of plain tensors"):
+        read_authors_state(tmp_path / "evil.pth")
     (tmp_path / "text.pth").write_text("not a checkpoint")
     with pytest.raises(AuthorsCheckpointError, match="text.pth: not a PyTorch checkpoint"):
         read_authors_state(tmp_path / "text.pth")

@@ -4,6 +4,7 @@
     cdal-fast train --config train/monuseg.json      train (resumes if out/last.pt exists)
     cdal-fast eval --task monuseg --data DIR         score weights by the published protocol
     cdal-fast segment slides/ --out masks/           segment slides with the shipped model
+    cdal-fast import-checkpoint NETG.pth --args A.json --out DIR/NAME   run the authors' released models
 """
 
 from __future__ import annotations
@@ -357,6 +358,34 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_u
     module = ExportableSampler(bundle.generator.with_fused(fused), steps, votes).eval()
     path = export_torchscript(module, out) if fmt == "torchscript" else export_aoti(module, out, batch, size)
     click.echo(f"wrote {path} (T={module.num_steps}, V={module.votes}, fused={fused})")
+
+
+@main.command(name="import-checkpoint")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--args", "args_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="The authors' argument file for this checkpoint (their parameters_monu.json / "
+                   "parameters_lung.json / ... saved as JSON; see docs/authors.md).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output path without extension: writes OUT.safetensors and OUT.json.")
+@click.option("--task", type=click.Choice(TASKS), default=None,
+              help="Task (preprocessing, polarity, votes); default: from the args' dataset field.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Stored precision (the released files are float32).")
+@click.option("--max-file-mib", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Files over this size are split into NAME.partN.safetensors shards (the package's file "
+                   "cap); 0 writes one file.")
+def import_checkpoint_cmd(checkpoint: Path, args_path: Path, out: Path, task: str | None, dtype: str,
+                          max_file_mib: int) -> None:
+    """Convert an authors' cDAL generator checkpoint (e.g. monu_mIoU_0.7096_F1_0.8292.pth) into weights
+    that segment, eval and export accept. Loaded with torch.load(weights_only=True): no code runs."""
+    from .authors import AuthorsCheckpointError, import_checkpoint
+
+    try:
+        st_path, cfg_path = import_checkpoint(checkpoint, args_path, out, task, DTYPES[dtype],
+                                              max_file_mib * 2**20 if max_file_mib else None)
+    except AuthorsCheckpointError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {st_path} and {cfg_path}")
 
 
 def _fmt(v: float | list[float]) -> str:

@@ -20,6 +20,10 @@ from .config_limits import ConfigError, check_model_config
 __all__ = ["ModelConfig", "PRESETS", "get_preset", "load_config", "ConfigError"]
 
 
+VOLUME_SCALINGS = ("zscore", "minmax")
+AXIS_CODES = "LRAPIS"  # nibabel's axis codes: the direction each array axis points to
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture, schedule and data conventions of one cDAL model."""
@@ -53,11 +57,27 @@ class ModelConfig:
     votes: int = 5
     beta_min: float = 0.1
     beta_max: float = 20.0
+    # Preprocessing and decoding conventions. The defaults are cdal-fast's own; models imported
+    # from the authors' checkpoints (cdal_fast.authors) carry the authors' (see docs/authors.md).
+    volume_scaling: str = "zscore"  # 3D volumes: "zscore" (non-zero voxels) or "minmax" (to [-1, 1])
+    mask_polarity: int = 1  # +1: the object is the network's +1 side; -1: the -1 side (authors' cxr)
+    volume_orientation: str = "native"  # 3D volumes: "native" (as stored) or nibabel axis codes, e.g. "LPI"
 
     def __post_init__(self) -> None:
         # Types and ranges first (config_limits): a config from a file is untrusted, and nothing
         # may be allocated from it before every field is known to be sane.
         check_model_config(self)
+        # The preprocessing/decoding conventions (cdal_fast.authors imports carry the authors' ones).
+        if self.volume_scaling not in VOLUME_SCALINGS:
+            raise ConfigError(f"model config field volume_scaling: {self.volume_scaling!r} "
+                              f"(allowed: {', '.join(VOLUME_SCALINGS)})")
+        if self.volume_orientation != "native" and (
+                not isinstance(self.volume_orientation, str) or len(self.volume_orientation) != 3
+                or not set(self.volume_orientation) <= set(AXIS_CODES)):
+            raise ConfigError(f"model config field volume_orientation: {self.volume_orientation!r} (allowed: "
+                              f"'native' or three axis codes from {AXIS_CODES}, e.g. 'LPI')")
+        if isinstance(self.mask_polarity, bool) or self.mask_polarity not in (1, -1):
+            raise ConfigError(f"model config field mask_polarity: {self.mask_polarity!r} (allowed: 1 or -1)")
 
     @property
     def multiclass(self) -> bool:

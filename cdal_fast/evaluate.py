@@ -76,12 +76,24 @@ def evaluate_2d(task: str, data: Path, cfg: ModelConfig, runner: PatchRunner, sp
                       runner.sampler.num_steps, runner.sampler.votes)
 
 
+def volume_affine(data: Path, name: str, cfg: ModelConfig) -> np.ndarray | None:
+    """The voxel-to-world affine of image ``name`` when the model needs an orientation, else None."""
+    if cfg.volume_orientation == "native":
+        return None
+    import nibabel as nib
+
+    paths = sorted((data / "imagesTr").glob(f"{name}.nii*"))
+    if not paths:
+        raise FileNotFoundError(f"image {name!r} not found in {data / 'imagesTr'}")
+    return nib.load(str(paths[0])).affine
+
+
 def evaluate_hippocampus(data: Path, cfg: ModelConfig, runner: PatchRunner, names: list[str] | None = None,
                          limit: int | None = None, progress: bool = True) -> EvalResult:
     pairs = HippocampusData.read_pairs(data, names)[:limit]
     rows = []
     for name, vol, lab in tqdm(pairs, desc="eval hippocampus", disable=not progress, leave=False):
-        pred = predict_volume(vol, cfg, runner)
+        pred = predict_volume(vol, cfg, runner, affine=volume_affine(data, name, cfg))
         d, i = per_class_dice_iou(pred, torch.from_numpy(lab.astype(np.int64)), HIPPO_CLASSES)
         rows.append({"name": name, "dice": d, "iou": i})
     return EvalResult("hippocampus", _mean(rows, "dice"), _mean(rows, "iou"), rows,

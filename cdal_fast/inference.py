@@ -18,9 +18,9 @@ import torch
 from .config import ModelConfig
 from .decode import to_labels
 from .imageio import resize_image
-from .preprocess import normalise
+from .preprocess import normalise, orient_volume, scale_volume
 from .sampler import SamplerLike, position_generator, sample
-from .volume import normalise_volume, pad_to, window_starts
+from .volume import pad_to, window_starts
 
 __all__ = ["DTYPES", "PatchRunner", "predict_monuseg_tile", "predict_image", "VOLUME_STRIDE", "volume_windows",
            "predict_volume"]
@@ -84,14 +84,20 @@ def volume_windows(shape: tuple[int, ...], size: int, stride: int = VOLUME_STRID
 
 
 def predict_volume(vol: np.ndarray, cfg: ModelConfig, runner: PatchRunner, stride: int = VOLUME_STRIDE,
-                   progress: Callable[[int], object] | None = None) -> torch.Tensor:
+                   progress: Callable[[int], object] | None = None,
+                   affine: np.ndarray | None = None) -> torch.Tensor:
     """Label map of one volume by a 3D sliding window of cubic patches (axial slices).
+
+    The volume is first put in the model's orientation (``affine`` is needed for models that carry
+    one, e.g. the authors' LPI) and scaled as the model was trained; the label map is returned on
+    the input's own grid.
 
     ``progress(n)`` is called after each window with the number of axial slices it sampled, so a
     caller's progress bar counts the same units as the run summary's ``tiles_sampled``.
     """
     size = cfg.image_size
-    v = pad_to(torch.from_numpy(normalise_volume(vol)), size)
+    vol, to_input_grid = orient_volume(vol, affine, cfg)
+    v = pad_to(torch.from_numpy(scale_volume(vol, cfg)), size)
     acc = torch.zeros(cfg.mask_channels, *v.shape)
     cnt = torch.zeros(v.shape)
     for x0, y0, z0 in volume_windows(vol.shape, size, stride):
@@ -103,4 +109,5 @@ def predict_volume(vol: np.ndarray, cfg: ModelConfig, runner: PatchRunner, strid
         if progress is not None:
             progress(size)
     label = to_labels(acc / cnt.clamp(min=1), cfg, axis=0).long()
-    return label[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
+    label = label[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
+    return label if cfg.volume_orientation == "native" else torch.from_numpy(to_input_grid(label.numpy()))

@@ -5,12 +5,17 @@ Keeping it in one place guarantees the model sees at inference exactly what it s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from .config import ModelConfig
+from .volume import normalise_volume
 
-__all__ = ["normalise", "to_chw_float", "match_channels"]
+__all__ = ["normalise", "to_chw_float", "match_channels", "scale_volume", "object_sign", "orient_volume"]
+
+MINMAX_EPS = 1e-8  # a constant volume maps to -1 instead of dividing by zero
 
 
 def to_chw_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -47,3 +52,52 @@ def normalise(image: torch.Tensor | np.ndarray, cfg: ModelConfig) -> torch.Tenso
     mean = torch.tensor(cfg.norm_mean, dtype=torch.float32, device=t.device).view(1, -1, 1, 1)
     std = torch.tensor(cfg.norm_std, dtype=torch.float32, device=t.device).view(1, -1, 1, 1)
     return (t - mean) / std
+
+
+def scale_volume(vol: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Intensity scaling of a whole 3D volume before its patches are cut, as the model was trained.
+
+    ``zscore`` (cdal-fast's models): z-score over the non-zero voxels. ``minmax`` (the authors'
+    Hippocampus data code, carried by imported models): per-volume min-max to [0, 1], then
+    2x - 1. Every volume path (``eval``, ``segment``) calls this one function, so a model never
+    sees the other scaling.
+    """
+    if cfg.volume_scaling == "minmax":
+        v = vol.astype(np.float32)
+        lo, hi = float(v.min()), float(v.max())
+        return (2.0 * (v - lo) / max(hi - lo, MINMAX_EPS) - 1.0).astype(np.float32)
+    return normalise_volume(vol)
+
+
+def object_sign(cfg: ModelConfig) -> float:
+    """+1 when the object is the network's +1 side, -1 when it is the -1 side.
+
+    The authors' chest X-ray models were trained with lung = -1 (their scoring flips it back), so
+    the sampler turns the final state into an object probability as clamp((sign * x + 1) / 2),
+    which is 1 - p for those models; everything after the sampler (vote mean, threshold,
+    uncertainty) is then polarity-free.
+    """
+    return float(cfg.mask_polarity)
+
+
+def orient_volume(vol: np.ndarray, affine: np.ndarray | None,
+                  cfg: ModelConfig) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """Reorient a volume to the axis order the model was trained in; returns it and the way back.
+
+    cdal-fast's models see volumes as stored ("native"); the authors' Hippocampus data code
+    reoriented every volume to LPI (nibabel axis codes: axis 0 points left, 1 posterior,
+    2 inferior) before cutting patches, so their imported model must see that orientation. The
+    returned function maps a label map of the reoriented volume back onto the input's grid.
+    """
+    if cfg.volume_orientation == "native":
+        return vol, lambda a: a
+    if affine is None:
+        raise ValueError(f"model {cfg.name!r} needs volumes reoriented to {cfg.volume_orientation}, "
+                         "which needs the volume's affine (none was given)")
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    source = io_orientation(affine)
+    target = axcodes2ornt(tuple(cfg.volume_orientation))
+    forward, back = ornt_transform(source, target), ornt_transform(target, source)
+    return np.ascontiguousarray(apply_orientation(vol, forward)), lambda a: np.ascontiguousarray(
+        apply_orientation(np.asarray(a), back))

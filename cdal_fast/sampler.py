@@ -21,6 +21,7 @@ from torch import nn
 from .decode import MaskChannels, to_labels
 from .diffusion import make_schedule
 from .generator import Generator
+from .preprocess import object_sign
 
 __all__ = ["SamplerLike", "SAMPLER_ATTRS", "copy_sampler_attrs", "FixedStepSampler", "SamplerNoise", "draw_noise",
            "draw_image_noise", "stack_noise", "decode_mask", "sample", "generators_from_seed", "position_generator"]
@@ -75,6 +76,7 @@ class FixedStepSampler(nn.Module):
         self.votes = int(votes if votes is not None else cfg.votes)
         self.mask_channels = cfg.mask_channels
         self.nz = cfg.nz
+        self.object_sign = object_sign(cfg)  # -1 for models whose object is the -1 side
         sched = make_schedule(self.num_steps, cfg.beta_min, cfg.beta_max)
         self.register_buffer("c1", sched.post_c1.clone(), persistent=False)
         self.register_buffer("c2", sched.post_c2.clone(), persistent=False)
@@ -95,7 +97,7 @@ class FixedStepSampler(nn.Module):
             x = self.c1[step].to(x.dtype) * x0 + self.c2[step].to(x.dtype) * x
             if step > 0:
                 x = x + self.post_std[step].to(x.dtype) * post_noise[i].to(x.dtype)
-        p = torch.clamp((x.float() + 1.0) * 0.5, 0.0, 1.0)
+        p = torch.clamp((self.object_sign * x.float() + 1.0) * 0.5, 0.0, 1.0)
         p = p.reshape(v, b, p.shape[1], p.shape[2], p.shape[3])
         return p.mean(dim=0), p.std(dim=0, unbiased=False)
 

@@ -24,6 +24,16 @@ def perturbed(gen: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch
     return gen
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small networks gain nothing from threads; on a busy 2-core runner they lose up to 20x to
+    oversubscription. Use as ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_cfg():
     return get_preset("tiny")

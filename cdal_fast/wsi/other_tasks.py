@@ -100,7 +100,7 @@ def segment_volume(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelCon
     if vol.ndim != 3:
         raise SlideError(f"{path}: expected a 3D volume, got shape {vol.shape}")
     progress.set_total(len(volume_windows(vol.shape, cfg.image_size)) * cfg.image_size)
-    labels = predict_volume(vol, cfg, runner, progress=progress.update).numpy().astype(np.uint8)
+    labels = predict_volume(vol, cfg, runner, progress=progress.update, affine=img.affine).numpy().astype(np.uint8)
     stem = volume_stem(path)
     out = out_dir / f"{stem}.labels.nii.gz"
     header = img.header.copy()

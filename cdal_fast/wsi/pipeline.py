@@ -35,7 +35,7 @@ from ..preprocess import match_channels, normalise, to_chw_float
 from ..sampler import SamplerNoise, draw_image_noise, position_generator, stack_noise
 from .readers import SMALL_SUFFIXES, SlideError, SlideReader, SmallImage, open_slide
 from .tiling import Tile, TileGrid, blend_window
-from .tissue import tissue_mask
+from .tissue import DEFAULT_MIN_AREA_UM2, TissueDetection, detect_tissue
 from .writer import write_pyramid
 
 __all__ = ["SegmentOptions", "segment_slide", "output_paths", "is_complete", "slide_stem", "is_small_image",
@@ -56,6 +56,9 @@ class SegmentOptions:
     save_uncertainty: bool = False
     overwrite: bool = False
     thumbnail_side: int = 2048
+    tissue_threshold: float | None = None  # saturation 0-255; None = Otsu
+    tissue_min_area_um2: float = DEFAULT_MIN_AREA_UM2
+    save_tissue: bool = False  # write NAME.tissue.png (the mask used, at thumbnail scale)
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -91,19 +94,24 @@ def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None)
                 "--mpp" if mpp_override else reader.mpp_source, work_mpp)
 
 
-def tissue_tiles(reader: SlideReader, plan: Plan, grid: TileGrid, side: int) -> tuple[list[Tile], float, np.ndarray]:
-    """Tiles whose footprint touches tissue, the tissue fraction, and the thumbnail."""
-    thumb, down = reader.thumbnail(side)
-    mask = tissue_mask(thumb)
-    # working px -> thumbnail px
-    f = (plan.work_mpp / plan.mpp0) / down
+def tiles_touching(mask: np.ndarray, downsample: float, plan: Plan, grid: TileGrid) -> list[Tile]:
+    """Tiles whose footprint touches ``mask`` (bool, ``downsample`` level-0 px per mask px), with a
+    one-pixel margin so rounding at the mask's coarse scale never drops an edge tile."""
+    f = (plan.work_mpp / plan.mpp0) / downsample  # working px -> mask px
     keep = []
     for t in grid.tiles():
         y0, x0 = int(t.y * f), int(t.x * f)
         y1, x1 = math.ceil((t.y + grid.tile) * f), math.ceil((t.x + grid.tile) * f)
         if mask[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1].any():
             keep.append(t)
-    return keep, float(mask.mean()), thumb
+    return keep
+
+
+def tissue_tiles(reader: SlideReader, plan: Plan, grid: TileGrid, side: int, threshold: float | None = None,
+                 min_area_um2: float = DEFAULT_MIN_AREA_UM2) -> tuple[list[Tile], TissueDetection]:
+    """Tiles whose footprint touches tissue, and the detection (mask, thumbnail, scale)."""
+    det = detect_tissue(reader, plan.mpp0, side, threshold, min_area_um2)
+    return tiles_touching(det.mask, det.downsample, plan, grid), det
 
 
 # -- tile loading (runs in worker processes) ----------------------------------------------------
@@ -289,8 +297,11 @@ def segment_slide(path: Path, out_dir: Path, sampler: torch.nn.Module, cfg: Mode
         plan = make_plan(reader, cfg, opts.mpp)
         grid = TileGrid(plan.work_h, plan.work_w, cfg.image_size, opts.tile_overlap)
         all_tiles = grid.tiles()
+        tissue: TissueDetection | None = None
         if opts.tissue and not small:
-            tiles, tissue_fraction, thumb = tissue_tiles(reader, plan, grid, opts.thumbnail_side)
+            tiles, tissue = tissue_tiles(reader, plan, grid, opts.thumbnail_side, opts.tissue_threshold,
+                                         opts.tissue_min_area_um2)
+            tissue_fraction, thumb = float(tissue.mask.mean()), tissue.thumb
         else:
             tiles, tissue_fraction = all_tiles, 1.0
             thumb, _ = reader.thumbnail(opts.thumbnail_side)

@@ -51,12 +51,19 @@ class SlideReader:
         """RGB uint8 (h, w, 3) at ``level``; (x, y) in that level's pixels. Outside is white."""
         raise NotImplementedError
 
-    def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
-        """Smallest level whose longer side is >= ``max_side`` (or the smallest), and its downsample."""
+    def thumbnail(self, max_side: int = 2048, max_downsample: float | None = None) -> tuple[np.ndarray, float]:
+        """Smallest level whose longer side is >= ``max_side`` (or the smallest), and its downsample.
+
+        ``max_downsample`` caps the level's downsample (finer levels win), so that objects of a given
+        physical size stay visible however large the slide is (see ``tissue.max_detection_mpp``).
+        """
         best = len(self.levels) - 1
         for i, lv in enumerate(self.levels):
             if max(lv.width, lv.height) >= max_side:
                 best = i
+        if max_downsample is not None:
+            while best > 0 and self.levels[best].downsample > max_downsample:
+                best -= 1
         lv = self.levels[best]
         if lv.width * lv.height > 64e6:
             raise SlideError(f"{self.path}: no pyramid level small enough for a thumbnail "

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..evaluate import PatchRunner
+from .dicom import is_dicom_folder
 from .other_tasks import VOLUME_SUFFIXES, is_volume, segment_radiograph, segment_volume, volume_stem
 from .pipeline import (
     SegmentOptions,
@@ -22,18 +23,25 @@ from .pipeline import (
     summary_complete,
     write_summary,
 )
-from .readers import SLIDE_SUFFIXES, SlideError
+from .readers import DICOM_SUFFIXES, SLIDE_SUFFIXES, SlideError
 
 __all__ = ["find_inputs", "RunReport", "segment_all"]
 
 
 def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None = None) -> list[Path]:
-    """Files named directly, plus slide-like files inside named folders (sorted, de-duplicated)."""
+    """Files named directly, plus slide-like files inside named folders (sorted, de-duplicated).
+
+    A DICOM WSI is a folder of instances: a named folder holding DICOM files is one input, and a
+    ``.dcm`` file found while scanning stands for its folder (so a slide's levels are one input).
+    """
     found: list[Path] = []
     for p in inputs:
-        if p.is_dir():
+        if p.is_dir() and is_dicom_folder(p):
+            found.append(p)
+        elif p.is_dir():
             it = (p.rglob(pattern or "*") if recursive else p.glob(pattern or "*"))
-            found += [f for f in it if f.is_file() and f.name.lower().endswith(SLIDE_SUFFIXES + VOLUME_SUFFIXES)
+            found += [f.parent if f.name.lower().endswith(DICOM_SUFFIXES) else f for f in it
+                      if f.is_file() and f.name.lower().endswith(SLIDE_SUFFIXES + VOLUME_SUFFIXES)
                       and not f.name.startswith(".")]
         else:
             found.append(p)

@@ -73,9 +73,16 @@ class Plan:
     mpp0: float
     mpp_source: str
     work_mpp: float
+    mpp_warning: str | None = None  # the resolution came from a convention (objective power)
 
 
 def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None) -> Plan:
+    if mpp_override is None and reader.mpp_anisotropic:
+        mx, my = reader.mpp_anisotropic
+        raise SlideError(
+            f"{reader.path}: anisotropic pixels ({mx:g} x {my:g} um/px, {reader.mpp_source}); the model needs "
+            "square pixels: pass --mpp to state the resolution to use (the image is then treated as square)"
+        )
     mpp0 = mpp_override or reader.mpp
     if mpp0 is None:
         raise SlideError(
@@ -91,7 +98,8 @@ def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None)
     work_h = max(1, round(lv0.height * mpp0 / work_mpp))
     work_w = max(1, round(lv0.width * mpp0 / work_mpp))
     return Plan(best, work_mpp / (mpp0 * lv.downsample), work_h, work_w, lv0.height, lv0.width, mpp0,
-                "--mpp" if mpp_override else reader.mpp_source, work_mpp)
+                "--mpp" if mpp_override else reader.mpp_source, work_mpp,
+                None if mpp_override else reader.mpp_warning)
 
 
 def tiles_touching(mask: np.ndarray, downsample: float, plan: Plan, grid: TileGrid) -> list[Tile]:

@@ -68,9 +68,9 @@ class RunReport:
                 "tiles": tiles, "tiles_per_second": tiles / self.seconds if self.seconds else 0.0}
 
 
-def _done(out_dir: Path, f: Path, task: str) -> bool:
+def _done(out_dir: Path, f: Path, task: str, layout: str = "ome") -> bool:
     if task == "monuseg":
-        return is_complete(out_dir, slide_stem(f), is_small_image(f))
+        return is_complete(out_dir, slide_stem(f), is_small_image(f), layout)
     return summary_complete(out_dir / f"{volume_stem(f) if is_volume(f) else f.stem}.json")
 
 
@@ -83,7 +83,7 @@ def segment_all(files: list[Path], out_dir: Path, sampler: torch.nn.Module, cfg:
     t0 = time.perf_counter()
     runner = PatchRunner(sampler, device, dtype, batch_size=max(opts.batch_size, 1), seed=opts.seed)
     for f in files:
-        if not opts.overwrite and _done(out_dir, f, task):
+        if not opts.overwrite and _done(out_dir, f, task, opts.pyramid_layout):
             report.skipped.append(str(f))
             echo(f"skip  {f} (already done; --overwrite to redo)")
             continue
@@ -105,6 +105,8 @@ def segment_all(files: list[Path], out_dir: Path, sampler: torch.nn.Module, cfg:
         finally:
             bar.close()
         report.done.append(summary)
+        for warning in summary.get("warnings") or []:
+            echo(f"warn  {f}: {warning}")
         detail = (f"objects {summary['object_fraction']:.3f}, " if "object_fraction" in summary else "")
         echo(f"done  {f}: {detail}{summary['seconds']:.1f} s")
     report.seconds = time.perf_counter() - t0

@@ -17,7 +17,6 @@ Data flow and memory
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +33,8 @@ from ..config import ModelConfig
 from ..preprocess import match_channels, normalise, to_chw_float
 from ..sampler import SamplerNoise, draw_image_noise, position_generator, stack_noise
 from .readers import SMALL_SUFFIXES, SlideError, SlideReader, SmallImage, open_slide
+from .roi import Roi, roi_for_slide
+from .selection import clear_outside_roi, roi_planning_mask, tiles_touching
 from .tiling import Tile, TileGrid, blend_window
 from .tissue import DEFAULT_MIN_AREA_UM2, TissueDetection, detect_tissue
 from .writer import write_pyramid
@@ -59,6 +60,8 @@ class SegmentOptions:
     tissue_threshold: float | None = None  # saturation 0-255; None = Otsu
     tissue_min_area_um2: float = DEFAULT_MIN_AREA_UM2
     save_tissue: bool = False  # write NAME.tissue.png (the mask used, at thumbnail scale)
+    roi: str | None = None  # GeoJSON / mask image / folder of NAME.geojson (see roi.py)
+    pyramid_layout: str = "ome"  # "ome" (SubIFDs) or "openslide" (top-level IFDs); see writer.py
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -102,24 +105,43 @@ def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None)
                 None if mpp_override else reader.mpp_warning)
 
 
-def tiles_touching(mask: np.ndarray, downsample: float, plan: Plan, grid: TileGrid) -> list[Tile]:
-    """Tiles whose footprint touches ``mask`` (bool, ``downsample`` level-0 px per mask px), with a
-    one-pixel margin so rounding at the mask's coarse scale never drops an edge tile."""
-    f = (plan.work_mpp / plan.mpp0) / downsample  # working px -> mask px
-    keep = []
-    for t in grid.tiles():
-        y0, x0 = int(t.y * f), int(t.x * f)
-        y1, x1 = math.ceil((t.y + grid.tile) * f), math.ceil((t.x + grid.tile) * f)
-        if mask[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1].any():
-            keep.append(t)
-    return keep
-
-
 def tissue_tiles(reader: SlideReader, plan: Plan, grid: TileGrid, side: int, threshold: float | None = None,
                  min_area_um2: float = DEFAULT_MIN_AREA_UM2) -> tuple[list[Tile], TissueDetection]:
     """Tiles whose footprint touches tissue, and the detection (mask, thumbnail, scale)."""
     det = detect_tissue(reader, plan.mpp0, side, threshold, min_area_um2)
-    return tiles_touching(det.mask, det.downsample, plan, grid), det
+    return tiles_touching(det.mask, det.downsample, plan.work_mpp / plan.mpp0, grid), det
+
+
+def _input_warnings(plan: Plan, opts: SegmentOptions, tissue: TissueDetection | None, roi: Roi | None,
+                    tiles: list[Tile]) -> list[str]:
+    """What the user should know about this slide's inputs (also echoed on stderr by the batch runner)."""
+    warnings = [plan.mpp_warning] if plan.mpp_warning else []
+    if tissue is not None and not tissue.mask.any():
+        warnings.append(
+            f"no tissue found (saturation threshold {'Otsu' if tissue.threshold is None else tissue.threshold}, "
+            f"minimum area {tissue.min_area_um2:g} um^2, thumbnail {tissue.mpp:.3g} um/px): nothing was sampled; "
+            "lower --tissue-threshold / --tissue-min-area, or pass --no-tissue-mask")
+    elif roi is not None and not tiles:
+        warnings.append(f"no {'tissue inside the' if tissue is not None else ''} region of interest "
+                        f"{roi.source.name}: nothing was sampled")
+    return warnings
+
+
+def _tissue_summary(tissue: TissueDetection | None, saved: Path | None) -> dict[str, Any] | None:
+    if tissue is None:
+        return None
+    return {"threshold": tissue.threshold, "min_area_um2": tissue.min_area_um2,
+            "thumbnail_downsample": tissue.downsample, "thumbnail_mpp": tissue.mpp,
+            "thumbnail_size": [int(tissue.mask.shape[1]), int(tissue.mask.shape[0])],
+            "mask": str(saved) if saved is not None else None}
+
+
+def _roi_summary(roi: Roi | None, plan: Plan) -> dict[str, Any] | None:
+    if roi is None:
+        return None
+    area = roi.area_px()
+    return {"source": str(roi.source), "kind": roi.kind, "features": roi.features, "area_px": area,
+            "area_um2": area * plan.mpp0**2, "area_fraction": area / float(plan.slide_w * plan.slide_h)}
 
 
 # -- tile loading (runs in worker processes) ----------------------------------------------------
@@ -237,19 +259,21 @@ def is_small_image(path: Path) -> bool:
     return path.name.lower().endswith(SMALL_SUFFIXES)
 
 
-def output_paths(out_dir: Path, stem: str, small: bool) -> dict[str, Path]:
-    ext = ".png" if small else ".ome.tif"
+def output_paths(out_dir: Path, stem: str, small: bool, layout: str = "ome") -> dict[str, Path]:
+    """``layout`` "openslide" writes plain pyramidal TIFFs (``.tif``): they carry no OME metadata."""
+    ext = ".png" if small else (".ome.tif" if layout == "ome" else ".tif")
     return {
         "mask": out_dir / f"{stem}.mask{ext}",
         "prob": out_dir / f"{stem}.prob{ext}",
         "uncertainty": out_dir / f"{stem}.uncertainty{ext}",
         "overlay": out_dir / f"{stem}.overlay.png",
+        "tissue": out_dir / f"{stem}.tissue.png",
         "summary": out_dir / f"{stem}.json",
     }
 
 
-def is_complete(out_dir: Path, stem: str, small: bool) -> bool:
-    paths = output_paths(out_dir, stem, small)
+def is_complete(out_dir: Path, stem: str, small: bool, layout: str = "ome") -> bool:
+    paths = output_paths(out_dir, stem, small, layout)
     return paths["mask"].is_file() and summary_complete(paths["summary"])
 
 
@@ -301,7 +325,7 @@ def segment_slide(path: Path, out_dir: Path, sampler: torch.nn.Module, cfg: Mode
     stem = slide_stem(path)
     with open_slide(path) as reader:
         small = isinstance(reader, SmallImage)
-        paths = output_paths(out_dir, stem, small)
+        paths = output_paths(out_dir, stem, small, opts.pyramid_layout)
         plan = make_plan(reader, cfg, opts.mpp)
         grid = TileGrid(plan.work_h, plan.work_w, cfg.image_size, opts.tile_overlap)
         all_tiles = grid.tiles()
@@ -313,6 +337,13 @@ def segment_slide(path: Path, out_dir: Path, sampler: torch.nn.Module, cfg: Mode
         else:
             tiles, tissue_fraction = all_tiles, 1.0
             thumb, _ = reader.thumbnail(opts.thumbnail_side)
+        roi = roi_for_slide(Path(opts.roi), stem, plan.slide_w, plan.slide_h) if opts.roi else None
+        if roi is not None:
+            plan_mask, plan_down = roi_planning_mask(
+                roi, tissue.mask if tissue else None, tissue.downsample if tissue else 1.0, plan.slide_h,
+                plan.slide_w, plan.work_mpp / plan.mpp0, grid.tile)
+            tiles = tiles_touching(plan_mask, plan_down, plan.work_mpp / plan.mpp0, grid)
+        warnings = _input_warnings(plan, opts, tissue, roi, tiles)
 
     work = out_dir / f".{stem}.work"
     if work.exists():
@@ -343,10 +374,13 @@ def segment_slide(path: Path, out_dir: Path, sampler: torch.nn.Module, cfg: Mode
                 if progress is not None:
                     progress(len(idx))
         stitcher.flush(grid.height)
+        multiclass = cfg.mask_channels > 1
+        if roi is not None:  # outputs outside the region of interest are background
+            stitcher.objects = clear_outside_roi(roi, plan.work_mpp / plan.mpp0, [prob_map, std_map], multiclass)
         prob_map.flush()
         std_map.flush()
-
-        multiclass = cfg.mask_channels > 1
+        if tissue is not None and opts.save_tissue:
+            write_png(paths["tissue"], tissue.mask.astype(np.uint8) * 255)
         desc = json.dumps({"cdal_fast": "mask", "source": path.name})
         if small:
             mask = _mask_from_prob(np.asarray(prob_map), multiclass)
@@ -367,7 +401,8 @@ def segment_slide(path: Path, out_dir: Path, sampler: torch.nn.Module, cfg: Mode
                 outs.append(("uncertainty", std_map, lambda a: a))
             for key, src, fn in outs:
                 with atomic_output(paths[key]) as tmp:
-                    write_pyramid(tmp, src, plan.slide_h, plan.slide_w, plan.mpp0, transform=fn, description=desc)
+                    write_pyramid(tmp, src, plan.slide_h, plan.slide_w, plan.mpp0, transform=fn, description=desc,
+                                  layout=opts.pyramid_layout)
         write_png(paths["overlay"], _overlay(thumb, prob_map, multiclass))
 
         seconds = time.perf_counter() - t0
@@ -382,6 +417,9 @@ def segment_slide(path: Path, out_dir: Path, sampler: torch.nn.Module, cfg: Mode
             "level_read": plan.level,
             "tiles_total": len(all_tiles), "tiles_sampled": len(tiles),
             "tissue_fraction": tissue_fraction,
+            "tissue": _tissue_summary(tissue, paths["tissue"] if opts.save_tissue else None),
+            "roi": _roi_summary(roi, plan),
+            "warnings": warnings,
             "object_fraction": stitcher.objects / float(plan.work_h * plan.work_w),
             "seconds": seconds, "sampler_seconds": t_sample,
             "tiles_per_second": len(tiles) / seconds if seconds > 0 else 0.0,

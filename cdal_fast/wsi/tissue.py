@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from skimage.filters import threshold_otsu
-from skimage.morphology import closing, footprint_rectangle, opening, remove_small_objects
 
 from .readers import SlideReader
 
@@ -31,8 +29,8 @@ MIN_SATURATION = 15  # Otsu on an all-glass image still splits noise; never call
 DEFAULT_MIN_AREA_UM2 = 2500.0  # 50 x 50 um: far below a needle-biopsy section or a TMA core (~0.3 mm^2)
 MIN_OBJECT_PIXELS = 25  # an object of the minimum area spans >= 5 x 5 px, so it survives the 3 x 3 opening
 FALLBACK_OBJECT_FRACTION = 1e-3  # size filter when the resolution is unknown: a fraction of the image
-_OPEN = footprint_rectangle((3, 3))
-_CLOSE = footprint_rectangle((9, 9))  # = two 5 x 5 closings
+OPEN_SIDE = 3  # opening footprint (square): removes dust and isolated saturated pixels
+CLOSE_SIDE = 9  # closing footprint (square) = the two 5 x 5 closings of the original detector
 
 
 def max_detection_mpp(min_area_um2: float) -> float:
@@ -51,6 +49,8 @@ def otsu_threshold(values: np.ndarray) -> float:
     """Otsu's threshold of uint8 values: ``values > threshold`` is the upper class (0 if uniform)."""
     if values.size == 0 or values.min() == values.max():
         return float(values.min()) if values.size else 0.0
+    from skimage.filters import threshold_otsu  # scikit-image is imported lazily: the CLI imports this module
+
     hist = np.bincount(values.ravel().astype(np.int64), minlength=256)
     return float(threshold_otsu(hist=(hist, np.arange(hist.size))))
 
@@ -62,12 +62,14 @@ def tissue_mask(rgb: np.ndarray, threshold: float | None = None, min_object_px: 
     least MIN_SATURATION. ``min_object_px``: smallest kept object in thumbnail pixels; None = a
     FALLBACK_OBJECT_FRACTION of the image (used only when the resolution is unknown).
     """
+    from skimage.morphology import closing, footprint_rectangle, opening, remove_small_objects
+
     sat = saturation(rgb)
     thr = max(otsu_threshold(sat), float(MIN_SATURATION)) if threshold is None else float(threshold)
     mask = sat > thr
     # mode="min": outside the image is background, as in the original scipy implementation
-    mask = opening(mask, _OPEN, mode="min")
-    mask = closing(mask, _CLOSE, mode="min")
+    mask = opening(mask, footprint_rectangle((OPEN_SIDE, OPEN_SIDE)), mode="min")
+    mask = closing(mask, footprint_rectangle((CLOSE_SIDE, CLOSE_SIDE)), mode="min")
     mask = ndimage.binary_fill_holes(mask)
     if min_object_px is None:
         min_object_px = FALLBACK_OBJECT_FRACTION * mask.size

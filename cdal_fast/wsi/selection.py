@@ -1,0 +1,63 @@
+"""Which tiles to sample and which output pixels to keep: tissue mask, region of interest, or both.
+
+Planning works on coarse masks (the tissue thumbnail, or the ROI rasterised at a few pixels per
+tile) and keeps every tile whose footprint touches the mask. After stitching, outputs outside the
+ROI are cleared band by band at the working resolution, so memory stays bounded by one band.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .roi import Roi
+from .tiling import Tile, TileGrid
+
+__all__ = ["tiles_touching", "roi_planning_mask", "clear_outside_roi", "ROI_CELLS_PER_TILE", "CLEAR_BAND_ROWS"]
+
+ROI_CELLS_PER_TILE = 4  # without a tissue thumbnail the ROI is rasterised at 4 x 4 cells per tile
+CLEAR_BAND_ROWS = 1024  # working rows per band when clearing outside the ROI
+
+
+def tiles_touching(mask: np.ndarray, downsample: float, work_to_level0: float, grid: TileGrid) -> list[Tile]:
+    """Tiles whose footprint touches ``mask`` (bool, ``downsample`` level-0 px per mask px), with a
+    one-pixel margin so rounding at the mask's coarse scale never drops an edge tile.
+    ``work_to_level0``: level-0 pixels per working pixel."""
+    f = work_to_level0 / downsample  # working px -> mask px
+    keep = []
+    for t in grid.tiles():
+        y0, x0 = int(t.y * f), int(t.x * f)
+        y1, x1 = math.ceil((t.y + grid.tile) * f), math.ceil((t.x + grid.tile) * f)
+        if mask[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1].any():
+            keep.append(t)
+    return keep
+
+
+def roi_planning_mask(roi: Roi, tissue_mask: np.ndarray | None, tissue_downsample: float, slide_h: int,
+                      slide_w: int, work_to_level0: float, tile: int) -> tuple[np.ndarray, float]:
+    """The planning mask with the ROI applied, and its downsample: tissue AND the ROI (every pixel the
+    ROI touches) at the thumbnail scale, or the ROI alone when tissue detection is off."""
+    if tissue_mask is not None:
+        h, w = tissue_mask.shape
+        return tissue_mask & roi.rasterise(h, w, tissue_downsample, all_touched=True), tissue_downsample
+    down = work_to_level0 * tile / ROI_CELLS_PER_TILE
+    h, w = max(1, math.ceil(slide_h / down)), max(1, math.ceil(slide_w / down))
+    return roi.rasterise(h, w, down, all_touched=True), down
+
+
+def clear_outside_roi(roi: Roi, work_to_level0: float, maps: list[np.ndarray], multiclass: bool) -> int:
+    """Zero every map outside the ROI (pixel centres); returns the object pixels left in ``maps[0]``
+    (the encoded probability/label map: >= 128 for binary, > 0 for labels)."""
+    height, width = maps[0].shape[:2]
+    objects = 0
+    for row0 in range(0, height, CLEAR_BAND_ROWS):
+        rows = min(CLEAR_BAND_ROWS, height - row0)
+        outside = ~roi.rasterise(rows, width, work_to_level0, row0=row0)
+        for m in maps:
+            band = np.asarray(m[row0:row0 + rows])
+            band[outside] = 0
+            m[row0:row0 + rows] = band
+        first = np.asarray(maps[0][row0:row0 + rows])
+        objects += int((first > 0).sum()) if multiclass else int((first >= 128).sum())
+    return objects

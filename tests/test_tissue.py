@@ -64,3 +64,14 @@ def test_small_fragments_on_a_huge_slide_are_planned(tmp_path):
         assert any(t.y <= cy < t.y + grid.tile and t.x <= cx < t.x + grid.tile for t in tiles), (y, x)
     # only tiles near the fragments: each 500-px (working) fragment touches a few 256-px tiles
     assert 3 <= len(tiles) <= 3 * 36
+
+
+def test_fill_holes_matches_scipy():
+    from scipy import ndimage
+
+    from cdal_fast.wsi.tissue import _fill_holes
+
+    rng = np.random.default_rng(1)
+    for p in (0.3, 0.5, 0.7):
+        m = rng.random((120, 90)) < p
+        assert np.array_equal(_fill_holes(m), ndimage.binary_fill_holes(m))

@@ -36,8 +36,10 @@ def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None
     """
     found: list[Path] = []
     for p in inputs:
-        if p.is_dir() and is_dicom_folder(p):
-            found.append(p)
+        if p.is_dir() and is_dicom_folder(p) and not any(
+                f.name.lower().endswith(SLIDE_SUFFIXES) and not f.name.lower().endswith(DICOM_SUFFIXES)
+                for f in p.iterdir()):
+            found.append(p)  # a slide's DICOM instances (suffix or not); folders with other slides are scanned
         elif p.is_dir():
             it = (p.rglob(pattern or "*") if recursive else p.glob(pattern or "*"))
             found += [f.parent if f.name.lower().endswith(DICOM_SUFFIXES) else f for f in it

@@ -25,13 +25,21 @@ def tiles_touching(mask: np.ndarray, downsample: float, work_to_level0: float, g
     one-pixel margin so rounding at the mask's coarse scale never drops an edge tile.
     ``work_to_level0``: level-0 pixels per working pixel."""
     f = work_to_level0 / downsample  # working px -> mask px
-    keep = []
-    for t in grid.tiles():
-        y0, x0 = int(t.y * f), int(t.x * f)
-        y1, x1 = math.ceil((t.y + grid.tile) * f), math.ceil((t.x + grid.tile) * f)
-        if mask[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1].any():
-            keep.append(t)
-    return keep
+    tiles = grid.tiles()
+    if not tiles:
+        return []
+    h, w = mask.shape
+    ys = np.array([t.y for t in tiles], dtype=np.float64)
+    xs = np.array([t.x for t in tiles], dtype=np.float64)
+    y0 = np.clip((ys * f).astype(np.int64) - 1, 0, h)
+    x0 = np.clip((xs * f).astype(np.int64) - 1, 0, w)
+    y1 = np.clip(np.ceil((ys + grid.tile) * f).astype(np.int64) + 1, 0, h)
+    x1 = np.clip(np.ceil((xs + grid.tile) * f).astype(np.int64) + 1, 0, w)
+    # an integral image answers "any mask pixel in this box" for every tile at once
+    integral = np.zeros((h + 1, w + 1), dtype=np.int64)
+    integral[1:, 1:] = mask.cumsum(0, dtype=np.int64).cumsum(1)
+    count = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return [t for t, c in zip(tiles, count) if c > 0]
 
 
 def roi_planning_mask(roi: Roi, tissue_mask: np.ndarray | None, tissue_downsample: float, slide_h: int,

@@ -56,3 +56,22 @@ def test_no_tissue_is_a_warning(tmp_path, slide, tiny_weights):  # noqa: F811
     assert "warn" in output and "no tissue found (saturation threshold 254.0" in output
     summary = json.loads((out / "mosaic.json").read_text())
     assert summary["tiles_sampled"] == 0 and summary["warnings"][0].startswith("no tissue found")
+
+
+def test_dicom_folder_segments_like_the_same_ome_tiff(tmp_path, mosaic, tiny_weights):  # noqa: F811
+    pytest.importorskip("openslide")
+    from .slides import write_dicom_wsi, write_ome_pyramid
+
+    crop = mosaic[100:400, 100:420]  # glass margin and tissue
+    folder = write_dicom_wsi(tmp_path / "case7", crop, mpp=0.25, levels=2)
+    ome = write_ome_pyramid(tmp_path / "case7.ome.tif", crop, mpp=0.25, levels=2)
+    masks = []
+    for source, out in ((folder, tmp_path / "a"), (ome, tmp_path / "b")):
+        code, output = run([str(source), "--out", str(out), "--weights", str(tiny_weights), "--workers", "0",
+                            "--batch-size", "16", "--save-prob"])
+        assert code == 0, output
+        summary = json.loads((out / "case7.json").read_text())
+        assert summary["level_read"] == 1 and summary["mpp"] == pytest.approx(0.25)  # 0.5 um/px level read
+        masks.append(tifffile.imread(out / "case7.prob.ome.tif", key=0))
+    assert masks[0].shape == (300, 320) and np.array_equal(masks[0], masks[1])
+    assert json.loads((tmp_path / "a" / "case7.json").read_text())["mpp_source"] == "DICOM PixelSpacing"

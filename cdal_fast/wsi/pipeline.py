@@ -3,7 +3,8 @@
 Data flow and memory
 --------------------
 1. The slide's resolution decides the working scale (the model's um/px) and the pyramid level read.
-2. Tissue is found on a thumbnail; only tiles touching tissue are sampled.
+2. Tissue is found on a thumbnail fine enough for the minimum tissue area; only tiles touching tissue
+   (and the region of interest, if one is given) are sampled, and outputs outside the ROI are cleared.
 3. A ``DataLoader`` with background workers reads each tile's region, resizes it to the model size,
    normalises it and draws its noise from ``(seed, tile position)``, in tile order.
 4. The sampler runs batches of tiles on the device.
@@ -112,8 +113,7 @@ def tissue_tiles(reader: SlideReader, plan: Plan, grid: TileGrid, side: int, thr
     return tiles_touching(det.mask, det.downsample, plan.work_mpp / plan.mpp0, grid), det
 
 
-def _input_warnings(plan: Plan, opts: SegmentOptions, tissue: TissueDetection | None, roi: Roi | None,
-                    tiles: list[Tile]) -> list[str]:
+def _input_warnings(plan: Plan, tissue: TissueDetection | None, roi: Roi | None, tiles: list[Tile]) -> list[str]:
     """What the user should know about this slide's inputs (also echoed on stderr by the batch runner)."""
     warnings = [plan.mpp_warning] if plan.mpp_warning else []
     if tissue is not None and not tissue.mask.any():
@@ -122,8 +122,8 @@ def _input_warnings(plan: Plan, opts: SegmentOptions, tissue: TissueDetection | 
             f"minimum area {tissue.min_area_um2:g} um^2, thumbnail {tissue.mpp:.3g} um/px): nothing was sampled; "
             "lower --tissue-threshold / --tissue-min-area, or pass --no-tissue-mask")
     elif roi is not None and not tiles:
-        warnings.append(f"no {'tissue inside the' if tissue is not None else ''} region of interest "
-                        f"{roi.source.name}: nothing was sampled")
+        where = "covers no detected tissue" if tissue is not None else "lies outside the slide"
+        warnings.append(f"the region of interest {roi.source.name} {where}: nothing was sampled")
     return warnings
 
 
@@ -343,7 +343,7 @@ def segment_slide(path: Path, out_dir: Path, sampler: torch.nn.Module, cfg: Mode
                 roi, tissue.mask if tissue else None, tissue.downsample if tissue else 1.0, plan.slide_h,
                 plan.slide_w, plan.work_mpp / plan.mpp0, grid.tile)
             tiles = tiles_touching(plan_mask, plan_down, plan.work_mpp / plan.mpp0, grid)
-        warnings = _input_warnings(plan, opts, tissue, roi, tiles)
+        warnings = _input_warnings(plan, tissue, roi, tiles)
 
     work = out_dir / f".{stem}.work"
     if work.exists():

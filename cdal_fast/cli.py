@@ -33,6 +33,8 @@ from .cli_options import (
     check_steps,
 )
 from .inference import DTYPES
+from .wsi.tissue import DEFAULT_MIN_AREA_UM2
+from .wsi.writer import PYRAMID_LAYOUTS
 
 TASKS = ("monuseg", "cxr", "hippocampus")
 PLAIN_OP_FORMATS = ("onnx", "tensorrt")  # export formats that cannot call the cdal custom ops
@@ -229,6 +231,20 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--tile-overlap", type=OVERLAP, default=None,
               help="Overlap of adjacent tiles in model pixels (default: a quarter of the tile, 64 for 256).")
 @click.option("--no-tissue-mask", is_flag=True, help="Sample every tile, not only tiles with tissue.")
+@click.option("--tissue-threshold", type=click.FloatRange(0, 255, max_open=True), default=None,
+              help="Saturation (0-255) above which a thumbnail pixel is tissue (default: Otsu's threshold, >= 15).")
+@click.option("--tissue-min-area", type=click.FloatRange(0, min_open=True), default=DEFAULT_MIN_AREA_UM2,
+              show_default=True, help="Smallest tissue fragment kept, in um^2; the thumbnail is read fine enough "
+                                      "for it (needle biopsies, TMA cores).")
+@click.option("--save-tissue", is_flag=True,
+              help="Also write NAME.tissue.png, the tissue mask used, at the thumbnail scale given in the JSON.")
+@click.option("--roi", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Region of interest: GeoJSON polygons in level-0 pixels (QuPath export), a binary mask image at "
+                   "any pyramid scale, or a folder of NAME.geojson per slide. Only tiles touching it are sampled; "
+                   "outputs outside it are background.")
+@click.option("--pyramid-layout", type=click.Choice(list(PYRAMID_LAYOUTS)), default="ome", show_default=True,
+              help="Output pyramids: ome = OME-TIFF with SubIFDs (QuPath, Bio-Formats, napari); openslide = plain "
+                   "tiled TIFF with every level a top-level IFD, NAME.mask.tif (OpenSlide-based viewers).")
 @click.option("--save-prob", is_flag=True, help="Also write the probability map (uint8, 255 = 1.0).")
 @click.option("--save-uncertainty", is_flag=True,
               help="Also write the vote standard deviation map (uint8, 255 = 0.5, the maximum).")
@@ -238,12 +254,14 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
             pattern: str | None,
             mpp: float | None, device: str, dtype: str, backend: str, batch_size: int | None, workers: int,
             steps: int | None, allow_untrained_steps: bool, votes: int | None, seed: int, tile_overlap: int | None,
-            no_tissue_mask: bool,
-            save_prob: bool, save_uncertainty: bool, overwrite: bool, quiet: bool) -> None:
+            no_tissue_mask: bool, tissue_threshold: float | None, tissue_min_area: float, save_tissue: bool,
+            roi: Path | None, pyramid_layout: str, save_prob: bool, save_uncertainty: bool, overwrite: bool,
+            quiet: bool) -> None:
     """Segment slides and images into masks.
 
-    INPUTS are files or folders: TIFF / BigTIFF / OME-TIFF (pyramidal or flat), PNG / JPEG, and
-    SVS / NDPI / MRXS ... when OpenSlide is installed. For each slide OUT gets NAME.mask.ome.tif
+    INPUTS are files or folders: TIFF / BigTIFF / OME-TIFF (pyramidal or flat), PNG / JPEG, DICOM WSI
+    (a folder of one slide's instances, or a .dcm file) and SVS / NDPI / MRXS ... when OpenSlide is
+    installed. For each slide OUT gets NAME.mask.ome.tif
     (pyramidal, same pixel grid as the slide; 255 = object), NAME.overlay.png, NAME.json, and with
     the flags NAME.prob.ome.tif / NAME.uncertainty.ome.tif; PNG/JPEG inputs get PNG masks.
     With --model cxr, PNG/JPEG radiographs give NAME.mask.png (255 = lung); with --model
@@ -279,7 +297,9 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
                                  param_hint="--tile-overlap")
     opts = SegmentOptions(batch_size=batch_size, steps=steps, votes=votes, seed=seed, tile_overlap=tile_overlap,
                           workers=workers, mpp=mpp, tissue=not no_tissue_mask, save_prob=save_prob,
-                          save_uncertainty=save_uncertainty, overwrite=overwrite)
+                          save_uncertainty=save_uncertainty, overwrite=overwrite, tissue_threshold=tissue_threshold,
+                          tissue_min_area_um2=tissue_min_area, save_tissue=save_tissue,
+                          roi=str(roi) if roi else None, pyramid_layout=pyramid_layout)
     info = {"weights": str(bundle.path), "sha256": bundle.sha256, "weights_verified": bundle.verified,
             "preset": bundle.config.name, "backend": backend, "dtype": dtype, "device": str(dev),
             "steps": steps or bundle.config.num_steps, "trained_steps": bundle.config.num_steps,

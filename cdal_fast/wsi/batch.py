@@ -17,22 +17,32 @@ import torch
 from ..config import ModelConfig
 from ..inference import PatchRunner
 from ..sampler import SamplerLike
+from .dicom import is_dicom_folder
 from .other_tasks import VOLUME_SUFFIXES, radiograph_done, segment_radiograph, segment_volume, volume_done
 from .outputs import is_complete, is_small_image, slide_stem, write_summary
 from .pipeline import SegmentOptions, segment_slide
 from .progress import TileProgress, TqdmProgress
-from .readers import SLIDE_SUFFIXES, SlideError
+from .readers import DICOM_SUFFIXES, SLIDE_SUFFIXES, SlideError
 
 __all__ = ["find_inputs", "RunReport", "TaskRun", "TASKS", "segment_all"]
 
 
 def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None = None) -> list[Path]:
-    """Files named directly, plus slide-like files inside named folders (sorted, de-duplicated)."""
+    """Files named directly, plus slide-like files inside named folders (sorted, de-duplicated).
+
+    A DICOM WSI is a folder of instances: a named folder holding DICOM files is one input, and a
+    ``.dcm`` file found while scanning stands for its folder (so a slide's levels are one input).
+    """
     found: list[Path] = []
     for p in inputs:
-        if p.is_dir():
+        if p.is_dir() and is_dicom_folder(p) and not any(
+                f.name.lower().endswith(SLIDE_SUFFIXES) and not f.name.lower().endswith(DICOM_SUFFIXES)
+                for f in p.iterdir()):
+            found.append(p)  # a slide's DICOM instances (suffix or not); folders with other slides are scanned
+        elif p.is_dir():
             it = (p.rglob(pattern or "*") if recursive else p.glob(pattern or "*"))
-            found += [f for f in it if f.is_file() and f.name.lower().endswith(SLIDE_SUFFIXES + VOLUME_SUFFIXES)
+            found += [f.parent if f.name.lower().endswith(DICOM_SUFFIXES) else f for f in it
+                      if f.is_file() and f.name.lower().endswith(SLIDE_SUFFIXES + VOLUME_SUFFIXES)
                       and not f.name.startswith(".")]
         else:
             found.append(p)
@@ -73,7 +83,7 @@ class TaskRun:
 
 
 SegmentFn = Callable[[Path, Path, TaskRun, TileProgress], dict[str, Any]]
-DoneFn = Callable[[Path, Path], bool]  # (out_dir, input) -> already complete
+DoneFn = Callable[[Path, Path, SegmentOptions], bool]  # (out_dir, input, options) -> already complete
 
 
 def _segment_slide(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
@@ -81,8 +91,8 @@ def _segment_slide(path: Path, out_dir: Path, run: TaskRun, progress: TileProgre
                          progress=progress)
 
 
-def _slide_done(out_dir: Path, path: Path) -> bool:
-    return is_complete(out_dir, slide_stem(path), is_small_image(path))
+def _slide_done(out_dir: Path, path: Path, opts: SegmentOptions) -> bool:
+    return is_complete(out_dir, slide_stem(path), is_small_image(path), opts.pyramid_layout)
 
 
 def _segment_radiograph(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
@@ -95,8 +105,8 @@ def _segment_volume(path: Path, out_dir: Path, run: TaskRun, progress: TileProgr
 
 TASKS: dict[str, tuple[SegmentFn, DoneFn]] = {
     "monuseg": (_segment_slide, _slide_done),
-    "cxr": (_segment_radiograph, radiograph_done),
-    "hippocampus": (_segment_volume, volume_done),
+    "cxr": (_segment_radiograph, lambda out_dir, path, _opts: radiograph_done(out_dir, path)),
+    "hippocampus": (_segment_volume, lambda out_dir, path, _opts: volume_done(out_dir, path)),
 }
 
 
@@ -113,7 +123,7 @@ def segment_all(files: list[Path], out_dir: Path, sampler: SamplerLike, cfg: Mod
     runner = PatchRunner(sampler, device, dtype, batch_size=max(opts.batch_size, 1), seed=opts.seed)
     run = TaskRun(sampler, runner, cfg, opts, device, dtype, model_info)
     for n, f in enumerate(files, start=1):
-        if not opts.overwrite and done_fn(out_dir, f):
+        if not opts.overwrite and done_fn(out_dir, f, opts):
             report.skipped.append(str(f))
             echo(f"skip  {f} (already done; --overwrite to redo)")
             continue
@@ -127,6 +137,8 @@ def segment_all(files: list[Path], out_dir: Path, sampler: SamplerLike, cfg: Mod
         finally:
             bar.close()
         report.done.append(summary)
+        for warning in summary.get("warnings") or []:
+            echo(f"warn  {f}: {warning}")
         detail = (f"objects {summary['object_fraction']:.3f}, " if "object_fraction" in summary else "")
         echo(f"done  {f}: {detail}{summary['seconds']:.1f} s")
     report.seconds = time.perf_counter() - t0

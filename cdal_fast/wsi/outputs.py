@@ -32,21 +32,25 @@ def is_small_image(path: Path) -> bool:
     return path.name.lower().endswith(SMALL_SUFFIXES)
 
 
-def output_paths(out_dir: Path, stem: str, small: bool) -> dict[str, Path]:
-    """Every file a slide job may write, by role (mask, prob, uncertainty, overlay, summary)."""
-    ext = ".png" if small else ".ome.tif"
+def output_paths(out_dir: Path, stem: str, small: bool, layout: str = "ome") -> dict[str, Path]:
+    """Every file a slide job may write, by role (mask, prob, uncertainty, overlay, tissue, summary).
+
+    ``layout`` "openslide" writes plain pyramidal TIFFs (``.tif``): they carry no OME metadata.
+    """
+    ext = ".png" if small else (".ome.tif" if layout == "ome" else ".tif")
     return {
         "mask": out_dir / f"{stem}.mask{ext}",
         "prob": out_dir / f"{stem}.prob{ext}",
         "uncertainty": out_dir / f"{stem}.uncertainty{ext}",
         "overlay": out_dir / f"{stem}.overlay.png",
+        "tissue": out_dir / f"{stem}.tissue.png",
         "summary": out_dir / f"{stem}.json",
     }
 
 
-def is_complete(out_dir: Path, stem: str, small: bool) -> bool:
+def is_complete(out_dir: Path, stem: str, small: bool, layout: str = "ome") -> bool:
     """A slide is done when its mask exists and its summary says complete."""
-    paths = output_paths(out_dir, stem, small)
+    paths = output_paths(out_dir, stem, small, layout)
     return paths["mask"].is_file() and summary_complete(paths["summary"])
 
 

@@ -7,14 +7,16 @@ arrays and CPU tensors (all picklable), so a distributed runner can call the sta
 workers; :func:`segment_slide` chains them for one process. What each stage does:
 
 1. ``plan_slide``: the slide's resolution decides the working scale (the model's um/px) and the
-   pyramid level read; tissue is found on a thumbnail and only tiles touching tissue are kept.
+   pyramid level read; tissue is found on a thumbnail fine enough for the minimum tissue area, and
+   only tiles touching tissue (and the region of interest, if one is given) are kept.
 2. ``read_tiles``: a ``DataLoader`` with background workers reads each tile's region, resizes it
    to the model size, normalises it and draws its noise from ``(seed, tile position)``, in tile order.
 3. ``sample_tiles``: the sampler runs one batch of tiles on the device.
 4. ``stitch_tiles``: :class:`BandStitcher` blends tile probabilities into a band of ``tile`` rows x
    slide width and flushes finished rows to disk-backed maps in the slide's work folder, so memory
    is bounded by one tile row (plus the loader's prefetch), independent of slide height.
-5. ``post_process``: a hook on the finished maps (empty today; nucleus objects plug in here).
+5. ``post_process``: work on the finished maps: outputs outside the region of interest are cleared
+   to background (nucleus objects plug in here next).
 6. ``write_outputs``: writers stream the maps into pyramidal OME-TIFFs (or PNGs for PNG/JPEG
    inputs) under temporary names, renamed when complete.
 7. ``summarise``: the JSON summary is written last and marks the slide as done.
@@ -23,12 +25,11 @@ workers; :func:`segment_slide` chains them for one process. What each stage does
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,10 @@ from .outputs import (
 )
 from .progress import NullProgress, TileProgress
 from .readers import SlideError, SlideReader, SmallImage, open_slide
+from .roi import Roi, roi_for_slide
+from .selection import clear_outside_roi, roi_planning_mask, tiles_touching
 from .tiling import Tile, TileGrid, blend_window
-from .tissue import tissue_mask
+from .tissue import DEFAULT_MIN_AREA_UM2, TissueDetection, detect_tissue
 from .writer import write_pyramid
 
 # output_paths, is_complete, slide_stem, is_small_image, write_png, write_summary, summary_complete
@@ -86,6 +89,11 @@ class SegmentOptions:
     save_uncertainty: bool = False
     overwrite: bool = False
     thumbnail_side: int = 2048
+    tissue_threshold: float | None = None  # saturation 0-255; None = Otsu
+    tissue_min_area_um2: float = DEFAULT_MIN_AREA_UM2
+    save_tissue: bool = False  # write NAME.tissue.png (the mask used, at thumbnail scale)
+    roi: str | None = None  # GeoJSON / mask image / folder of NAME.geojson (see roi.py)
+    pyramid_layout: str = "ome"  # "ome" (SubIFDs) or "openslide" (top-level IFDs); see writer.py
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -100,9 +108,16 @@ class Plan:
     mpp0: float
     mpp_source: str
     work_mpp: float
+    mpp_warning: str | None = None  # the resolution came from a convention (objective power)
 
 
 def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None) -> Plan:
+    if mpp_override is None and reader.mpp_anisotropic:
+        mx, my = reader.mpp_anisotropic
+        raise SlideError(
+            f"{reader.path}: anisotropic pixels ({mx:g} x {my:g} um/px, {reader.mpp_source}); the model needs "
+            "square pixels: pass --mpp to state the resolution to use (the image is then treated as square)"
+        )
     mpp0 = mpp_override or reader.mpp
     if mpp0 is None:
         raise SlideError(
@@ -118,22 +133,46 @@ def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None)
     work_h = max(1, round(lv0.height * mpp0 / work_mpp))
     work_w = max(1, round(lv0.width * mpp0 / work_mpp))
     return Plan(best, work_mpp / (mpp0 * lv.downsample), work_h, work_w, lv0.height, lv0.width, mpp0,
-                "--mpp" if mpp_override else reader.mpp_source, work_mpp)
+                "--mpp" if mpp_override else reader.mpp_source, work_mpp,
+                None if mpp_override else reader.mpp_warning)
 
 
-def tissue_tiles(reader: SlideReader, plan: Plan, grid: TileGrid, side: int) -> tuple[list[Tile], float, np.ndarray]:
-    """Tiles whose footprint touches tissue, the tissue fraction, and the thumbnail."""
-    thumb, down = reader.thumbnail(side)
-    mask = tissue_mask(thumb)
-    # working px -> thumbnail px
-    f = (plan.work_mpp / plan.mpp0) / down
-    keep = []
-    for t in grid.tiles():
-        y0, x0 = int(t.y * f), int(t.x * f)
-        y1, x1 = math.ceil((t.y + grid.tile) * f), math.ceil((t.x + grid.tile) * f)
-        if mask[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1].any():
-            keep.append(t)
-    return keep, float(mask.mean()), thumb
+def tissue_tiles(reader: SlideReader, plan: Plan, grid: TileGrid, side: int, threshold: float | None = None,
+                 min_area_um2: float = DEFAULT_MIN_AREA_UM2) -> tuple[list[Tile], TissueDetection]:
+    """Tiles whose footprint touches tissue, and the detection (mask, thumbnail, scale)."""
+    det = detect_tissue(reader, plan.mpp0, side, threshold, min_area_um2)
+    return tiles_touching(det.mask, det.downsample, plan.work_mpp / plan.mpp0, grid), det
+
+
+def _input_warnings(plan: Plan, tissue: TissueDetection | None, roi: Roi | None, tiles: list[Tile]) -> list[str]:
+    """What the user should know about this slide's inputs (also echoed on stderr by the batch runner)."""
+    warnings = [plan.mpp_warning] if plan.mpp_warning else []
+    if tissue is not None and not tissue.mask.any():
+        warnings.append(
+            f"no tissue found (saturation threshold {'Otsu' if tissue.threshold is None else tissue.threshold}, "
+            f"minimum area {tissue.min_area_um2:g} um^2, thumbnail {tissue.mpp:.3g} um/px): nothing was sampled; "
+            "lower --tissue-threshold / --tissue-min-area, or pass --no-tissue-mask")
+    elif roi is not None and not tiles:
+        where = "covers no detected tissue" if tissue is not None else "lies outside the slide"
+        warnings.append(f"the region of interest {roi.source.name} {where}: nothing was sampled")
+    return warnings
+
+
+def _tissue_summary(tissue: TissueDetection | None, saved: Path | None) -> dict[str, Any] | None:
+    if tissue is None:
+        return None
+    return {"threshold": tissue.threshold, "min_area_um2": tissue.min_area_um2,
+            "thumbnail_downsample": tissue.downsample, "thumbnail_mpp": tissue.mpp,
+            "thumbnail_size": [int(tissue.mask.shape[1]), int(tissue.mask.shape[0])],
+            "mask": str(saved) if saved is not None else None}
+
+
+def _roi_summary(roi: Roi | None, plan: Plan) -> dict[str, Any] | None:
+    if roi is None:
+        return None
+    area = roi.area_px()
+    return {"source": str(roi.source), "kind": roi.kind, "features": roi.features, "area_px": area,
+            "area_um2": area * plan.mpp0**2, "area_fraction": area / float(plan.slide_w * plan.slide_h)}
 
 
 # -- tile loading (runs in worker processes) ----------------------------------------------------
@@ -268,6 +307,9 @@ class SlidePlan:
     tiles_total: int
     tissue_fraction: float
     thumbnail: np.ndarray = field(repr=False)
+    tissue: TissueDetection | None = field(default=None, repr=False)  # None when tissue detection is off
+    roi: Roi | None = None
+    warnings: list[str] = field(default_factory=list)  # also echoed on stderr by the batch runner
 
     @property
     def work_dir(self) -> Path:
@@ -283,13 +325,24 @@ def plan_slide(path: Path, out_dir: Path, cfg: ModelConfig, opts: SegmentOptions
         plan = make_plan(reader, cfg, opts.mpp)
         grid = TileGrid(plan.work_h, plan.work_w, cfg.image_size, opts.tile_overlap)
         all_tiles = grid.tiles()
+        tissue: TissueDetection | None = None
         if opts.tissue and not small:
-            tiles, tissue_fraction, thumb = tissue_tiles(reader, plan, grid, opts.thumbnail_side)
+            tiles, tissue = tissue_tiles(reader, plan, grid, opts.thumbnail_side, opts.tissue_threshold,
+                                         opts.tissue_min_area_um2)
+            tissue_fraction, thumb = float(tissue.mask.mean()), tissue.thumb
         else:
             tiles, tissue_fraction = all_tiles, 1.0
             thumb, _ = reader.thumbnail(opts.thumbnail_side)
-    return SlidePlan(path, out_dir, stem, small, output_paths(out_dir, stem, small), plan, grid, tiles,
-                     len(all_tiles), tissue_fraction, thumb)
+        roi = roi_for_slide(Path(opts.roi), stem, plan.slide_w, plan.slide_h) if opts.roi else None
+        if roi is not None:
+            plan_mask, plan_down = roi_planning_mask(
+                roi, tissue.mask if tissue else None, tissue.downsample if tissue else 1.0, plan.slide_h,
+                plan.slide_w, plan.work_mpp / plan.mpp0, grid.tile)
+            tiles = tiles_touching(plan_mask, plan_down, plan.work_mpp / plan.mpp0, grid)
+        warnings = _input_warnings(plan, tissue, roi, tiles)
+    paths = output_paths(out_dir, stem, small, opts.pyramid_layout)
+    return SlidePlan(path, out_dir, stem, small, paths, plan, grid, tiles, len(all_tiles), tissue_fraction, thumb,
+                     tissue, roi, warnings)
 
 
 # -- stage 2: read tiles -----------------------------------------------------------------------
@@ -370,8 +423,14 @@ def stitch_tiles(slide: SlidePlan, results: Iterable[TileResult], cfg: ModelConf
 
 # -- stage 5: post-process ---------------------------------------------------------------------
 def post_process(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig) -> StitchedMaps:
-    """Stage 5: a hook on the finished maps; empty today (nucleus objects will be derived here)."""
-    return maps
+    """Stage 5: work on the finished maps: outside the region of interest everything is background."""
+    if slide.roi is None:
+        return maps
+    prob_map, std_map = np.load(maps.prob_path, mmap_mode="r+"), np.load(maps.std_path, mmap_mode="r+")
+    objects = clear_outside_roi(slide.roi, slide.plan.work_mpp / slide.plan.mpp0, [prob_map, std_map], cfg)
+    prob_map.flush()
+    std_map.flush()
+    return replace(maps, object_pixels=objects)
 
 
 # -- stage 6: write ----------------------------------------------------------------------------
@@ -400,8 +459,11 @@ def write_outputs(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig, opts: 
             outs.append(("uncertainty", std_map, lambda a: a))
         for key, src, fn in outs:
             with atomic_output(paths[key]) as tmp:
-                write_pyramid(tmp, src, plan.slide_h, plan.slide_w, plan.mpp0, transform=fn, description=desc)
+                write_pyramid(tmp, src, plan.slide_h, plan.slide_w, plan.mpp0, transform=fn, description=desc,
+                              layout=opts.pyramid_layout)
     write_png(paths["overlay"], _overlay(slide.thumbnail, prob_map, cfg))
+    if slide.tissue is not None and opts.save_tissue:
+        write_png(paths["tissue"], slide.tissue.mask.astype(np.uint8) * U8_MAX)
 
 
 # -- stage 7: summarise ------------------------------------------------------------------------
@@ -419,6 +481,9 @@ def summarise(slide: SlidePlan, maps: StitchedMaps, opts: SegmentOptions, steps:
         "level_read": plan.level,
         "tiles_total": slide.tiles_total, "tiles_sampled": len(slide.tiles),
         "tissue_fraction": slide.tissue_fraction,
+        "tissue": _tissue_summary(slide.tissue, paths["tissue"] if opts.save_tissue else None),
+        "roi": _roi_summary(slide.roi, plan),
+        "warnings": slide.warnings,
         "object_fraction": maps.object_pixels / float(plan.work_h * plan.work_w),
         "seconds": seconds, "sampler_seconds": maps.sampler_seconds,
         "tiles_per_second": len(slide.tiles) / seconds if seconds > 0 else 0.0,

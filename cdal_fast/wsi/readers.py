@@ -3,9 +3,11 @@
 * :class:`TiffSlide`: flat or pyramidal TIFF, BigTIFF, OME-TIFF, SVS-style TIFF through tifffile.
   Only the tiles/strips a region touches are read and decoded.
 * :class:`OpenSlideSlide`: vendor formats (SVS, NDPI, MRXS, ...) through OpenSlide, if installed.
+* ``dicom.DicomSlide``: DICOM WSI (a folder of instances, or a ``.dcm`` file) through OpenSlide 4.
 * :class:`SmallImage`: PNG / JPEG, read whole (they are small by nature).
 
-All return RGB uint8 arrays (H, W, 3); greyscale is expanded, alpha dropped.
+All return RGB uint8 arrays (H, W, 3); greyscale is expanded, alpha dropped. The level-0 resolution
+and its fallbacks (objective power, anisotropy) are settled by ``mpp.settle_mpp``.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .mpp import MppInfo, plausible_mpp, settle_mpp
+
 __all__ = ["SlideError", "SlideReader", "TiffSlide", "OpenSlideSlide", "SmallImage", "open_slide",
-           "SLIDE_SUFFIXES", "OPENSLIDE_SUFFIXES"]
+           "SLIDE_SUFFIXES", "OPENSLIDE_SUFFIXES", "DICOM_SUFFIXES"]
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".ome.tif", ".ome.tiff")
 SMALL_SUFFIXES = (".png", ".jpg", ".jpeg")
 OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
-SLIDE_SUFFIXES = TIFF_SUFFIXES + SMALL_SUFFIXES + OPENSLIDE_SUFFIXES
+DICOM_SUFFIXES = (".dcm",)  # a DICOM WSI is read from its folder; see dicom.py
+SLIDE_SUFFIXES = TIFF_SUFFIXES + SMALL_SUFFIXES + OPENSLIDE_SUFFIXES + DICOM_SUFFIXES
 _UNIT_TO_UM = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "nm": 1e-3, "Å": 1e-4}
 
 
@@ -46,17 +51,30 @@ class SlideReader:
     levels: list[Level]
     mpp: float | None
     mpp_source: str
+    mpp_warning: str | None = None  # set when the resolution is a convention (objective power), not measured
+    mpp_anisotropic: tuple[float, float] | None = None  # (x, y) um/px when the pixels are not square
+
+    def _set_mpp(self, info: MppInfo) -> None:
+        self.mpp, self.mpp_source = info.mpp, info.source
+        self.mpp_warning, self.mpp_anisotropic = info.warning, info.anisotropic
 
     def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 (h, w, 3) at ``level``; (x, y) in that level's pixels. Outside is white."""
         raise NotImplementedError
 
-    def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
-        """Smallest level whose longer side is >= ``max_side`` (or the smallest), and its downsample."""
+    def thumbnail(self, max_side: int = 2048, max_downsample: float | None = None) -> tuple[np.ndarray, float]:
+        """Smallest level whose longer side is >= ``max_side`` (or the smallest), and its downsample.
+
+        ``max_downsample`` caps the level's downsample (finer levels win), so that objects of a given
+        physical size stay visible however large the slide is (see ``tissue.max_detection_mpp``).
+        """
         best = len(self.levels) - 1
         for i, lv in enumerate(self.levels):
             if max(lv.width, lv.height) >= max_side:
                 best = i
+        if max_downsample is not None:
+            while best > 0 and self.levels[best].downsample > max_downsample:
+                best -= 1
         lv = self.levels[best]
         if lv.width * lv.height > 64e6:
             raise SlideError(f"{self.path}: no pyramid level small enough for a thumbnail "
@@ -93,11 +111,6 @@ def _blank_and_box(lv: Level, x: int, y: int, w: int, h: int) -> tuple[np.ndarra
     return out, ((x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None)
 
 
-def _plausible(mpp: float | None) -> float | None:
-    # Screen defaults (72/96 dpi) and bogus tags give absurd values; microscopy is 0.05-20 um/px.
-    return mpp if mpp is not None and 0.05 <= mpp <= 20 else None
-
-
 class TiffSlide(SlideReader):
     def __init__(self, path: str | Path) -> None:
         import tifffile
@@ -116,36 +129,51 @@ class TiffSlide(SlideReader):
             raise SlideError(f"{self.path}: planar (separate) RGB TIFFs are not supported; use contiguous RGB")
         w0 = base.imagewidth
         self.levels = [Level(p.imagewidth, p.imagelength, w0 / p.imagewidth) for p in self._pages]
-        self.mpp, self.mpp_source = self._read_mpp()
+        self._set_mpp(self._read_mpp())
 
-    def _read_mpp(self) -> tuple[float | None, str]:
+    def _read_mpp(self) -> MppInfo:
         tif, page = self._tif, self._pages[0]
+        objective: tuple[float, str] | None = None
         if tif.ome_metadata:
             try:
                 root = ET.fromstring(tif.ome_metadata)
                 for el in root.iter():
+                    if el.tag.endswith("}Objective") and el.get("NominalMagnification"):
+                        objective = (float(el.get("NominalMagnification")), "OME NominalMagnification")
+                for el in root.iter():
                     if el.tag.endswith("Pixels") and el.get("PhysicalSizeX"):
-                        unit = el.get("PhysicalSizeXUnit", "µm")
-                        mpp = _plausible(float(el.get("PhysicalSizeX")) * _UNIT_TO_UM.get(unit, 1.0))
-                        if mpp:
-                            return mpp, "OME PhysicalSizeX"
-            except ET.ParseError:
+                        ux = _UNIT_TO_UM.get(el.get("PhysicalSizeXUnit", "µm"), 1.0)
+                        uy = _UNIT_TO_UM.get(el.get("PhysicalSizeYUnit", "µm"), 1.0)
+                        y = el.get("PhysicalSizeY")
+                        info = settle_mpp(float(el.get("PhysicalSizeX")) * ux, float(y) * uy if y else None,
+                                          "OME PhysicalSizeX")
+                        if info.mpp:
+                            return info
+            except (ET.ParseError, ValueError):
                 pass
         desc = page.description or ""
         m = re.search(r"MPP\s*=\s*([0-9.]+)", desc)
-        if m and _plausible(float(m.group(1))):
-            return float(m.group(1)), "ImageDescription MPP"
-        xres = page.tags.get("XResolution")
+        if m and plausible_mpp(float(m.group(1))):
+            return MppInfo(float(m.group(1)), "ImageDescription MPP")
+        xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
         unit = page.tags.get("ResolutionUnit")
         if xres is not None and unit is not None:
-            num, den = xres.value
-            per_unit = num / den if den else 0.0
             scale = {2: 25400.0, 3: 10000.0}.get(int(unit.value), 0.0)
-            if per_unit > 0 and scale:
-                mpp = _plausible(scale / per_unit)
-                if mpp:
-                    return mpp, "TIFF XResolution"
-        return None, "none"
+
+            def size(tag: object) -> float | None:
+                num, den = tag.value
+                per_unit = num / den if den else 0.0
+                return scale / per_unit if per_unit > 0 and scale else None
+
+            info = settle_mpp(size(xres), size(yres) if yres is not None else None, "TIFF XResolution")
+            if info.mpp:
+                return info
+        m = re.search(r"AppMag\s*=\s*([0-9.]+)", desc)
+        if m and objective is None:
+            objective = (float(m.group(1)), "ImageDescription AppMag")
+        if objective:
+            return settle_mpp(None, None, "none", objective[0], objective[1])
+        return MppInfo(None, "none")
 
     def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         page = self._pages[level]
@@ -188,6 +216,8 @@ class TiffSlide(SlideReader):
 
 
 class OpenSlideSlide(SlideReader):
+    mpp_label = "openslide.mpp-x"
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
@@ -202,9 +232,19 @@ class OpenSlideSlide(SlideReader):
         except Exception as exc:
             raise SlideError(f"{self.path}: OpenSlide cannot open it ({exc})") from exc
         self.levels = [Level(w, h, d) for (w, h), d in zip(self._s.level_dimensions, self._s.level_downsamples)]
-        mpp = self._s.properties.get("openslide.mpp-x")
-        self.mpp = _plausible(float(mpp)) if mpp else None
-        self.mpp_source = "openslide.mpp-x" if self.mpp else "none"
+        self._set_mpp(self._read_mpp())
+
+    def _read_mpp(self) -> MppInfo:
+        props = self._s.properties
+
+        def number(key: str) -> float | None:
+            try:
+                return float(props[key]) if props.get(key) else None
+            except ValueError:
+                return None
+
+        return settle_mpp(number("openslide.mpp-x"), number("openslide.mpp-y"), self.mpp_label,
+                          number("openslide.objective-power"), "openslide.objective-power")
 
     def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         d = self.levels[level].downsample
@@ -230,8 +270,9 @@ class SmallImage(SlideReader):
             raise SlideError(f"{self.path}: not a readable image ({exc})") from exc
         h, w = self._arr.shape[:2]
         self.levels = [Level(w, h, 1.0)]
-        self.mpp = _plausible(25400.0 / float(dpi[0])) if dpi and dpi[0] else None
-        self.mpp_source = "PNG/JPEG dpi" if self.mpp else "none"
+        self._set_mpp(settle_mpp(25400.0 / float(dpi[0]) if dpi and dpi[0] else None,
+                                 25400.0 / float(dpi[1]) if dpi and len(dpi) > 1 and dpi[1] else None,
+                                 "PNG/JPEG dpi"))
 
     def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         out, box = _blank_and_box(self.levels[0], x, y, w, h)
@@ -245,6 +286,14 @@ def open_slide(path: str | Path) -> SlideReader:
     """Pick the reader by file name; raise :class:`SlideError` with a clear reason on failure."""
     p = Path(path)
     name = p.name.lower()
+    if p.is_dir() or name.endswith(DICOM_SUFFIXES):
+        from .dicom import DicomSlide, is_dicom_folder
+
+        if p.is_dir() and not is_dicom_folder(p):
+            raise SlideError(f"{p}: a folder is read as a slide only when it holds DICOM instances; it holds none")
+        if not p.exists():
+            raise SlideError(f"{p}: file not found")
+        return DicomSlide(p)
     if not p.is_file():
         raise SlideError(f"{p}: file not found")
     if name.endswith(SMALL_SUFFIXES):
@@ -253,4 +302,5 @@ def open_slide(path: str | Path) -> SlideReader:
         return TiffSlide(p)
     if name.endswith(OPENSLIDE_SUFFIXES):
         return OpenSlideSlide(p)
-    raise SlideError(f"{p}: unsupported file type {p.suffix!r} (TIFF/OME-TIFF, PNG/JPEG, or OpenSlide formats)")
+    raise SlideError(f"{p}: unsupported file type {p.suffix!r} (TIFF/OME-TIFF, PNG/JPEG, DICOM, or OpenSlide "
+                     "formats)")

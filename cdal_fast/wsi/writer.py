@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_pyramid"]
+__all__ = ["PYRAMID_LAYOUTS", "write_pyramid"]
+
+PYRAMID_LAYOUTS = ("ome", "openslide")  # see write_pyramid for which viewer reads which
 
 
 def _level_shapes(height: int, width: int, tile: int) -> list[tuple[int, int]]:
@@ -43,28 +45,38 @@ def _tiles(src: np.ndarray, out_h: int, out_w: int, full_h: int, full_w: int, ti
 
 def write_pyramid(path: Path, src: np.ndarray, height: int, width: int, mpp: float | None,
                   transform: callable = lambda a: a, tile: int = 512, compression: str = "zlib",
-                  description: str = "") -> None:
-    """Write ``transform(src)`` resampled to (height, width) as a pyramidal OME-TIFF at ``path``.
+                  description: str = "", layout: str = "ome") -> None:
+    """Write ``transform(src)`` resampled to (height, width) as a pyramidal TIFF at ``path``.
 
-    ``mpp`` is the resolution of level 0 (um/px); sub-levels halve it each time (SubIFDs).
+    ``mpp`` is the resolution of level 0 (um/px); each level halves the previous one. ``layout``:
+    "ome" (OME-TIFF, reduced levels as SubIFDs: QuPath/Bio-Formats, tifffile, napari) or "openslide"
+    (plain BigTIFF, every level a top-level tiled IFD: OpenSlide's generic-tiff reader and the viewers
+    built on it see all levels; OpenSlide treats SubIFDs as absent and would see one level).
     """
     import tifffile
 
+    if layout not in PYRAMID_LAYOUTS:
+        raise ValueError(f"pyramid layout must be one of {', '.join(PYRAMID_LAYOUTS)}, got {layout!r}")
     shapes = _level_shapes(height, width, tile)
+    ome = layout == "ome"
     meta: dict = {"axes": "YX", "Description": description}
-    res: dict = {}
-    if mpp:
+    if mpp and ome:
         meta.update({"PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp,
                      "PhysicalSizeYUnit": "µm"})
-    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+    with tifffile.TiffWriter(path, bigtiff=True, ome=ome) as tw:
         for level, (h, w) in enumerate(shapes):
+            res: dict = {}
             if mpp:
-                scale = 2**level
-                res = {"resolution": (1e4 / (mpp * scale), 1e4 / (mpp * scale)), "resolutionunit": "CENTIMETER"}
+                # level pixel size = level-0 size x the level's actual downsample (odd sizes round up)
+                sx, sy = mpp * width / w, mpp * height / h
+                res = {"resolution": (1e4 / sx, 1e4 / sy), "resolutionunit": "CENTIMETER"}
             kwargs = dict(shape=(h, w), dtype=np.uint8, tile=(tile, tile), compression=compression,
                           photometric="minisblack", **res)
             data = _tiles(src, h, w, height, width, tile, transform)
-            if level == 0:
+            if not ome:
+                tw.write(data, description=description if level == 0 else None, metadata=None,
+                         subfiletype=0 if level == 0 else 1, **kwargs)
+            elif level == 0:
                 tw.write(data, subifds=len(shapes) - 1, metadata=meta, **kwargs)
             else:
                 tw.write(data, subfiletype=1, metadata=None, **kwargs)

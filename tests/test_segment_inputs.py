@@ -1,0 +1,77 @@
+"""`segment` with the slide-input options: --roi, --save-tissue, --tissue-threshold, --pyramid-layout."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from cdal_fast.wsi.readers import open_slide
+from cdal_fast.wsi.tissue import detect_tissue
+
+from .test_segment import mosaic, run, slide, tiny_weights  # noqa: F401  (fixtures)
+
+ROI_BOX = (300, 340, 700, 660)  # x0, y0, x1, y1 in level-0 px of the 1000 x 1000 mosaic (0.25 um/px)
+
+
+def test_roi_tissue_mask_and_openslide_layout(tmp_path, slide, tiny_weights):  # noqa: F811
+    x0, y0, x1, y1 = ROI_BOX
+    ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    roi = tmp_path / "roi.geojson"
+    roi.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": {"name": "t"}}]}))
+    out = tmp_path / "o"
+    code, output = run([str(slide), "--out", str(out), "--weights", str(tiny_weights), "--workers", "0",
+                        "--batch-size", "16", "--roi", str(roi), "--save-tissue", "--save-prob",
+                        "--pyramid-layout", "openslide"])
+    assert code == 0, output
+    summary = json.loads((out / "mosaic.json").read_text())
+    assert summary["roi"]["area_px"] == 400 * 320 and summary["roi"]["area_um2"] == pytest.approx(400 * 320 / 16)
+    assert summary["warnings"] == [] and 0 < summary["tiles_sampled"] < summary["tiles_total"]
+    # the tiny model's probabilities are > 0 inside; outside the ROI everything is background
+    prob = tifffile.imread(out / "mosaic.prob.tif", key=0)
+    assert prob.shape == (1000, 1000)
+    inside = np.zeros(prob.shape, dtype=bool)
+    inside[y0:y1, x0:x1] = True
+    assert (prob[~inside] == 0).all() and (prob[inside] > 0).mean() > 0.9
+    # the saved tissue mask is the one detected, at the scale the JSON names
+    tissue = np.asarray(Image.open(out / "mosaic.tissue.png")) > 0
+    with open_slide(slide) as s:
+        det = detect_tissue(s, s.mpp)
+    assert np.array_equal(tissue, det.mask)
+    assert summary["tissue"]["thumbnail_downsample"] == 4.0 and summary["tissue"]["thumbnail_size"] == [250, 250]
+    openslide = pytest.importorskip("openslide")
+    with openslide.OpenSlide(str(out / "mosaic.mask.tif")) as o:
+        assert o.level_dimensions == ((1000, 1000), (500, 500))
+
+
+def test_no_tissue_is_a_warning(tmp_path, slide, tiny_weights):  # noqa: F811
+    out = tmp_path / "o"
+    code, output = run([str(slide), "--out", str(out), "--weights", str(tiny_weights), "--workers", "0",
+                        "--tissue-threshold", "254"])
+    assert code == 0, output
+    assert "warn" in output and "no tissue found (saturation threshold 254.0" in output
+    summary = json.loads((out / "mosaic.json").read_text())
+    assert summary["tiles_sampled"] == 0 and summary["warnings"][0].startswith("no tissue found")
+
+
+def test_dicom_folder_segments_like_the_same_ome_tiff(tmp_path, mosaic, tiny_weights):  # noqa: F811
+    pytest.importorskip("openslide")
+    from .slides import write_dicom_wsi, write_ome_pyramid
+
+    crop = mosaic[100:400, 100:420]  # glass margin and tissue
+    folder = write_dicom_wsi(tmp_path / "case7", crop, mpp=0.25, levels=2)
+    ome = write_ome_pyramid(tmp_path / "case7.ome.tif", crop, mpp=0.25, levels=2)
+    masks = []
+    for source, out in ((folder, tmp_path / "a"), (ome, tmp_path / "b")):
+        code, output = run([str(source), "--out", str(out), "--weights", str(tiny_weights), "--workers", "0",
+                            "--batch-size", "16", "--save-prob"])
+        assert code == 0, output
+        summary = json.loads((out / "case7.json").read_text())
+        assert summary["level_read"] == 1 and summary["mpp"] == pytest.approx(0.25)  # 0.5 um/px level read
+        masks.append(tifffile.imread(out / "case7.prob.ome.tif", key=0))
+    assert masks[0].shape == (300, 320) and np.array_equal(masks[0], masks[1])
+    assert json.loads((tmp_path / "a" / "case7.json").read_text())["mpp_source"] == "DICOM PixelSpacing"

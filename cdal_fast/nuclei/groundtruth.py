@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from skimage.draw import polygon as draw_polygon
 
-__all__ = ["ANNOTATION_DIR", "annotated_names", "annotation_path", "read_instances"]
+__all__ = ["ANNOTATION_DIR", "annotated_names", "annotation_mpp", "annotation_path", "read_instances"]
 
 ANNOTATION_DIR = "annotations"
 MIN_VERTICES = 3  # a region with fewer vertices has no area (2 such regions in the 13 files)
@@ -45,13 +45,26 @@ def annotated_names(data: Path) -> set[str]:
     return {p.name.split(".xml")[0] for p in folder.iterdir() if ".xml" in p.name}
 
 
-def _regions(path: Path) -> list[np.ndarray]:
+def _root(path: Path) -> ET.Element:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as fh:
-            root = ET.parse(fh).getroot()
+            return ET.parse(fh).getroot()
     except (ET.ParseError, OSError, EOFError) as exc:
         raise ValueError(f"{path}: not a readable ImageScope XML file ({exc})") from None
+
+
+def annotation_mpp(path: str | Path) -> float | None:
+    """The file's ``MicronsPerPixel`` (um per tile pixel), None when absent or not a positive number."""
+    try:
+        value = float(_root(Path(path)).attrib.get("MicronsPerPixel", "nan"))
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def _regions(path: Path) -> list[np.ndarray]:
+    root = _root(path)
     out = []
     for region in root.iter("Region"):
         verts = region.findall("./Vertices/Vertex")

@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--maps", type=Path, required=True)
     ap.add_argument("--json", type=Path, default=None, help="Also write every row here.")
+    ap.add_argument("--score", type=float, nargs=3, metavar=("THRESHOLD", "H_UM", "MIN_AREA_UM2"), default=None,
+                    help="No search: per-tile scores of this one setting (e.g. the chosen defaults).")
     args = ap.parse_args()
     train = set(read_split(args.data, "train"))
     tiles = []
@@ -47,6 +49,9 @@ def main() -> None:
         tiles.append((name, np.load(npz)["prob"].astype(np.float32), read_instances(xml, TILE_SHAPE),
                       annotation_mpp(xml) or MONUSEG_MPP))
     print(f"{len(tiles)} training tiles: {', '.join(t[0] for t in tiles)}")
+    if args.score is not None:
+        score_one(tiles, NucleiParams(*args.score))
+        return
     results = []
     for thr, h in itertools.product(THRESHOLDS, H_UM):
         per_tile = []
@@ -76,6 +81,19 @@ def main() -> None:
     if args.json:
         with atomic_output(args.json) as tmp:
             tmp.write_text(json.dumps({"tiles": [t[0] for t in tiles], "rows": results}, indent=1) + "\n")
+
+
+def score_one(tiles: list, params: NucleiParams) -> None:
+    """Markdown rows of one setting per tile and their mean."""
+    print(f"{params}\n| tile | AJI | PQ | DQ (= F1@0.5) | SQ | objects (pred / true) |\n|---|---|---|---|---|---|")
+    all_scores = []
+    for name, prob, truth, mpp in tiles:
+        s = instance_scores(truth, label_nuclei(resize_prob(prob, TILE_SHAPE), params, mpp))
+        all_scores.append(s)
+        print(f"| {name} | {s.aji:.4f} | {s.pq:.4f} | {s.dq:.4f} | {s.sq:.4f} | {s.n_pred} / {s.n_true} |")
+    means = {k: np.mean([getattr(s, k) for s in all_scores]) for k in ("aji", "pq", "dq", "sq")}
+    print(f"| mean ({len(tiles)} tiles) | {means['aji']:.4f} | {means['pq']:.4f} | {means['dq']:.4f} "
+          f"| {means['sq']:.4f} | |")
 
 
 if __name__ == "__main__":

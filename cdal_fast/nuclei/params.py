@@ -15,8 +15,8 @@ __all__ = ["NucleiParams", "DEFAULT_PARAMS"]
 
 # Tuned defaults (see the module docstring and train/results/nuclei_postprocess.md).
 DEFAULT_PROB_THRESHOLD = 0.5
-DEFAULT_MARKER_H_UM = 0.75
-DEFAULT_MIN_AREA_UM2 = 6.0
+DEFAULT_MARKER_H_UM = 0.25
+DEFAULT_MIN_AREA_UM2 = 3.0
 # A foreground component taller than this is cut at a band border (see bands.py): bounded memory
 # wins over exactness for such (non-nucleus) structures; real nuclei are < 30 um.
 DEFAULT_MAX_COMPONENT_UM = 256.0

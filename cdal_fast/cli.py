@@ -173,6 +173,7 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
     from .evaluate import evaluate_task
     from .inference import PatchRunner
     from .models import load_model
+    from .nuclei.evaluation import INSTANCE_KEYS, mean_instance_scores
     from .sampler import FixedStepSampler
     from .weights import WeightsError
 
@@ -191,9 +192,14 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
     except (FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from None
     for r in res.rows:
-        click.echo(f"{r['name']:40s} dice {_fmt(r['dice'])}  iou {_fmt(r['iou'])}")
+        inst = "".join(f"  {k} {r[k]:.4f}" for k in INSTANCE_KEYS if k in r)
+        click.echo(f"{r['name']:40s} dice {_fmt(r['dice'])}  iou {_fmt(r['iou'])}{inst}")
     click.echo(f"{'MEAN':40s} dice {_fmt(res.dice)}  iou {_fmt(res.iou)}  (n={len(res.rows)}, T={res.steps}, "
                f"V={res.votes})")
+    inst_mean = mean_instance_scores(res.rows)
+    if inst_mean is not None:
+        click.echo(f"{'MEAN instance':40s} " + "  ".join(f"{k} {inst_mean[k]:.4f}" for k in INSTANCE_KEYS)
+                   + f"  (n={inst_mean['n']} tiles with XML nuclei)")
     if json_out:
         payload = res.to_dict() | {"weights": str(bundle.path), "seed": seed, "trained_steps": bundle.config.num_steps,
                                    "untrained_steps": untrained}

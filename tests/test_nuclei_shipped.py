@@ -1,0 +1,41 @@
+"""The shipped MoNuSeg model on one annotated training tile: object count and AJI as recorded.
+
+Recorded in train/results/nuclei_postprocess.md from the cached map of the same tile (same
+protocol, noise and batch of four patches). Tolerances: the cache stored the probability as
+float16 (steps of up to 2.4e-4 near 0.5), which moves a few boundary pixels across the threshold,
+and BLAS thread counts change float32 sums in the last bits; on the recorded tile that shifts at
+most a handful of objects (2 % of ~400) and AJI by well under 0.01. A change of the model, the
+protocol or the post-processing moves these numbers by more.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+TILE = "TCGA-21-5784-01Z-00-DX1"
+RECORDED_OBJECTS = 385
+RECORDED_AJI = 0.5268
+OBJECTS_REL_TOL = 0.02
+AJI_ABS_TOL = 0.01
+
+
+@pytest.mark.slow
+def test_shipped_model_objects_and_aji_on_an_annotated_training_tile(shared_data):
+    from cdal_fast.data.imageio import read_image
+    from cdal_fast.evaluate import PatchRunner, predict_monuseg_tile
+    from cdal_fast.models import load_model
+    from cdal_fast.nuclei.evaluation import score_tile
+    from cdal_fast.nuclei.groundtruth import annotation_path
+    from cdal_fast.preprocess import match_channels, to_chw_float
+    from cdal_fast.sampler import FixedStepSampler
+
+    root = shared_data / "monuseg"
+    bundle = load_model(task="monuseg")
+    runner = PatchRunner(FixedStepSampler(bundle.generator).eval(), batch_size=4, seed=0)
+    img = match_channels(to_chw_float(read_image(root / "train" / "images" / f"{TILE}.tif")),
+                         bundle.config.img_channels)
+    prob = predict_monuseg_tile(img, bundle.config, runner)
+    scores, labels = score_tile(prob, annotation_path(root, TILE), (1000, 1000))
+    assert scores.n_pred == pytest.approx(RECORDED_OBJECTS, rel=OBJECTS_REL_TOL)
+    assert scores.aji == pytest.approx(RECORDED_AJI, abs=AJI_ABS_TOL)
+    assert int(labels.max()) == scores.n_pred

@@ -255,6 +255,10 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--save-uncertainty", is_flag=True,
               help="Also write the vote standard deviation map (uint8, 255 = 0.5, the maximum).")
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs are already complete.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Process only shard I of N (0-based) of the inputs, chosen by a hash of each input's path "
+                   "relative to its folder argument: N jobs over the same inputs (a Slurm array, "
+                   "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT) together do each input once.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | None, recursive: bool,
             pattern: str | None,
@@ -262,7 +266,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
             steps: int | None, allow_untrained_steps: bool, votes: int | None, seed: int, tile_overlap: int | None,
             no_tissue_mask: bool, tissue_threshold: float | None, tissue_min_area: float, save_tissue: bool,
             roi: Path | None, pyramid_layout: str, save_prob: bool, save_uncertainty: bool, overwrite: bool,
-            quiet: bool) -> None:
+            shard: str | None, quiet: bool) -> None:
     """Segment slides and images into masks.
 
     INPUTS are files or folders: TIFF / BigTIFF / OME-TIFF (pyramidal or flat), PNG / JPEG, DICOM WSI
@@ -280,9 +284,14 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     from .models import load_model
     from .requires import BackendError
     from .weights import WeightsError
-    from .wsi.batch import find_inputs, segment_all
+    from .wsi.batch import find_inputs, run_summary_name, segment_all
     from .wsi.pipeline import SegmentOptions
+    from .wsi.shard import ShardError, parse_shard, select_shard
 
+    try:
+        shard_index, shard_count = parse_shard(shard) if shard else (0, 1)
+    except ShardError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shard") from None
     dev = _device(device)
     try:
         bundle = load_model(weights, task=task, device=dev)
@@ -293,6 +302,10 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     files = find_inputs(list(inputs), recursive, pattern)
     if not files:
         raise click.ClickException("no slide or image files found in the inputs")
+    if shard_count > 1:
+        found = len(files)
+        files = select_shard(files, list(inputs), shard_index, shard_count)
+        click.echo(f"shard {shard_index}/{shard_count}: {len(files)} of {found} inputs", err=True)
     if batch_size is None:
         batch_size = 8 if dev.type == "cuda" else 1
     tile = bundle.config.image_size
@@ -311,11 +324,12 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
             "steps": steps or bundle.config.num_steps, "trained_steps": bundle.config.num_steps,
             "untrained_steps": untrained}
     report = segment_all(files, out_dir, sampler, bundle.config, opts, dev, DTYPES[dtype], info,
-                         echo=lambda m: click.echo(m, err=True), show_progress=not quiet, task=task)
+                         echo=lambda m: click.echo(m, err=True), show_progress=not quiet, task=task,
+                         summary_name=run_summary_name(shard_index, shard_count))
     r = report.to_dict()
     click.echo(f"{r['processed']} done, {len(r['skipped_complete'])} already complete, {len(r['failed'])} failed; "
                f"{r['tiles']} tiles in {r['seconds']:.1f} s ({r['tiles_per_second']:.2f} tiles/s). "
-               f"Summary: {out_dir / 'run_summary.json'}")
+               f"Summary: {out_dir / run_summary_name(shard_index, shard_count)}")
     for f in r["failed"]:
         click.echo(f"  failed: {f['file']}: {f['error']}", err=True)
     if report.failed:

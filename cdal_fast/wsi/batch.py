@@ -20,11 +20,20 @@ from ..sampler import SamplerLike
 from .dicom import is_dicom_folder
 from .other_tasks import VOLUME_SUFFIXES, radiograph_done, segment_radiograph, segment_volume, volume_done
 from .outputs import is_complete, is_small_image, slide_stem, write_summary
-from .pipeline import SegmentOptions, segment_slide
+from .pipeline import SampleStream, SegmentOptions, segment_slide
 from .progress import TileProgress, TqdmProgress
 from .readers import DICOM_SUFFIXES, SLIDE_SUFFIXES, SlideError
 
-__all__ = ["find_inputs", "RunReport", "TaskRun", "TASKS", "segment_all"]
+RUN_SUMMARY = "run_summary.json"
+
+
+def run_summary_name(shard_index: int = 0, shard_count: int = 1) -> str:
+    """``run_summary.json``, or ``run_summary.shard-I-of-N.json`` for one job of a sharded run."""
+    return RUN_SUMMARY if shard_count == 1 else f"run_summary.shard-{shard_index}-of-{shard_count}.json"
+
+
+__all__ = ["RUN_SUMMARY", "run_summary_name", "find_inputs", "RunReport", "TaskRun", "TASKS", "InputOutcome",
+           "run_input", "segment_all"]
 
 
 def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None = None) -> list[Path]:
@@ -62,6 +71,23 @@ class RunReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
+    def add(self, outcome: InputOutcome, echo: Callable[[str], None] = print) -> None:
+        """Record one input's outcome and echo its line (``skip``, ``FAIL``, ``warn``, ``done``)."""
+        f = outcome.path
+        if outcome.status == "skipped":
+            self.skipped.append(f)
+            echo(f"skip  {f} (already done; --overwrite to redo)")
+        elif outcome.status == "failed":
+            self.failed.append((f, outcome.error))
+            echo(f"FAIL  {f}: {outcome.error}")
+        else:
+            summary = outcome.summary or {}
+            self.done.append(summary)
+            for warning in summary.get("warnings") or []:
+                echo(f"warn  {f}: {warning}")
+            detail = (f"objects {summary['object_fraction']:.3f}, " if "object_fraction" in summary else "")
+            echo(f"done  {f}: {detail}{summary.get('seconds', 0.0):.1f} s")
+
     def to_dict(self) -> dict[str, Any]:
         tiles = sum(d["tiles_sampled"] for d in self.done)
         return {"processed": len(self.done), "skipped_complete": self.skipped,
@@ -74,12 +100,13 @@ class TaskRun:
     """What every task's job needs besides the input: the sampler (and a patch runner over it), config, options."""
 
     sampler: SamplerLike
-    runner: PatchRunner
+    runner: PatchRunner | None  # None on a Ray driver that only plans, stitches and writes
     cfg: ModelConfig
     opts: SegmentOptions
     device: torch.device
     dtype: torch.dtype
     model_info: dict[str, Any]
+    sample_stream: SampleStream | None = None  # slides only: where tiles are sampled (None = here, on `sampler`)
 
 
 SegmentFn = Callable[[Path, Path, TaskRun, TileProgress], dict[str, Any]]
@@ -88,7 +115,7 @@ DoneFn = Callable[[Path, Path, SegmentOptions], bool]  # (out_dir, input, option
 
 def _segment_slide(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
     return segment_slide(path, out_dir, run.sampler, run.cfg, run.opts, run.device, run.dtype, run.model_info,
-                         progress=progress)
+                         progress=progress, sample_stream=run.sample_stream)
 
 
 def _slide_done(out_dir: Path, path: Path, opts: SegmentOptions) -> bool:
@@ -110,37 +137,49 @@ TASKS: dict[str, tuple[SegmentFn, DoneFn]] = {
 }
 
 
+@dataclass
+class InputOutcome:
+    """What happened to one input (picklable: Ray actors return it to the driver)."""
+
+    path: str
+    status: str  # "done", "skipped" (already complete) or "failed"
+    summary: dict[str, Any] | None = None
+    error: str = ""
+
+
+def run_input(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress, task: str = "monuseg") -> InputOutcome:
+    """The one per-input path of every runner (sequential, ``--shard``, Ray): skip if done, run, catch errors."""
+    segment_fn, done_fn = TASKS[task]
+    if not run.opts.overwrite and done_fn(out_dir, path, run.opts):
+        return InputOutcome(str(path), "skipped")
+    try:
+        return InputOutcome(str(path), "done", segment_fn(path, out_dir, run, progress))
+    except (SlideError, OSError, ValueError) as exc:
+        return InputOutcome(str(path), "failed", error=str(exc))
+
+
 def segment_all(files: list[Path], out_dir: Path, sampler: SamplerLike, cfg: ModelConfig, opts: SegmentOptions,
                 device: torch.device, dtype: torch.dtype, model_info: dict, echo=print,
-                show_progress: bool = True, task: str = "monuseg") -> RunReport:
-    """Segment ``files`` for ``task``: slides/images (monuseg), radiographs (cxr), volumes (hippocampus)."""
+                show_progress: bool = True, task: str = "monuseg",
+                summary_name: str = RUN_SUMMARY) -> RunReport:
+    """Segment ``files`` for ``task``: slides/images (monuseg), radiographs (cxr), volumes (hippocampus).
+
+    ``summary_name``: concurrent jobs over one ``out_dir`` (``--shard``) each need their own run summary.
+    """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    segment_fn, done_fn = TASKS[task]
     out_dir.mkdir(parents=True, exist_ok=True)
     report = RunReport()
     t0 = time.perf_counter()
     runner = PatchRunner(sampler, device, dtype, batch_size=max(opts.batch_size, 1), seed=opts.seed)
     run = TaskRun(sampler, runner, cfg, opts, device, dtype, model_info)
     for n, f in enumerate(files, start=1):
-        if not opts.overwrite and done_fn(out_dir, f, opts):
-            report.skipped.append(str(f))
-            echo(f"skip  {f} (already done; --overwrite to redo)")
-            continue
         bar = TqdmProgress(f.name, n, len(files), enabled=show_progress)
         try:
-            summary = segment_fn(f, out_dir, run, bar)
-        except (SlideError, OSError, ValueError) as exc:
-            report.failed.append((str(f), str(exc)))
-            echo(f"FAIL  {f}: {exc}")
-            continue
+            outcome = run_input(f, out_dir, run, bar, task)
         finally:
             bar.close()
-        report.done.append(summary)
-        for warning in summary.get("warnings") or []:
-            echo(f"warn  {f}: {warning}")
-        detail = (f"objects {summary['object_fraction']:.3f}, " if "object_fraction" in summary else "")
-        echo(f"done  {f}: {detail}{summary['seconds']:.1f} s")
+        report.add(outcome, echo)
     report.seconds = time.perf_counter() - t0
-    write_summary(out_dir / "run_summary.json", report.to_dict())
+    write_summary(out_dir / summary_name, report.to_dict())
     return report

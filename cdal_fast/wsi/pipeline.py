@@ -63,7 +63,8 @@ from .writer import write_pyramid
 # output_paths, is_complete, slide_stem, is_small_image, write_png, write_summary, summary_complete
 # live in .outputs; they stay importable from here for existing callers.
 __all__ = ["SegmentOptions", "SlidePlan", "TileBatch", "TileResult", "StitchedMaps", "plan_slide", "read_tiles",
-           "sample_tiles", "stitch_tiles", "post_process", "write_outputs", "summarise", "segment_slide",
+           "sample_tiles", "SampleStream", "stitch_tiles", "post_process", "write_outputs", "summarise",
+           "segment_slide",
            "output_paths", "is_complete", "slide_stem", "is_small_image", "write_png", "write_summary",
            "summary_complete"]
 
@@ -388,6 +389,11 @@ def sample_tiles(sampler: SamplerLike, batch: TileBatch, device: torch.device,
     return TileResult(batch.indices, prob, std, time.perf_counter() - ts)
 
 
+# A source of sampled tiles for one planned slide, in tile order: (slide, steps, votes) -> results.
+# The default samples here; a distributed runner hands the batches to remote workers instead.
+SampleStream = Callable[["SlidePlan", int, int], Iterable[TileResult]]
+
+
 # -- stage 4: stitch ---------------------------------------------------------------------------
 @dataclass
 class StitchedMaps:
@@ -510,8 +516,11 @@ def work_folder(slide: SlidePlan) -> Iterator[Path]:
 
 def segment_slide(path: Path, out_dir: Path, sampler: SamplerLike, cfg: ModelConfig, opts: SegmentOptions,
                   device: torch.device, dtype: torch.dtype = torch.float32, model_info: dict | None = None,
-                  progress: TileProgress | None = None) -> dict[str, Any]:
-    """Segment ``path`` into ``out_dir`` by chaining the seven stages; returns the summary (also JSON)."""
+                  progress: TileProgress | None = None, sample_stream: SampleStream | None = None) -> dict[str, Any]:
+    """Segment ``path`` into ``out_dir`` by chaining the seven stages; returns the summary (also JSON).
+
+    ``sample_stream`` replaces stages 2-3 (e.g. tiles sampled by Ray actors); results must come in tile order.
+    """
     t0 = time.perf_counter()
     progress = progress or NullProgress()
     steps, votes = int(sampler.num_steps), int(sampler.votes)
@@ -519,8 +528,12 @@ def segment_slide(path: Path, out_dir: Path, sampler: SamplerLike, cfg: ModelCon
     progress.set_total(len(slide.tiles))
 
     def sampled() -> Iterator[TileResult]:
-        for batch in read_tiles(slide, cfg, opts, steps, votes, pin_memory=device.type == "cuda"):
-            result = sample_tiles(sampler, batch, device, dtype)
+        if sample_stream is not None:
+            results: Iterable[TileResult] = sample_stream(slide, steps, votes)
+        else:
+            results = (sample_tiles(sampler, batch, device, dtype)
+                       for batch in read_tiles(slide, cfg, opts, steps, votes, pin_memory=device.type == "cuda"))
+        for result in results:
             progress.update(len(result.indices))
             yield result
 

@@ -259,6 +259,19 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
               help="Process only shard I of N (0-based) of the inputs, chosen by a hash of each input's path "
                    "relative to its folder argument: N jobs over the same inputs (a Slurm array, "
                    "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT) together do each input once.")
+@click.option("--ray", "ray_address", default=None, metavar="local|auto|ADDRESS",
+              help="Run on Ray actors (one model each): local = start Ray here, auto = the running cluster "
+                   "(after `ray start`), or the head's HOST:PORT. Inputs and --out must be on storage every node "
+                   "sees at the same path. Needs pip install 'cdal-fast[ray]'.")
+@click.option("--ray-cpus-per-actor", type=click.IntRange(1), default=1, show_default=True,
+              help="CPU nodes: one actor per this many cores (GPU runs: one actor per GPU).")
+@click.option("--ray-actors", type=click.IntRange(1), default=None,
+              help="Number of actors (default: one per GPU, or CPUs // --ray-cpus-per-actor).")
+@click.option("--ray-max-retries", type=click.IntRange(0), default=2, show_default=True,
+              help="Times a unit whose actor died is resubmitted before its input is reported failed.")
+@click.option("--ray-unit", type=click.Choice(["auto", "input", "band"]), default="auto", show_default=True,
+              help="Unit of work: whole inputs, or bands of one slide's tile rows (auto: bands when fewer "
+                   "inputs than actors).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | None, recursive: bool,
             pattern: str | None,
@@ -266,7 +279,8 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
             steps: int | None, allow_untrained_steps: bool, votes: int | None, seed: int, tile_overlap: int | None,
             no_tissue_mask: bool, tissue_threshold: float | None, tissue_min_area: float, save_tissue: bool,
             roi: Path | None, pyramid_layout: str, save_prob: bool, save_uncertainty: bool, overwrite: bool,
-            shard: str | None, quiet: bool) -> None:
+            shard: str | None, ray_address: str | None, ray_cpus_per_actor: int, ray_actors: int | None,
+            ray_max_retries: int, ray_unit: str, quiet: bool) -> None:
     """Segment slides and images into masks.
 
     INPUTS are files or folders: TIFF / BigTIFF / OME-TIFF (pyramidal or flat), PNG / JPEG, DICOM WSI
@@ -292,11 +306,20 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
         shard_index, shard_count = parse_shard(shard) if shard else (0, 1)
     except ShardError as exc:
         raise click.BadParameter(str(exc), param_hint="--shard") from None
-    dev = _device(device)
+    if ray_address is not None:
+        from .distributed.ray_runner import require_ray
+
+        try:
+            require_ray()  # fail at start, before any model is loaded
+        except BackendError as exc:
+            raise click.ClickException(str(exc)) from None
+    # With --ray the driver only plans, stitches and writes: the actors resolve --device where they run.
+    dev = torch.device("cpu") if ray_address is not None else _device(device)
     try:
         bundle = load_model(weights, task=task, device=dev)
         untrained = check_steps(steps, bundle.config.num_steps, allow_untrained_steps)
-        sampler = build_sampler(bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.content_sha256)
+        sampler = None if ray_address is not None else build_sampler(
+            bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.content_sha256)
     except (WeightsError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
     files = find_inputs(list(inputs), recursive, pattern)
@@ -323,9 +346,15 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
             "preset": bundle.config.name, "backend": backend, "dtype": dtype, "device": str(dev),
             "steps": steps or bundle.config.num_steps, "trained_steps": bundle.config.num_steps,
             "untrained_steps": untrained}
-    report = segment_all(files, out_dir, sampler, bundle.config, opts, dev, DTYPES[dtype], info,
-                         echo=lambda m: click.echo(m, err=True), show_progress=not quiet, task=task,
-                         summary_name=run_summary_name(shard_index, shard_count))
+    echo = lambda m: click.echo(m, err=True)  # noqa: E731
+    if ray_address is not None:
+        report = _segment_on_ray(files, out_dir, task, weights, steps, votes, backend, dtype, device, opts, info,
+                                 ray_address, ray_cpus_per_actor, ray_actors, ray_max_retries, ray_unit, echo, quiet,
+                                 (shard_index, shard_count))
+    else:
+        report = segment_all(files, out_dir, sampler, bundle.config, opts, dev, DTYPES[dtype], info,
+                             echo=echo, show_progress=not quiet, task=task,
+                             summary_name=run_summary_name(shard_index, shard_count))
     r = report.to_dict()
     click.echo(f"{r['processed']} done, {len(r['skipped_complete'])} already complete, {len(r['failed'])} failed; "
                f"{r['tiles']} tiles in {r['seconds']:.1f} s ({r['tiles_per_second']:.2f} tiles/s). "
@@ -334,6 +363,20 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
         click.echo(f"  failed: {f['file']}: {f['error']}", err=True)
     if report.failed:
         sys.exit(1)
+
+
+def _segment_on_ray(files, out_dir, task, weights, steps, votes, backend, dtype, device, opts, info, address,
+                    cpus_per_actor, actors, max_retries, unit, echo, quiet, shard):
+    """The --ray branch of `segment`: the same options, handed to the actors as a WorkerSpec."""
+    from .distributed.ray_runner import RayOptions, run_on_ray
+    from .distributed.worker import WorkerSpec
+
+    spec = WorkerSpec(str(weights) if weights else None, task, steps, votes, backend, dtype, device, opts,
+                      info | {"ray": address})
+    ray_opts = RayOptions(address=address, cpus_per_actor=cpus_per_actor, actors=actors, max_retries=max_retries,
+                          unit=unit)
+    report, _summary = run_on_ray(files, out_dir, spec, ray_opts, echo=echo, show_progress=not quiet, shard=shard)
+    return report
 
 
 @main.command()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -439,6 +440,12 @@ def post_process(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig) -> Stit
     return replace(maps, object_pixels=objects)
 
 
+def _output_uuid(slide: SlidePlan, key: str, opts: SegmentOptions) -> str:
+    """The OME UUID of one output, a function of the job only: same job, same bytes (any runner, any rerun)."""
+    job = {k: v for k, v in asdict(opts).items() if k not in ("overwrite", "workers", "batch_size")}
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, json.dumps([slide.path.name, key, job], sort_keys=True)))
+
+
 # -- stage 6: write ----------------------------------------------------------------------------
 def write_outputs(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig, opts: SegmentOptions) -> None:
     """Stage 6: mask (+ prob, uncertainty when asked) and the overlay, each renamed when complete."""
@@ -466,7 +473,7 @@ def write_outputs(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig, opts: 
         for key, src, fn in outs:
             with atomic_output(paths[key]) as tmp:
                 write_pyramid(tmp, src, plan.slide_h, plan.slide_w, plan.mpp0, transform=fn, description=desc,
-                              layout=opts.pyramid_layout)
+                              layout=opts.pyramid_layout, uuid=_output_uuid(slide, key, opts))
     write_png(paths["overlay"], _overlay(slide.thumbnail, prob_map, cfg))
     if slide.tissue is not None and opts.save_tissue:
         write_png(paths["tissue"], slide.tissue.mask.astype(np.uint8) * U8_MAX)

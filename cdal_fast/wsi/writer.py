@@ -45,13 +45,15 @@ def _tiles(src: np.ndarray, out_h: int, out_w: int, full_h: int, full_w: int, ti
 
 def write_pyramid(path: Path, src: np.ndarray, height: int, width: int, mpp: float | None,
                   transform: callable = lambda a: a, tile: int = 512, compression: str = "zlib",
-                  description: str = "", layout: str = "ome") -> None:
+                  description: str = "", layout: str = "ome", uuid: str | None = None) -> None:
     """Write ``transform(src)`` resampled to (height, width) as a pyramidal TIFF at ``path``.
 
     ``mpp`` is the resolution of level 0 (um/px); each level halves the previous one. ``layout``:
     "ome" (OME-TIFF, reduced levels as SubIFDs: QuPath/Bio-Formats, tifffile, napari) or "openslide"
     (plain BigTIFF, every level a top-level tiled IFD: OpenSlide's generic-tiff reader and the viewers
     built on it see all levels; OpenSlide treats SubIFDs as absent and would see one level).
+    ``uuid``: the OME file UUID; pass one derived from the job so that reruns and distributed runs
+    write byte-identical files (tifffile otherwise draws a time-based one per file).
     """
     import tifffile
 
@@ -60,6 +62,8 @@ def write_pyramid(path: Path, src: np.ndarray, height: int, width: int, mpp: flo
     shapes = _level_shapes(height, width, tile)
     ome = layout == "ome"
     meta: dict = {"axes": "YX", "Description": description}
+    if uuid:
+        meta["UUID"] = f"urn:uuid:{uuid}"
     if mpp and ome:
         meta.update({"PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp,
                      "PhysicalSizeYUnit": "µm"})

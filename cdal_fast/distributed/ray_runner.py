@@ -1,0 +1,329 @@
+"""``cdal-fast segment --ray``: the driver plans, a pool of Ray actors (one model each) samples.
+
+Units of work:
+
+* many inputs: one whole input per task (:meth:`SegmentWorker.run_input`, i.e. the batch runner's
+  per-input path with its skip-if-done check and error handling);
+* fewer pending slides than actors (one huge slide): the driver plans the slide and stitches and
+  writes it (the same :func:`segment_slide` through :func:`run_input`), while the tiles are sampled
+  by the actors in units of whole sampler batches of about ``band_rows`` tile rows. At most
+  ``window`` units are in flight and results are stitched in tile order, so the driver holds
+  ``window`` units of results plus the one-tile-row band, whatever the slide's size.
+
+Batches are cut exactly as in a single-process run and noise is keyed by (seed, tile position), so
+outputs are byte-identical for any number of actors, order of completion or retries.
+
+Fault tolerance is the driver's: a unit whose actor died (``RayActorError``: killed, out of memory,
+node lost) is resubmitted to a fresh actor up to ``max_retries`` times; then that input alone is
+reported failed and its partial files are removed. Completion markers make a rerun do only what
+is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..atomic import partial_path
+from ..requires import BackendError
+from ..wsi.batch import TASKS, InputOutcome, RunReport, TaskRun, run_input, run_summary_name
+from ..wsi.outputs import is_small_image, output_paths, slide_stem, write_summary
+from ..wsi.pipeline import SlidePlan, TileResult
+from ..wsi.progress import NullProgress
+from ..wsi.readers import SlideError
+from .worker import SegmentWorker, UnitResult, WorkerSpec, light_plan
+
+__all__ = ["RAY_HINT", "require_ray", "RayOptions", "run_on_ray", "unit_slices"]
+
+RAY_HINT = "--ray needs Ray: pip install 'cdal-fast[ray]' (or pip install 'ray>=2.9')"
+DEFAULT_MAX_RETRIES = 2  # resubmissions of one unit after its actor died
+WINDOW_PER_ACTOR = 2  # units in flight per actor: one running, one queued
+Event = Callable[[str, dict[str, Any]], None]
+
+
+def require_ray():
+    """Import Ray or fail at start with the install hint."""
+    try:
+        import ray
+    except ImportError:
+        raise BackendError(RAY_HINT) from None
+    return ray
+
+
+@dataclass
+class RayOptions:
+    address: str = "local"  # "local" (start one here), "auto" (the running cluster) or HOST:PORT / ray://...
+    cpus_per_actor: int = 1  # CPU nodes: one actor per this many cores
+    actors: int | None = None  # default: one per GPU (cuda) or cores // cpus_per_actor
+    max_retries: int = DEFAULT_MAX_RETRIES
+    unit: str = "auto"  # "input", "band" or "auto" (bands when fewer slides than actors)
+    band_rows: int = 1  # tile rows per band unit (rounded to whole sampler batches)
+    events: Event | None = field(default=None, repr=False)  # hook: ("actors", ...), ("unit", ...) (tests)
+
+
+def connect(ray, address: str) -> None:
+    """Join ``address`` unless Ray is already initialised (a test or a notebook did it)."""
+    if ray.is_initialized():
+        return
+    if address == "local":
+        ray.init(include_dashboard=False)
+    else:
+        ray.init(address=address)
+
+
+def unit_slices(n_tiles: int, tiles_per_row: int, batch_size: int, band_rows: int) -> list[range]:
+    """Consecutive tile ranges made of whole batches (as the single-process loader cuts them), ~band_rows rows."""
+    per_unit = max(1, -(-tiles_per_row * band_rows // batch_size)) * batch_size
+    return [range(s, min(s + per_unit, n_tiles)) for s in range(0, n_tiles, per_unit)]
+
+
+@dataclass
+class _Stats:
+    units: int = 0
+    tiles: int = 0
+    seconds: float = 0.0
+
+
+class ActorPool:
+    """Live actors, replaced when one dies; per-actor timings for the run summary."""
+
+    def __init__(self, ray, spec: WorkerSpec, opts: RayOptions) -> None:
+        self.ray, self.spec, self.opts = ray, spec, opts
+        gpu = spec.device.startswith("cuda") or (spec.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        resources = ray.cluster_resources()
+        if opts.actors:
+            n = opts.actors
+        elif gpu:
+            n = int(resources.get("GPU", 0))
+        else:
+            n = int(resources.get("CPU", 1)) // max(opts.cpus_per_actor, 1)
+        if n < 1:
+            raise BackendError(f"the Ray cluster has no room for an actor ({resources.get('CPU', 0):g} CPUs, "
+                               f"{resources.get('GPU', 0):g} GPUs; --ray-cpus-per-actor {opts.cpus_per_actor})")
+        self.cls = ray.remote(SegmentWorker).options(
+            num_cpus=0 if gpu else opts.cpus_per_actor, num_gpus=1 if gpu else 0, max_restarts=0)
+        if not gpu:
+            self.spec = replace(spec, threads=opts.cpus_per_actor)
+        self.actors = [self._start() for _ in range(n)]
+        self.names = {id(a): name for a, name in zip(self.actors, ray.get([a.identity.remote() for a in self.actors]))}
+        self.stats: dict[str, _Stats] = {}
+        self.deaths = 0
+        self._emit("actors", {"identities": list(self.names.values())})
+
+    def _start(self):
+        return self.cls.remote(self.spec)
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        if self.opts.events is not None:
+            self.opts.events(kind, data)
+
+    def replace_dead(self, actor) -> Any:
+        """Swap a dead actor for a fresh one (same resources) and return the new one."""
+        self.deaths += 1
+        new = self._start()
+        self.actors[self.actors.index(actor)] = new
+        self.names[id(new)] = self.ray.get(new.identity.remote())
+        return new
+
+    def record(self, worker: str, tiles: int, seconds: float) -> None:
+        s = self.stats.setdefault(worker, _Stats())
+        s.units, s.tiles, s.seconds = s.units + 1, s.tiles + tiles, s.seconds + seconds
+        self._emit("unit", {"worker": worker, "tiles": tiles})
+
+    def shutdown(self) -> None:
+        """Free the actors' resources now (a following run on the same cluster needs them)."""
+        for a in self.actors:
+            self.ray.kill(a)
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [{"worker": w, "units": s.units, "tiles": s.tiles, "busy_seconds": s.seconds,
+                 "tiles_per_second": s.tiles / s.seconds if s.seconds else 0.0} for w, s in sorted(self.stats.items())]
+
+
+def _discard_partials(out_dir: Path, path: Path, layout: str) -> None:
+    """Nothing partial is left of an input that failed after an actor died while writing it."""
+    import shutil
+
+    stem = slide_stem(path)
+    for p in output_paths(out_dir, stem, is_small_image(path), layout).values():
+        partial_path(p).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / f".{stem}.work", ignore_errors=True)
+
+
+class ClusterProgress:
+    """One driver bar over the tiles of all inputs, with inputs done/failed."""
+
+    def __init__(self, count: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=f"{count} inputs", unit="tile", disable=not enabled, dynamic_ncols=True)
+        self.done = self.failed = 0
+
+    def add_total(self, tiles: int) -> None:
+        self.bar.total = (self.bar.total or 0) + tiles
+        self.bar.refresh()
+
+    def tiles(self, n: int) -> None:
+        self.bar.update(n)
+
+    def finished(self, outcome: InputOutcome) -> None:
+        self.done += outcome.status == "done"
+        self.failed += outcome.status == "failed"
+        self.bar.set_postfix_str(f"done {self.done}, failed {self.failed}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_inputs(ray, pool: ActorPool, files: list[Path], out_dir: Path, report: RunReport,
+                progress: ClusterProgress, echo: Callable[[str], None]) -> None:
+    """Whole inputs, one task per idle actor; a unit lost with its actor goes to a fresh one."""
+    pending = deque(files)
+    attempts: dict[Path, int] = {}
+    running: dict[Any, tuple[Path, Any]] = {}
+    idle = list(pool.actors)
+    while pending or running:
+        while pending and idle:
+            f, actor = pending.popleft(), idle.pop()
+            running[actor.run_input.remote(str(f), str(out_dir))] = (f, actor)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        f, actor = running.pop(ready[0])
+        try:
+            outcome, worker, seconds = ray.get(ready[0])
+        except ray.exceptions.RayActorError as exc:
+            attempts[f] = attempts.get(f, 0) + 1
+            idle.append(pool.replace_dead(actor))
+            if attempts[f] <= pool.opts.max_retries:
+                echo(f"retry {f}: its worker died ({type(exc).__name__}); attempt {attempts[f] + 1}")
+                pending.appendleft(f)
+                continue
+            _discard_partials(out_dir, f, pool.spec.opts.pyramid_layout)
+            outcome = InputOutcome(str(f), "failed", error=f"its worker died {attempts[f]} times (limit "
+                                   f"--ray-max-retries {pool.opts.max_retries}); last: {exc}")
+        except ray.exceptions.RayTaskError as exc:
+            idle.append(actor)
+            outcome = InputOutcome(str(f), "failed", error=str(exc.cause if exc.cause else exc))
+        else:
+            idle.append(actor)
+            tiles = (outcome.summary or {}).get("tiles_sampled", 0)
+            pool.record(worker, tiles, seconds)
+            progress.add_total(tiles)
+            progress.tiles(tiles)
+        progress.finished(outcome)
+        report.add(outcome, echo)
+
+
+class BandStream:
+    """The slide's tiles sampled by the pool in units of whole batches, yielded in tile order."""
+
+    def __init__(self, ray, pool: ActorPool, progress: ClusterProgress) -> None:
+        self.ray, self.pool, self.progress = ray, pool, progress
+
+    def __call__(self, slide: SlidePlan, steps: int, votes: int) -> Iterator[TileResult]:
+        ray, pool = self.ray, self.pool
+        self.progress.add_total(len(slide.tiles))
+        per_row = slide.grid.cols
+        units = unit_slices(len(slide.tiles), per_row, pool.spec.opts.batch_size, pool.opts.band_rows)
+        plan_ref = ray.put(light_plan(slide))
+        window = WINDOW_PER_ACTOR * len(pool.actors)
+        attempts = [0] * len(units)
+        running: dict[Any, tuple[int, Any]] = {}
+        done: dict[int, UnitResult] = {}
+        load = {id(a): 0 for a in pool.actors}
+        next_submit = next_yield = 0
+        retry: deque[int] = deque()
+
+        def submit(u: int) -> None:
+            actor = min(pool.actors, key=lambda a: load.get(id(a), 0))
+            load[id(actor)] = load.get(id(actor), 0) + 1
+            running[actor.sample_unit.remote(plan_ref, list(units[u]))] = (u, actor)
+
+        while next_yield < len(units):
+            while retry:
+                submit(retry.popleft())
+            while next_submit < len(units) and next_submit - next_yield < window:
+                submit(next_submit)
+                next_submit += 1
+            while next_yield in done:
+                yield from done.pop(next_yield).results
+                next_yield += 1
+            if next_yield >= len(units):
+                break
+            ready, _ = ray.wait(list(running), num_returns=1)
+            u, actor = running.pop(ready[0])
+            load[id(actor)] -= 1
+            try:
+                result: UnitResult = ray.get(ready[0])
+            except ray.exceptions.RayActorError as exc:
+                load.pop(id(actor), None)
+                new = pool.replace_dead(actor)
+                load[id(new)] = 0
+                for ref, (u2, a2) in list(running.items()):  # its queued units die with it
+                    if a2 is actor:
+                        running.pop(ref)
+                        retry.append(u2)
+                attempts[u] += 1
+                if attempts[u] > pool.opts.max_retries:
+                    raise SlideError(f"{slide.path}: tiles {units[u].start}-{units[u].stop - 1}: their worker died "
+                                     f"{attempts[u]} times (limit --ray-max-retries {pool.opts.max_retries}); "
+                                     f"last: {exc}") from None
+                retry.appendleft(u)
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if exc.cause else exc
+                raise SlideError(str(cause)) from None
+            pool.record(result.worker, len(units[u]), result.seconds)
+            self.progress.tiles(len(units[u]))
+            done[u] = result
+
+
+def run_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, ray_opts: RayOptions, echo=print,
+               show_progress: bool = True, shard: tuple[int, int] = (0, 1)) -> tuple[RunReport, dict[str, Any]]:
+    """Segment ``files`` on a Ray pool; returns the report and the run summary (also written to OUT)."""
+    ray = require_ray()
+    connect(ray, ray_opts.address)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    _segment_fn, done_fn = TASKS[spec.task]
+    report = RunReport()
+    todo = []
+    for f in files:
+        if not spec.opts.overwrite and done_fn(out_dir, f, spec.opts):
+            report.add(InputOutcome(str(f), "skipped"), echo)
+        else:
+            todo.append(f)
+    if not todo:  # a rerun after everything finished: no actors to start
+        report.seconds = time.perf_counter() - t0
+        summary = report.to_dict() | {"ray": {"unit": None, "actors": 0, "actor_deaths": 0, "per_actor": []}}
+        write_summary(out_dir / run_summary_name(*shard), summary)
+        return report, summary
+    pool = ActorPool(ray, spec, ray_opts)
+    progress = ClusterProgress(len(files), show_progress)
+    try:
+        use_bands = spec.task == "monuseg" and (ray_opts.unit == "band" or (
+            ray_opts.unit == "auto" and len(todo) < len(pool.actors)))
+        if use_bands:
+            import torch
+
+            shape, cfg = ray.get(pool.actors[0].shape.remote())
+            run = TaskRun(shape, None, cfg, spec.opts, torch.device("cpu"), torch.float32,  # type: ignore[arg-type]
+                          spec.model_info, sample_stream=BandStream(ray, pool, progress))
+            for f in todo:
+                outcome = run_input(f, out_dir, run, NullProgress(), spec.task)
+                progress.finished(outcome)
+                report.add(outcome, echo)
+        else:
+            _run_inputs(ray, pool, todo, out_dir, report, progress, echo)
+    finally:
+        progress.close()
+        pool.shutdown()
+    report.seconds = time.perf_counter() - t0
+    extra = {"ray": {"unit": "band" if use_bands else "input", "actors": len(pool.actors),
+                     "actor_deaths": pool.deaths, "per_actor": pool.summary()}}
+    summary = report.to_dict() | extra
+    write_summary(out_dir / run_summary_name(*shard), summary)
+    return report, summary

@@ -1,0 +1,130 @@
+"""A segmentation worker: loads the model once, then runs whole inputs or units of one slide's tiles.
+
+The same class is a Ray actor (``ray.remote(SegmentWorker)``) and a plain object in one process, so
+the Ray path and a single-process run execute the same code per input (:func:`run_input`) and per
+tile batch (:func:`read_tiles` + :func:`sample_tiles`); only where it runs differs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..wsi.batch import InputOutcome, TaskRun, run_input
+from ..wsi.pipeline import SegmentOptions, SlidePlan, TileResult, read_tiles, sample_tiles
+from ..wsi.progress import NullProgress
+from ..wsi.readers import SlideError
+
+__all__ = ["WorkerSpec", "SamplerShape", "UnitResult", "SegmentWorker", "light_plan", "unreachable_input"]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to build its model and options (picklable, sent to every actor)."""
+
+    weights: str | None  # None: the shipped model of ``task``
+    task: str
+    steps: int | None
+    votes: int | None
+    backend: str
+    dtype: str
+    device: str  # "cpu", "cuda", "cuda:1", "auto" (resolved where the worker runs)
+    opts: SegmentOptions
+    model_info: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None  # torch intra-op threads (CPU actors: their share of cores)
+
+
+@dataclass(frozen=True)
+class SamplerShape:
+    """What the driver of a distributed slide needs from a sampler without holding one."""
+
+    num_steps: int
+    votes: int
+
+
+@dataclass
+class UnitResult:
+    """One unit's sampled batches (global tile indices) and where and how long it ran."""
+
+    results: list[TileResult]
+    worker: str
+    seconds: float
+
+
+def unreachable_input(path: Path) -> str:
+    """The message of a worker that cannot see an input the driver found (no shared filesystem)."""
+    return (f"worker {socket.gethostname()} (pid {os.getpid()}) cannot open {path}, which the driver planned: "
+            "every node must see the inputs and --out at the same path (a shared filesystem such as NFS, "
+            "Lustre or a mounted bucket)")
+
+
+def light_plan(slide: SlidePlan) -> SlidePlan:
+    """The plan without what only the driver uses (thumbnail, tissue mask, ROI): cheap to ship to workers."""
+    return replace(slide, thumbnail=np.zeros((1, 1, 3), dtype=np.uint8), tissue=None, roi=None)
+
+
+class SegmentWorker:
+    """Holds one model on one device; Ray creates one per actor, the local multi-device runner one per device."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        from ..backends import build_sampler
+        from ..inference import DTYPES, PatchRunner
+        from ..models import load_model
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        name = spec.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(name)
+        dtype = DTYPES[spec.dtype]
+        bundle = load_model(spec.weights, task=spec.task, device=device)
+        sampler = build_sampler(bundle.generator, spec.steps, spec.votes, spec.backend, device, dtype,
+                                bundle.content_sha256)
+        runner = PatchRunner(sampler, device, dtype, batch_size=max(spec.opts.batch_size, 1), seed=spec.opts.seed)
+        self.spec = spec
+        self.run = TaskRun(sampler, runner, bundle.config, spec.opts, device, dtype,
+                           spec.model_info | {"device": str(device)})
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
+
+    def identity(self) -> dict[str, Any]:
+        """Host, pid and device (the driver's summary and the fault-tolerance tests use the pid)."""
+        return {"worker": self.name, "pid": os.getpid(), "host": socket.gethostname(),
+                "device": str(self.run.device)}
+
+    def shape(self) -> tuple[SamplerShape, ModelConfig]:
+        """Steps, votes and config: what a driver that stitches and writes needs, without a model."""
+        return SamplerShape(int(self.run.sampler.num_steps), int(self.run.sampler.votes)), self.run.cfg
+
+    def run_input(self, path: str, out_dir: str) -> tuple[InputOutcome, str, float]:
+        """One whole input through the batch runner's per-input path; (outcome, worker, seconds)."""
+        t0 = time.perf_counter()
+        p = Path(path)
+        if not p.exists():
+            outcome = InputOutcome(path, "failed", error=unreachable_input(p))
+        else:
+            outcome = run_input(p, Path(out_dir), self.run, NullProgress(), self.spec.task)
+        return outcome, self.name, time.perf_counter() - t0
+
+    def sample_unit(self, slide: SlidePlan, indices: list[int]) -> UnitResult:
+        """Sample the tiles ``slide.tiles[indices]`` (consecutive, whole batches of the single-process run)."""
+        t0 = time.perf_counter()
+        if not slide.path.exists():
+            raise SlideError(unreachable_input(slide.path))
+        part = replace(slide, tiles=[slide.tiles[i] for i in indices])
+        opts = replace(self.run.opts, workers=0)  # a unit is a few batches: loader processes cost more than they save
+        steps, votes = int(self.run.sampler.num_steps), int(self.run.sampler.votes)
+        results = []
+        for batch in read_tiles(part, self.run.cfg, opts, steps, votes):
+            res = sample_tiles(self.run.sampler, batch, self.run.device, self.run.dtype)
+            res.indices = [indices[i] for i in res.indices]
+            results.append(res)
+        return UnitResult(results, self.name, time.perf_counter() - t0)

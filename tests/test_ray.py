@@ -1,0 +1,143 @@
+"""`segment --ray`: outputs byte-identical to one process, failures reported, dead actors replaced.
+
+One local Ray instance (2 CPUs, no dashboard, 127.0.0.1) serves the whole module and is stopped at
+the end; slides are tiny (a few tiles of the `tiny` model) so that the module stays well under two
+minutes on a 2-core CI runner.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cdal_fast.distributed.ray_runner import RayOptions, run_on_ray, unit_slices
+from cdal_fast.distributed.worker import WorkerSpec
+from cdal_fast.models import load_model
+from cdal_fast.sampler import FixedStepSampler
+from cdal_fast.wsi.batch import segment_all
+from cdal_fast.wsi.pipeline import SegmentOptions
+
+from .slides import write_ome_pyramid
+from .test_segment import _tiny_weights
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SLIDE_PX = 176  # at 0.5 um/px and 64-px tiles with 16 px overlap: 4 x 4 = 16 tiles
+COMPARED = ("mask.ome.tif", "prob.ome.tif", "uncertainty.ome.tif", "overlay.png")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return _tiny_weights(tmp_path_factory.mktemp("w"))
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("slides")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        img = rng.integers(0, 255, (SLIDE_PX, SLIDE_PX, 3), dtype=np.uint8)
+        write_ome_pyramid(folder / f"s{i}.ome.tif", img, mpp=0.5, levels=2, tile=64)
+    return folder
+
+
+def _opts(**kw) -> SegmentOptions:
+    return SegmentOptions(batch_size=2, seed=3, tile_overlap=16, workers=0, tissue=False, save_prob=True,
+                          save_uncertainty=True, **kw)
+
+
+def _spec(weights: Path, opts: SegmentOptions) -> WorkerSpec:
+    return WorkerSpec(str(weights), "monuseg", None, None, "eager", "float32", "cpu", opts)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, weights, slides) -> Path:
+    """The single-process run every Ray run must match byte for byte."""
+    out = tmp_path_factory.mktemp("ref")
+    bundle = load_model(weights)
+    sampler = FixedStepSampler(bundle.generator)
+    segment_all(sorted(slides.glob("s*.ome.tif")), out, sampler, bundle.config, _opts(), torch.device("cpu"),
+                torch.float32, {}, echo=lambda m: None, show_progress=False)
+    return out
+
+
+def _same_bytes(a: Path, b: Path, stems: list[str]) -> None:
+    for stem in stems:
+        for suffix in COMPARED:
+            assert (a / f"{stem}.{suffix}").read_bytes() == (b / f"{stem}.{suffix}").read_bytes(), f"{stem}.{suffix}"
+
+
+def _no_partials(out: Path) -> None:
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_unit_slices_are_whole_batches():
+    # 10 tiles, 4 per row, batch 3: units of ceil(4/3)=2 batches = 6 tiles; the loader cuts at 0,3,6,9
+    assert unit_slices(10, 4, 3, 1) == [range(0, 6), range(6, 10)]
+    assert unit_slices(5, 4, 8, 2) == [range(0, 5)]
+
+
+def test_many_slides_and_a_corrupt_file(local_ray, tmp_path, weights, slides, reference):
+    bad = tmp_path / "in" / "broken.ome.tif"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a tiff at all")
+    files = sorted(slides.glob("s*.ome.tif")) + [bad]
+    out = tmp_path / "out"
+    report, summary = run_on_ray(files, out, _spec(weights, _opts()), RayOptions(actors=2, unit="input"),
+                                 echo=lambda m: None, show_progress=False)
+    assert [f for f, _ in report.failed] == [str(bad)]
+    assert len(report.done) == 4
+    _same_bytes(reference, out, [f"s{i}" for i in range(4)])
+    assert summary["ray"]["actors"] == 2 and sum(a["units"] for a in summary["ray"]["per_actor"]) == 5
+    _no_partials(out)
+    # a rerun does only what is missing: here nothing, so no actor is even started
+    report2, summary2 = run_on_ray(files[:4], out, _spec(weights, _opts()), RayOptions(actors=2),
+                                   echo=lambda m: None, show_progress=False)
+    assert len(report2.skipped) == 4 and not report2.done and summary2["ray"]["actors"] == 0
+
+
+def test_one_slide_split_over_two_actors(local_ray, tmp_path, weights, slides, reference):
+    out = tmp_path / "out"
+    report, summary = run_on_ray([slides / "s1.ome.tif"], out, _spec(weights, _opts()),
+                                 RayOptions(actors=2, unit="band"), echo=lambda m: None, show_progress=False)
+    assert len(report.done) == 1, report.failed
+    assert summary["ray"]["unit"] == "band"
+    assert len(summary["ray"]["per_actor"]) == 2  # both actors sampled part of the slide
+    _same_bytes(reference, out, ["s1"])
+    _no_partials(out)
+
+
+def test_killed_actor_is_replaced_and_outputs_are_identical(local_ray, tmp_path, weights, slides, reference):
+    killed: list[int] = []
+    pids: list[int] = []
+
+    def events(kind: str, data: dict) -> None:
+        if kind == "actors":
+            pids.extend(i["pid"] for i in data["identities"])
+        elif kind == "unit" and not killed:
+            victim = pids[-1]  # whichever it is, it is alive and holds or will get a unit
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    out = tmp_path / "out"
+    report, summary = run_on_ray(sorted(slides.glob("s*.ome.tif")), out, _spec(weights, _opts()),
+                                 RayOptions(actors=2, unit="band", events=events), echo=lambda m: None,
+                                 show_progress=False)
+    assert killed and summary["ray"]["actor_deaths"] >= 1
+    assert len(report.done) == 4, report.failed
+    _same_bytes(reference, out, [f"s{i}" for i in range(4)])
+    _no_partials(out)

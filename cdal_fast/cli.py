@@ -221,7 +221,9 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--mpp", type=MPP, default=None,
               help="Micrometres per pixel of the full-resolution level; overrides the file's metadata "
                    "(needed when the file has none, e.g. PNG/JPEG).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda, cuda:1 ...; a list cuda:0,cuda:1 or `all` (every GPU, else the CPU) runs "
+                   "one worker per device on this machine, each taking whole inputs.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Compute precision (bfloat16 is fastest on recent GPUs).")
 @click.option("--backend", type=click.Choice(list(BACKENDS)),
@@ -313,12 +315,23 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
             require_ray()  # fail at start, before any model is loaded
         except BackendError as exc:
             raise click.ClickException(str(exc)) from None
-    # With --ray the driver only plans, stitches and writes: the actors resolve --device where they run.
-    dev = torch.device("cpu") if ray_address is not None else _device(device)
+    devices = None
+    if ray_address is None and ("," in device or device == "all"):
+        from .distributed.devices import DeviceListError, parse_devices
+
+        try:
+            devices, warning = parse_devices(device, torch.cuda.device_count())
+        except DeviceListError as exc:
+            raise click.BadParameter(str(exc), param_hint="--device") from None
+        if warning:
+            click.echo(f"warn  {warning}", err=True)
+    # With --ray (or a device list) this process only loads the model for its checks: the workers
+    # resolve --device where they run.
+    dev = torch.device("cpu") if ray_address is not None or devices else _device(device)
     try:
         bundle = load_model(weights, task=task, device=dev)
         untrained = check_steps(steps, bundle.config.num_steps, allow_untrained_steps)
-        sampler = None if ray_address is not None else build_sampler(
+        sampler = None if ray_address is not None or devices else build_sampler(
             bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.content_sha256)
     except (WeightsError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -330,7 +343,9 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
         files = select_shard(files, list(inputs), shard_index, shard_count)
         click.echo(f"shard {shard_index}/{shard_count}: {len(files)} of {found} inputs", err=True)
     if batch_size is None:
-        batch_size = 8 if dev.type == "cuda" else 1
+        on_gpu = devices[0].type == "cuda" if devices else (
+            device.startswith("cuda") if ray_address is not None else dev.type == "cuda")
+        batch_size = 8 if on_gpu else 1
     tile = bundle.config.image_size
     if tile_overlap is None:
         tile_overlap = tile // 4
@@ -351,6 +366,12 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
         report = _segment_on_ray(files, out_dir, task, weights, steps, votes, backend, dtype, device, opts, info,
                                  ray_address, ray_cpus_per_actor, ray_actors, ray_max_retries, ray_unit, echo, quiet,
                                  (shard_index, shard_count))
+    elif devices:
+        from .distributed.local import run_on_devices
+        from .distributed.worker import WorkerSpec
+
+        spec = WorkerSpec(str(weights) if weights else None, task, steps, votes, backend, dtype, device, opts, info)
+        report, _summary = run_on_devices(files, out_dir, spec, devices, echo=echo, shard=(shard_index, shard_count))
     else:
         report = segment_all(files, out_dir, sampler, bundle.config, opts, dev, DTYPES[dtype], info,
                              echo=echo, show_progress=not quiet, task=task,

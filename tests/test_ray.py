@@ -25,7 +25,6 @@ from cdal_fast.wsi.pipeline import SegmentOptions
 from .slides import write_ome_pyramid
 from .test_segment import _tiny_weights
 
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SLIDE_PX = 176  # at 0.5 um/px and 64-px tiles with 16 px overlap: 4 x 4 = 16 tiles
@@ -34,6 +33,7 @@ COMPARED = ("mask.ome.tif", "prob.ome.tif", "uncertainty.ome.tif", "overlay.png"
 
 @pytest.fixture(scope="module")
 def local_ray():
+    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     yield ray
@@ -141,3 +141,17 @@ def test_killed_actor_is_replaced_and_outputs_are_identical(local_ray, tmp_path,
     assert len(report.done) == 4, report.failed
     _same_bytes(reference, out, [f"s{i}" for i in range(4)])
     _no_partials(out)
+
+
+def test_without_ray_the_cli_fails_at_start_with_the_hint(tmp_path, weights, slides, monkeypatch):
+    import sys
+
+    from click.testing import CliRunner
+
+    from cdal_fast.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    res = CliRunner().invoke(main, ["segment", str(slides), "--out", str(tmp_path / "o"), "--weights", str(weights),
+                                    "--ray", "local", "-q"])
+    assert res.exit_code != 0 and "pip install 'cdal-fast[ray]'" in res.output
+    assert not (tmp_path / "o").exists()  # nothing started

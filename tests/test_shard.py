@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from cdal_fast.wsi.shard import ShardError, parse_shard, select_shard, shard_key
+
+from .test_ray import _same_bytes, reference, slides, weights  # noqa: F401  (shared fixtures)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _folder(root: Path, names: list[str]) -> list[Path]:
@@ -52,3 +60,18 @@ def test_key_of_a_file_argument_is_its_name(tmp_path):
     f = _folder(tmp_path / "x", ["deep/slide.svs"])[0]
     assert shard_key(f, [f]) == "slide.svs"
     assert shard_key(f, [tmp_path / "x"]) == "deep/slide.svs"
+
+
+def test_two_concurrent_shard_jobs_do_each_slide_once(tmp_path, weights, slides, reference):  # noqa: F811
+    out = tmp_path / "out"
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "cdal_fast.cli", "segment", str(slides), "--out", str(out), "--weights",
+            str(weights), "--batch-size", "2", "--seed", "3", "--tile-overlap", "16", "--workers", "0",
+            "--no-tissue-mask", "--save-prob", "--save-uncertainty", "-q"]
+    jobs = [subprocess.Popen([*args, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for i in range(2)]
+    logs = [j.communicate(timeout=300)[0] for j in jobs]
+    assert [j.returncode for j in jobs] == [0, 0], logs
+    done = [json.loads((out / f"run_summary.shard-{i}-of-2.json").read_text())["processed"] for i in range(2)]
+    assert sum(done) == 4 and min(done) >= 1, done  # each slide once, both jobs had work
+    _same_bytes(reference, out, [f"s{i}" for i in range(4)])

@@ -386,8 +386,10 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
         sys.exit(1)
 
 
-def _segment_on_ray(files, out_dir, task, weights, steps, votes, backend, dtype, device, opts, info, address,
-                    cpus_per_actor, actors, max_retries, unit, echo, quiet, shard):
+def _segment_on_ray(files: list[Path], out_dir: Path, task: str, weights: Path | None, steps: int | None,
+                    votes: int | None, backend: str, dtype: str, device: str, opts, info: dict, address: str,
+                    cpus_per_actor: int, actors: int | None, max_retries: int, unit: str, echo, quiet: bool,
+                    shard: tuple[int, int]):
     """The --ray branch of `segment`: the same options, handed to the actors as a WorkerSpec."""
     from .distributed.ray_runner import RayOptions, run_on_ray
     from .distributed.worker import WorkerSpec

@@ -40,12 +40,12 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def weights(tmp_path_factory) -> Path:
     return _tiny_weights(tmp_path_factory.mktemp("w"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slides(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("slides")
     rng = np.random.default_rng(0)
@@ -64,7 +64,7 @@ def _spec(weights: Path, opts: SegmentOptions) -> WorkerSpec:
     return WorkerSpec(str(weights), "monuseg", None, None, "eager", "float32", "cpu", opts)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, weights, slides) -> Path:
     """The single-process run every Ray run must match byte for byte."""
     out = tmp_path_factory.mktemp("ref")

@@ -61,3 +61,6 @@ def no_shipped_models(tmp_path, monkeypatch):
     empty.mkdir()
     monkeypatch.setattr(cdal_fast.models, "MODEL_DIR", empty)
     return empty
+
+
+from .distributed_fixtures import reference, slides, weights  # noqa: E402, F401  (session fixtures, shared)

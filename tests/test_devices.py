@@ -7,7 +7,7 @@ import torch
 
 from cdal_fast.distributed.devices import DeviceListError, parse_devices
 
-from .test_ray import _same_bytes, reference, slides, weights  # noqa: F401  (shared fixtures)
+from .distributed_fixtures import same_bytes as _same_bytes
 
 
 def test_all_uses_every_gpu_or_falls_back_to_the_cpu_with_a_warning():
@@ -34,7 +34,7 @@ def test_errors_name_the_device(text, count, match):
         parse_devices(text, count)
 
 
-def test_device_all_without_gpu_runs_on_the_cpu_with_identical_outputs(tmp_path, weights, slides, reference,  # noqa: F811
+def test_device_all_without_gpu_runs_on_the_cpu_with_identical_outputs(tmp_path, weights, slides, reference,
                                                                         monkeypatch):
     from click.testing import CliRunner
 

@@ -12,7 +12,7 @@ import pytest
 
 from cdal_fast.wsi.shard import ShardError, parse_shard, select_shard, shard_key
 
-from .test_ray import _same_bytes, reference, slides, weights  # noqa: F401  (shared fixtures)
+from .distributed_fixtures import same_bytes as _same_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_key_of_a_file_argument_is_its_name(tmp_path):
     assert shard_key(f, [tmp_path / "x"]) == "deep/slide.svs"
 
 
-def test_two_concurrent_shard_jobs_do_each_slide_once(tmp_path, weights, slides, reference):  # noqa: F811
+def test_two_concurrent_shard_jobs_do_each_slide_once(tmp_path, weights, slides, reference):
     out = tmp_path / "out"
     env = os.environ | {"PYTHONPATH": str(REPO)}
     args = [sys.executable, "-m", "cdal_fast.cli", "segment", str(slides), "--out", str(out), "--weights",

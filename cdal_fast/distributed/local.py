@@ -40,7 +40,10 @@ def run_on_devices(files: list[Path], out_dir: Path, spec: WorkerSpec, devices: 
                 f = todo.get_nowait()
             except queue.Empty:
                 return
-            outcomes.put(worker.run_input(str(f), str(out_dir)))
+            try:
+                outcomes.put(worker.run_input(str(f), str(out_dir)))
+            except Exception as exc:  # noqa: BLE001 - the driver waits for one outcome per input
+                outcomes.put((InputOutcome(str(f), "failed", error=f"{type(exc).__name__}: {exc}"), worker.name, 0.0))
 
     threads = [threading.Thread(target=drain, args=(w,), daemon=True) for w in workers]
     for t in threads:

@@ -54,8 +54,16 @@ def reference(tmp_path_factory, weights, slides) -> Path:
     out = tmp_path_factory.mktemp("ref")
     bundle = load_model(weights)
     sampler = FixedStepSampler(bundle.generator)
-    segment_all(sorted(slides.glob("s*.ome.tif")), out, sampler, bundle.config, small_opts(), torch.device("cpu"),
-                torch.float32, {}, echo=lambda m: None, show_progress=False)
+    # CPU float sums depend on the intra-op thread count; every run compared with this one uses 1 thread
+    # (a CPU actor's default --ray-cpus-per-actor), so the reference does too.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        segment_all(sorted(slides.glob("s*.ome.tif")), out, sampler, bundle.config, small_opts(),
+                    torch.device("cpu"),
+                    torch.float32, {}, echo=lambda m: None, show_progress=False)
+    finally:
+        torch.set_num_threads(before)
     return out
 
 

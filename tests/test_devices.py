@@ -35,7 +35,7 @@ def test_errors_name_the_device(text, count, match):
 
 
 def test_device_all_without_gpu_runs_on_the_cpu_with_identical_outputs(tmp_path, weights, slides, reference,
-                                                                        monkeypatch):
+                                                                        monkeypatch, one_torch_thread):
     from click.testing import CliRunner
 
     from cdal_fast.cli import main

@@ -64,7 +64,7 @@ def test_key_of_a_file_argument_is_its_name(tmp_path):
 
 def test_two_concurrent_shard_jobs_do_each_slide_once(tmp_path, weights, slides, reference):
     out = tmp_path / "out"
-    env = os.environ | {"PYTHONPATH": str(REPO)}
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # the reference's thread count
     args = [sys.executable, "-m", "cdal_fast.cli", "segment", str(slides), "--out", str(out), "--weights",
             str(weights), "--batch-size", "2", "--seed", "3", "--tile-overlap", "16", "--workers", "0",
             "--no-tissue-mask", "--save-prob", "--save-uncertainty", "-q"]

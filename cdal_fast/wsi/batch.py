@@ -142,6 +142,8 @@ def segment_all(files: list[Path], out_dir: Path, sampler: SamplerLike, cfg: Mod
         for warning in summary.get("warnings") or []:
             echo(f"warn  {f}: {warning}")
         detail = (f"objects {summary['object_fraction']:.3f}, " if "object_fraction" in summary else "")
+        if "nuclei_count" in summary:
+            detail += f"{summary['nuclei_count']} nuclei, "
         echo(f"done  {f}: {detail}{summary['seconds']:.1f} s")
     report.seconds = time.perf_counter() - t0
     write_summary(out_dir / "run_summary.json", report.to_dict())

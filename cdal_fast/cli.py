@@ -20,11 +20,14 @@ from . import __version__
 from .backends import BACKENDS
 from .cli_options import (
     ALLOW_UNTRAINED_STEPS_HELP,
+    AREA_UM2,
     BATCH,
     COUNT,
+    MARKER_H_UM,
     MINUTES,
     MPP,
     OVERLAP,
+    PROBABILITY,
     SEED,
     STEPS,
     TILE_SIZE,
@@ -33,6 +36,7 @@ from .cli_options import (
     check_steps,
 )
 from .inference import DTYPES
+from .nuclei import params as nuclei_defaults
 from .wsi.tissue import DEFAULT_MIN_AREA_UM2
 from .wsi.writer import PYRAMID_LAYOUTS
 
@@ -254,6 +258,21 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--save-prob", is_flag=True, help="Also write the probability map (uint8, 255 = 1.0).")
 @click.option("--save-uncertainty", is_flag=True,
               help="Also write the vote standard deviation map (uint8, 255 = 0.5, the maximum).")
+@click.option("--no-nuclei", is_flag=True,
+              help="No nucleus objects: skip the labelling, the nucleus files and the JSON's nucleus numbers.")
+@click.option("--no-nuclei-geojson", is_flag=True, help="Do not write NAME.nuclei.geojson (QuPath detections).")
+@click.option("--nuclei-gzip", is_flag=True, help="Write the GeoJSON gzip-compressed, as NAME.nuclei.geojson.gz.")
+@click.option("--no-nuclei-csv", is_flag=True, help="Do not write NAME.nuclei.csv (one row per nucleus).")
+@click.option("--nuclei-threshold", type=PROBABILITY, default=nuclei_defaults.DEFAULT_PROB_THRESHOLD,
+              show_default=True, help="Nucleus foreground where the vote-mean probability is >= this.")
+@click.option("--nuclei-h", "nuclei_h", type=MARKER_H_UM, default=nuclei_defaults.DEFAULT_MARKER_H_UM,
+              show_default=True,
+              help="Marker h in um: touching nuclei are split where the distance-to-background saddle between "
+                   "them is at least this deep (larger: fewer splits).")
+@click.option("--nuclei-min-area", type=AREA_UM2, default=nuclei_defaults.DEFAULT_MIN_AREA_UM2, show_default=True,
+              help="Smallest nucleus kept, in um^2.")
+@click.option("--save-labels", is_flag=True,
+              help="Also write NAME.labels.ome.tif: uint32 nucleus ids (= the CSV's id) on the slide's pixel grid.")
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs are already complete.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | None, recursive: bool,
@@ -261,15 +280,19 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
             mpp: float | None, device: str, dtype: str, backend: str, batch_size: int | None, workers: int,
             steps: int | None, allow_untrained_steps: bool, votes: int | None, seed: int, tile_overlap: int | None,
             no_tissue_mask: bool, tissue_threshold: float | None, tissue_min_area: float, save_tissue: bool,
-            roi: Path | None, pyramid_layout: str, save_prob: bool, save_uncertainty: bool, overwrite: bool,
-            quiet: bool) -> None:
+            roi: Path | None, pyramid_layout: str, save_prob: bool, save_uncertainty: bool, no_nuclei: bool,
+            no_nuclei_geojson: bool, nuclei_gzip: bool, no_nuclei_csv: bool, nuclei_threshold: float,
+            nuclei_h: float, nuclei_min_area: float, save_labels: bool, overwrite: bool, quiet: bool) -> None:
     """Segment slides and images into masks.
 
     INPUTS are files or folders: TIFF / BigTIFF / OME-TIFF (pyramidal or flat), PNG / JPEG, DICOM WSI
     (a folder of one slide's instances, or a .dcm file) and SVS / NDPI / MRXS ... when OpenSlide is
     installed. For each slide OUT gets NAME.mask.ome.tif
-    (pyramidal, same pixel grid as the slide; 255 = object), NAME.overlay.png, NAME.json, and with
-    the flags NAME.prob.ome.tif / NAME.uncertainty.ome.tif; PNG/JPEG inputs get PNG masks.
+    (pyramidal, same pixel grid as the slide; 255 = object), NAME.overlay.png, NAME.json, the nuclei
+    as objects (NAME.nuclei.geojson for QuPath's File > Import objects, NAME.nuclei.csv with one row
+    per nucleus; count, density and area quartiles in the JSON), and with the flags
+    NAME.prob.ome.tif / NAME.uncertainty.ome.tif / NAME.labels.ome.tif; PNG/JPEG inputs get PNG
+    masks and the same nucleus files in image pixel coordinates.
     With --model cxr, PNG/JPEG radiographs give NAME.mask.png (255 = lung); with --model
     hippocampus, NIfTI volumes give NAME.labels.nii.gz with the input's affine.
     Finished slides are skipped on a rerun; unreadable files are reported and the exit code is 1.
@@ -305,7 +328,10 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
                           workers=workers, mpp=mpp, tissue=not no_tissue_mask, save_prob=save_prob,
                           save_uncertainty=save_uncertainty, overwrite=overwrite, tissue_threshold=tissue_threshold,
                           tissue_min_area_um2=tissue_min_area, save_tissue=save_tissue,
-                          roi=str(roi) if roi else None, pyramid_layout=pyramid_layout)
+                          roi=str(roi) if roi else None, pyramid_layout=pyramid_layout,
+                          nuclei=not no_nuclei and not bundle.config.multiclass, nuclei_geojson=not no_nuclei_geojson,
+                          nuclei_gzip=nuclei_gzip, nuclei_csv=not no_nuclei_csv, save_labels=save_labels,
+                          nuclei_threshold=nuclei_threshold, nuclei_h_um=nuclei_h, nuclei_min_area_um2=nuclei_min_area)
     info = {"weights": str(bundle.path), "sha256": bundle.sha256, "weights_verified": bundle.verified,
             "preset": bundle.config.name, "backend": backend, "dtype": dtype, "device": str(dev),
             "steps": steps or bundle.config.num_steps, "trained_steps": bundle.config.num_steps,

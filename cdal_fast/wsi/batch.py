@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from ..inference import PatchRunner
 from ..sampler import SamplerLike
 from .dicom import is_dicom_folder
 from .other_tasks import VOLUME_SUFFIXES, radiograph_done, segment_radiograph, segment_volume, volume_done
-from .outputs import is_complete, is_small_image, slide_stem, write_summary
+from .outputs import is_complete, is_small_image, required_outputs, slide_stem, write_summary
 from .pipeline import SegmentOptions, segment_slide
 from .progress import TileProgress, TqdmProgress
 from .readers import DICOM_SUFFIXES, SLIDE_SUFFIXES, SlideError
@@ -92,7 +92,7 @@ def _segment_slide(path: Path, out_dir: Path, run: TaskRun, progress: TileProgre
 
 
 def _slide_done(out_dir: Path, path: Path, opts: SegmentOptions) -> bool:
-    return is_complete(out_dir, slide_stem(path), is_small_image(path), opts.pyramid_layout)
+    return is_complete(out_dir, slide_stem(path), is_small_image(path), opts.pyramid_layout, required_outputs(opts))
 
 
 def _segment_radiograph(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
@@ -117,6 +117,8 @@ def segment_all(files: list[Path], out_dir: Path, sampler: SamplerLike, cfg: Mod
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     segment_fn, done_fn = TASKS[task]
+    if opts.nuclei and cfg.multiclass:  # no nucleus objects from a multi-class model: none are expected
+        opts = replace(opts, nuclei=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = RunReport()
     t0 = time.perf_counter()
@@ -140,6 +142,8 @@ def segment_all(files: list[Path], out_dir: Path, sampler: SamplerLike, cfg: Mod
         for warning in summary.get("warnings") or []:
             echo(f"warn  {f}: {warning}")
         detail = (f"objects {summary['object_fraction']:.3f}, " if "object_fraction" in summary else "")
+        if "nuclei_count" in summary:
+            detail += f"{summary['nuclei_count']} nuclei, "
         echo(f"done  {f}: {detail}{summary['seconds']:.1f} s")
     report.seconds = time.perf_counter() - t0
     write_summary(out_dir / "run_summary.json", report.to_dict())

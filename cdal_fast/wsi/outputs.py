@@ -1,8 +1,9 @@
 """Output names, completion markers and small writers shared by the slide, radiograph and volume jobs.
 
 An input is done when its JSON summary exists with ``"complete": true`` (and, for slides, the mask
-exists); the summary is always written last, through :func:`cdal_fast.atomic.atomic_output`, so an
-interrupted run never leaves anything that looks complete.
+and every other output the options ask for exist: the nucleus GeoJSON / CSV / label raster); the
+summary is always written last, through :func:`cdal_fast.atomic.atomic_output`, so an interrupted
+run never leaves anything that looks complete.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import numpy as np
 from ..atomic import atomic_output
 from .readers import SMALL_SUFFIXES
 
-__all__ = ["OME_SUFFIXES", "slide_stem", "is_small_image", "output_paths", "is_complete", "summary_complete",
-           "write_png", "write_summary"]
+__all__ = ["OME_SUFFIXES", "slide_stem", "is_small_image", "output_paths", "required_outputs", "is_complete",
+           "summary_complete", "write_png", "write_summary"]
 
 OME_SUFFIXES = (".ome.tif", ".ome.tiff")
 
@@ -33,12 +34,20 @@ def is_small_image(path: Path) -> bool:
 
 
 def output_paths(out_dir: Path, stem: str, small: bool, layout: str = "ome") -> dict[str, Path]:
-    """Every file a slide job may write, by role (mask, prob, uncertainty, overlay, tissue, summary).
+    """Every file a slide job may write, by role (mask, prob, uncertainty, overlay, tissue, nuclei, labels,
+    summary).
 
-    ``layout`` "openslide" writes plain pyramidal TIFFs (``.tif``): they carry no OME metadata.
+    ``layout`` "openslide" writes plain pyramidal TIFFs (``.tif``): they carry no OME metadata. The
+    nucleus label raster is uint32, which PNG cannot hold: a TIFF pyramid for PNG/JPEG inputs too.
+    The nucleus file names match :class:`cdal_fast.nuclei.NucleiWriters` (tests check both).
     """
     ext = ".png" if small else (".ome.tif" if layout == "ome" else ".tif")
+    tif = ".ome.tif" if layout == "ome" else ".tif"
     return {
+        "nuclei_geojson": out_dir / f"{stem}.nuclei.geojson",
+        "nuclei_geojson_gz": out_dir / f"{stem}.nuclei.geojson.gz",
+        "nuclei_csv": out_dir / f"{stem}.nuclei.csv",
+        "labels": out_dir / f"{stem}.labels{tif}",
         "mask": out_dir / f"{stem}.mask{ext}",
         "prob": out_dir / f"{stem}.prob{ext}",
         "uncertainty": out_dir / f"{stem}.uncertainty{ext}",
@@ -48,10 +57,25 @@ def output_paths(out_dir: Path, stem: str, small: bool, layout: str = "ome") -> 
     }
 
 
-def is_complete(out_dir: Path, stem: str, small: bool, layout: str = "ome") -> bool:
-    """A slide is done when its mask exists and its summary says complete."""
+def required_outputs(opts: Any) -> tuple[str, ...]:
+    """Roles (keys of :func:`output_paths`) that must exist for a slide run with ``opts`` (SegmentOptions)
+    to count as complete: the mask, and the nucleus files unless turned off."""
+    roles = ["mask"]
+    if getattr(opts, "nuclei", False):
+        if opts.nuclei_geojson:
+            roles.append("nuclei_geojson_gz" if opts.nuclei_gzip else "nuclei_geojson")
+        if opts.nuclei_csv:
+            roles.append("nuclei_csv")
+        if opts.save_labels:
+            roles.append("labels")
+    return tuple(roles)
+
+
+def is_complete(out_dir: Path, stem: str, small: bool, layout: str = "ome",
+                required: tuple[str, ...] = ("mask",)) -> bool:
+    """A slide is done when its ``required`` outputs exist and its summary says complete."""
     paths = output_paths(out_dir, stem, small, layout)
-    return paths["mask"].is_file() and summary_complete(paths["summary"])
+    return all(paths[r].is_file() for r in required) and summary_complete(paths["summary"])
 
 
 def summary_complete(path: Path) -> bool:

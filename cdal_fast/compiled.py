@@ -14,8 +14,8 @@ that does not match the model they are asked to run. TensorRT engines (10.x and 
 typed) are built from a graph exported in the engine's precision and cached under a key of (graph
 bytes, batch profile, precision, TensorRT version, GPU name).
 
-Both samplers expose the attributes and call signature of ``FixedStepSampler``, so ``segment``
-streams batches through them unchanged.
+Both samplers are :class:`~cdal_fast.sampler.SamplerLike` (the attributes and call signature of
+``FixedStepSampler``), so ``segment`` streams batches through them unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .atomic import atomic_output
 from .generator import Generator
 from .onnx_groupnorm import GROUP_NORM_OPSET, group_normalization_export
 from .requires import BackendError, require_tensorrt
-from .sampler import FixedStepSampler, draw_noise, generators_from_seed
+from .sampler import SAMPLER_ATTRS, FixedStepSampler, draw_noise, generators_from_seed
 from .tensorrt_plan import MIN_PROFILE_BATCH, check_call, check_input_shape, network_flags, profile_shapes, torch_dtype
 
 __all__ = ["export_onnx", "OnnxSampler", "TensorRTSampler", "build_tensorrt_engine", "cache_dir"]
@@ -127,10 +127,12 @@ def onnx_metadata(path: Path) -> dict[str, str]:
 
 
 def _set_sampler_attrs(module: torch.nn.Module, meta: dict[str, str]) -> None:
-    """The FixedStepSampler attributes ``segment`` reads (T, V, mask channels, latent size)."""
+    """Make ``module`` a :class:`~cdal_fast.sampler.SamplerLike`: its attributes from the graph's metadata."""
     cfg = json.loads(meta["cdal_model_config"])
-    module.num_steps, module.votes = int(meta["cdal_steps"]), int(meta["cdal_votes"])
-    module.mask_channels, module.nz = int(cfg["mask_channels"]), int(cfg["nz"])
+    values = {"num_steps": meta["cdal_steps"], "votes": meta["cdal_votes"], "mask_channels": cfg["mask_channels"],
+              "nz": cfg["nz"]}
+    for name in SAMPLER_ATTRS:
+        setattr(module, name, int(values[name]))
 
 
 def _check_matches(meta: dict[str, str], generator: Generator | None, sha256: str, path: Path) -> None:

@@ -310,14 +310,15 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     try:
         bundle = load_model(weights, task=task, device=dev)
         untrained = check_steps(steps, bundle.config.num_steps, allow_untrained_steps)
-        sampler = build_sampler(bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.content_sha256)
+        if batch_size is None:
+            batch_size = 8 if dev.type == "cuda" else 1
+        sampler = build_sampler(bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.content_sha256,
+                                max_batch=batch_size)
     except (WeightsError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
     files = find_inputs(list(inputs), recursive, pattern)
     if not files:
         raise click.ClickException("no slide or image files found in the inputs")
-    if batch_size is None:
-        batch_size = 8 if dev.type == "cuda" else 1
     tile = bundle.config.image_size
     if tile_overlap is None:
         tile_overlap = tile // 4
@@ -360,13 +361,15 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
 @click.option("--allow-untrained-steps", is_flag=True, help=ALLOW_UNTRAINED_STEPS_HELP)
 @click.option("--votes", type=VOTES, default=None, help="Votes V fixed in the export (default: the model's).")
 @click.option("--fused", is_flag=True, help="Call the cdal C++ ops (the C++ program must link libcdal_ops).")
-@click.option("--batch", type=BATCH, default=1, show_default=True, help="aoti: the fixed batch size.")
+@click.option("--batch", type=BATCH, default=None,
+              help="aoti: the fixed batch size (default 1); tensorrt: the largest batch the engine accepts "
+                   "(default 8, segment's GPU batch).")
 @click.option("--size", type=TILE_SIZE, default=None, help="aoti/onnx: the fixed tile size (default: the model's).")
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
               help="tensorrt: engine precision.")
 def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_untrained_steps: bool,
            votes: int | None, fused: bool,
-           batch: int, size: int | None, precision: str) -> None:
+           batch: int | None, size: int | None, precision: str) -> None:
     """Export the whole fixed-step sampler for use without Python (see docs/cpp.md).
 
     The module's forward(image, seed) takes float32 (B, C, H, W) pixels on the 0-255 scale and an
@@ -391,7 +394,8 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_u
     if fmt in PLAIN_OP_FORMATS:
         import shutil
 
-        from .compiled import build_tensorrt_engine, export_onnx
+        from .atomic import atomic_output
+        from .compiled import DEFAULT_TRT_BATCH, build_tensorrt_engine, export_onnx
 
         try:
             if fmt == "tensorrt":
@@ -400,15 +404,17 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_u
                 path = export_onnx(bundle.generator, out, steps, votes, size, weights_sha256=bundle.sha256)
             else:
                 onnx_path = export_onnx(bundle.generator, out.with_suffix(".onnx"), steps, votes, size,
-                                        weights_sha256=bundle.sha256)
+                                        weights_sha256=bundle.sha256, precision=precision)
                 path = out
-                shutil.copy(build_tensorrt_engine(onnx_path, precision), out)
+                engine = build_tensorrt_engine(onnx_path, precision, batch or DEFAULT_TRT_BATCH)
+                with atomic_output(out) as tmp:
+                    shutil.copyfile(engine, tmp)
         except BackendError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"wrote {path}")
         return
     module = ExportableSampler(bundle.generator.with_fused(fused), steps, votes).eval()
-    path = export_torchscript(module, out) if fmt == "torchscript" else export_aoti(module, out, batch, size)
+    path = export_torchscript(module, out) if fmt == "torchscript" else export_aoti(module, out, batch or 1, size)
     click.echo(f"wrote {path} (T={module.num_steps}, V={module.votes}, fused={fused})")
 
 

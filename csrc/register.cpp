@@ -5,8 +5,24 @@
 
 namespace cdal {
 
+namespace {
+
+// Every tensor argument must live on x's device (a kernel would otherwise read a foreign pointer)
+// and be floating point (integers would be silently converted).
+void check_same_device_float(const char* op, const at::Tensor& x, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+              "; move every argument to one device");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ", t.scalar_type());
+}
+
+}  // namespace
+
 void check_adagn_args(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
                       const std::optional<at::Tensor>& bias, int64_t groups) {
+  constexpr const char* op = "cdal::adagn_silu";
+  check_same_device_float(op, x, gamma, "gamma");
+  check_same_device_float(op, x, beta, "beta");
+  if (bias.has_value()) check_same_device_float(op, x, *bias, "bias");
   TORCH_CHECK(x.dim() == 4, "cdal::adagn_silu: x must be (N, C, H, W), got ", x.dim(), " dims");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "cdal::adagn_silu: x must be floating point, got ",
               x.scalar_type());
@@ -39,6 +55,13 @@ AdagnInputs prepare_adagn(const at::Tensor& x, const at::Tensor& gamma, const at
 void check_attention_args(const at::Tensor& x, const at::Tensor& norm_w, const at::Tensor& norm_b,
                           const at::Tensor& qkv_w, const std::optional<at::Tensor>& qkv_b,
                           const at::Tensor& proj_w, const std::optional<at::Tensor>& proj_b, int64_t groups) {
+  constexpr const char* op = "cdal::self_attention";
+  check_same_device_float(op, x, norm_w, "norm_w");
+  check_same_device_float(op, x, norm_b, "norm_b");
+  check_same_device_float(op, x, qkv_w, "qkv_w");
+  check_same_device_float(op, x, proj_w, "proj_w");
+  if (qkv_b.has_value()) check_same_device_float(op, x, *qkv_b, "qkv_b");
+  if (proj_b.has_value()) check_same_device_float(op, x, *proj_b, "proj_b");
   TORCH_CHECK(x.dim() == 4, "cdal::self_attention: x must be (N, C, H, W), got ", x.dim(), " dims");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "cdal::self_attention: x must be floating point, got ",
               x.scalar_type());

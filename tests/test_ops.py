@@ -119,6 +119,53 @@ def test_clear_errors():
         ops.adagn_silu(x.long(), gamma, beta, b, 3, 1e-6)
 
 
+def test_every_argument_is_checked_for_device_and_dtype():
+    """The CUDA kernels take raw pointers: an argument on another device than x, or an integer one,
+    must be refused by the shared checks (here through the Meta kernel, which a meta argument selects)."""
+    x, gamma, beta, b = adagn_inputs(1, 12, 8, 8)
+    with pytest.raises(RuntimeError, match=r"adagn_silu: beta is on meta but x is on cpu"):
+        ops.adagn_silu(x, gamma, beta.to("meta"), b, 3, 1e-6)
+    with pytest.raises(RuntimeError, match=r"adagn_silu: bias must be floating point, got Long"):
+        ops.adagn_silu(x, gamma, beta, b.long(), 3, 1e-6)
+    args = attn_inputs(1, 12, 4, 4)
+    with pytest.raises(RuntimeError, match=r"self_attention: proj_w is on meta but x is on cpu"):
+        ops.self_attention(*args[:5], args[5].to("meta"), args[6], 3, 1e-6)
+    with pytest.raises(RuntimeError, match=r"self_attention: qkv_b must be floating point, got Int"):
+        ops.self_attention(*args[:4], args[4].int(), *args[5:], 3, 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 12, 8, 8), (2, 12, 0, 8)])
+def test_empty_inputs_return_empty_outputs(device, shape):
+    x, gamma, beta, b = (t.to(device) for t in adagn_inputs(*shape))
+    out = ops.adagn_silu(x, gamma, beta, b, 3, 1e-6)
+    assert out.shape == shape and out.device == x.device
+    args = [a.to(device) for a in attn_inputs(*shape)]
+    assert ops.self_attention(*args, 3, 1e-6).shape == shape
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape,groups,dtype,channels_last,tol", [
+    ((320, 64, 256, 256), 16, torch.bfloat16, True, 1e-2),   # batch 64 x 5 votes: grid-stride loops
+    ((320, 64, 256, 256), 16, torch.bfloat16, False, 1e-2),
+    ((2, 32, 64, 96), 8, torch.float32, True, 1e-5),          # several pixel chunks per sample
+    ((3, 24, 48, 48), 6, torch.float32, True, 1e-5),          # C does not divide the block: generic path
+])
+def test_adagn_silu_cuda_at_sampler_scale(shape, groups, dtype, channels_last, tol):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, c = shape[:2]
+    x = (torch.randn(shape, generator=g, device="cuda") * 3 + 1).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gamma, beta, b = (1 + 0.3 * torch.randn(n, c, generator=g, device="cuda") for _ in range(3))
+    out = ops.adagn_silu(x, gamma, beta, b, groups, 1e-6)
+    ref = ops.adagn_silu_reference(x.float(), gamma, beta, b, groups, 1e-6)
+    assert rel_err(out, ref) <= tol
+    with pytest.raises(RuntimeError, match="gamma is on cpu but x is on cuda"):
+        ops.adagn_silu(x, gamma.cpu(), beta, b, groups, 1e-6)
+
+
 def test_fake_impl_traces_with_export():
     class M(torch.nn.Module):
         def forward(self, x, gamma, beta):

@@ -148,6 +148,7 @@ at::Tensor adagn_silu_cpu(const at::Tensor& x_in, const at::Tensor& gamma, const
                           const std::optional<at::Tensor>& bias, int64_t groups, double eps) {
   const AdagnInputs in = prepare_adagn(x_in, gamma, beta, bias, groups);
   at::Tensor y = at::empty_like(in.x);
+  if (y.numel() == 0) return y;  // same early return as the CUDA glue (no statistics of empty groups)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "adagn_silu_cpu", [&] {
     adagn_kernel<scalar_t>(in.x.data_ptr<scalar_t>(), in.gamma.data_ptr<float>(), in.beta.data_ptr<float>(),
                            in.bias_ptr(), y.data_ptr<scalar_t>(), in.N, in.C, in.HW, groups, eps, in.channels_last);

@@ -10,9 +10,13 @@ namespace cdal_cuda {
 enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
 // y = SiLU(gamma * GroupNorm(x + bias) + beta); gamma/beta/bias are (N, C) float32, bias may be null.
-// stats is a workspace of 2 * N * groups floats. Layout: NCHW contiguous, or NHWC if channels_last.
+// workspace holds adagn_workspace_floats(...) floats (statistics, per-channel scale/shift, partial
+// statistics). Layout: NCHW contiguous, or NHWC if channels_last. Empty inputs launch nothing;
+// HW * C above kAdagnMaxPlane (the kernels' 32-bit inner index) returns cudaErrorInvalidValue.
+constexpr int64_t kAdagnMaxPlane = 0xffffffffLL;
+int64_t adagn_workspace_floats(int64_t N, int64_t C, int64_t HW, int64_t groups, bool channels_last);
 cudaError_t adagn_silu(const void* x, const float* gamma, const float* beta, const float* bias, void* y,
-                       float* stats, int64_t N, int64_t C, int64_t HW, int64_t groups, float eps,
+                       float* workspace, int64_t N, int64_t C, int64_t HW, int64_t groups, float eps,
                        bool channels_last, DType dtype, cudaStream_t stream);
 
 // Fused attention core: qkv (N, HW, 3C) float32 token-major -> out (N, HW, C) float32,

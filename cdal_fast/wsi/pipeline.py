@@ -43,6 +43,8 @@ from ..config import ModelConfig
 from ..decode import U8_MAX, MaskChannels, MaskKind, object_pixels, prob_to_u8, u8_to_mask
 from ..preprocess import match_channels, normalise, to_chw_float
 from ..sampler import SamplerLike, SamplerNoise, draw_image_noise, position_generator, stack_noise
+from .limits import DEFAULT_MAX_PIXELS, check_work_size
+from .mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP, plausible_mpp
 from .outputs import (
     is_complete,
     is_small_image,
@@ -94,6 +96,7 @@ class SegmentOptions:
     save_tissue: bool = False  # write NAME.tissue.png (the mask used, at thumbnail scale)
     roi: str | None = None  # GeoJSON / mask image / folder of NAME.geojson (see roi.py)
     pyramid_layout: str = "ome"  # "ome" (SubIFDs) or "openslide" (top-level IFDs); see writer.py
+    max_pixels: float = DEFAULT_MAX_PIXELS  # bound on working pixels (the maps, the stitching band); --max-pixels
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -111,7 +114,21 @@ class Plan:
     mpp_warning: str | None = None  # the resolution came from a convention (objective power)
 
 
-def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None) -> Plan:
+def tile_region(tile: Tile, size: int, scale: float, level_w: int, level_h: int) -> tuple[int, int, int]:
+    """(x, y, side) of the level region a working tile covers: ``size`` working px x ``scale`` level px,
+    shifted back inside the level where rounding would reach past its edge (a slide smaller than a tile
+    keeps (0, 0); the reader pads the rest white)."""
+    side = max(1, int(round(size * scale)))
+    x = min(int(round(tile.x * scale)), max(0, level_w - side))
+    y = min(int(round(tile.y * scale)), max(0, level_h - side))
+    return x, y, side
+
+
+def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None,
+              max_pixels: float = DEFAULT_MAX_PIXELS) -> Plan:
+    if mpp_override is not None and not plausible_mpp(mpp_override):
+        raise SlideError(f"{reader.path}: --mpp {mpp_override:g} is outside the plausible microscopy range "
+                         f"{MIN_PLAUSIBLE_MPP:g}-{MAX_PLAUSIBLE_MPP:g} um/px")
     if mpp_override is None and reader.mpp_anisotropic:
         mx, my = reader.mpp_anisotropic
         raise SlideError(
@@ -132,6 +149,7 @@ def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None)
     lv0, lv = reader.levels[0], reader.levels[best]
     work_h = max(1, round(lv0.height * mpp0 / work_mpp))
     work_w = max(1, round(lv0.width * mpp0 / work_mpp))
+    check_work_size(reader.path, work_h, work_w, work_mpp, max_pixels)
     return Plan(best, work_mpp / (mpp0 * lv.downsample), work_h, work_w, lv0.height, lv0.width, mpp0,
                 "--mpp" if mpp_override else reader.mpp_source, work_mpp,
                 None if mpp_override else reader.mpp_warning)
@@ -189,9 +207,9 @@ class TileDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, SamplerNoise]:
         if self._reader is None:  # opened lazily: one handle per worker process
             self._reader = open_slide(self.path)
-        t, p, s = self.tiles[i], self.tile, self.plan.level_scale
-        x, y = int(round(t.x * s)), int(round(t.y * s))
-        size = max(1, int(round(p * s)))
+        t, p = self.tiles[i], self.tile
+        lv = self._reader.levels[self.plan.level]
+        x, y, size = tile_region(t, p, self.plan.level_scale, lv.width, lv.height)
         rgb = self._reader.read_region(self.plan.level, x, y, size, size)
         img = to_chw_float(rgb)
         if size != p:
@@ -322,7 +340,7 @@ def plan_slide(path: Path, out_dir: Path, cfg: ModelConfig, opts: SegmentOptions
     stem = slide_stem(path)
     with open_slide(path) as reader:
         small = isinstance(reader, SmallImage)
-        plan = make_plan(reader, cfg, opts.mpp)
+        plan = make_plan(reader, cfg, opts.mpp, opts.max_pixels)
         grid = TileGrid(plan.work_h, plan.work_w, cfg.image_size, opts.tile_overlap)
         all_tiles = grid.tiles()
         tissue: TissueDetection | None = None

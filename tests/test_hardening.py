@@ -19,11 +19,13 @@ from cdal_fast.wsi.outputs import NameCollisionError, output_names, slide_stem
 from cdal_fast.wsi.pipeline import SegmentOptions, make_plan
 from cdal_fast.wsi.readers import Level, SlideError, TiffSlide, open_slide
 
+from .slides import write_ome_pyramid
 
-def patch_tag(path: Path, tag: str, value: int, page: int = 0) -> None:
-    """Overwrite the (inline) value of a TIFF tag of ``page`` in place, as a hostile header would."""
+
+def patch_tag(path: Path, tag: str, value: int, level: int = 0) -> None:
+    """Overwrite the (inline) value of a TIFF tag of pyramid ``level`` in place, as a hostile header would."""
     with tifffile.TiffFile(path) as tif:
-        t = tif.pages[page].tags[tag]
+        t = tif.series[0].levels[level].keyframe.tags[tag]
         offset, fmt = t.valueoffset, tif.byteorder + {3: "H", 4: "I", 16: "Q"}[t.dtype]
     with open(path, "r+b") as fh:
         fh.seek(offset)
@@ -37,10 +39,11 @@ def small_tiled(path: Path, side: int = 64, tile: int = 16) -> Path:
 
 
 # -- item 5: clear SlideErrors from readers, any exception reported per input ---------------------
-def test_zero_width_tiff_is_a_slide_error(tmp_path):
-    path = small_tiled(tmp_path / "zero.tif")
-    patch_tag(path, "ImageWidth", 0)
-    with pytest.raises(SlideError, match=r"zero.tif.*0x64 px|readable TIFF"):
+def test_zero_width_level_is_a_slide_error(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    path = write_ome_pyramid(tmp_path / "zero.ome.tif", rgb, mpp=0.5, levels=2, tile=16)
+    patch_tag(path, "ImageWidth", 0, level=1)  # used to be a ZeroDivisionError computing the downsample
+    with pytest.raises(SlideError, match=r"zero.ome.tif: level 1 is 0x32 px"):
         open_slide(path)
 
 

@@ -29,8 +29,15 @@ from .readers import DICOM_SUFFIXES, SLIDE_SUFFIXES
 __all__ = ["find_inputs", "RunReport", "TaskRun", "TASKS", "segment_all"]
 
 
+def _listed(f: Path) -> bool:
+    """A scanned entry with a slide name is an input unless it is a DICOM instance's sibling folder:
+    regular files, and also broken or looping links and plain folders named like slides, so that
+    they are reported as failures instead of silently skipped."""
+    return f.is_file() or f.is_symlink() or (f.is_dir() and not is_dicom_folder(f))
+
+
 def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None = None) -> list[Path]:
-    """Files named directly, plus slide-like files inside named folders (sorted, de-duplicated).
+    """Files named directly, plus slide-like entries inside named folders (sorted, de-duplicated).
 
     A DICOM WSI is a folder of instances: a named folder holding DICOM files is one input, and a
     ``.dcm`` file found while scanning stands for its folder (so a slide's levels are one input).
@@ -44,13 +51,16 @@ def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None
         elif p.is_dir():
             it = (p.rglob(pattern or "*") if recursive else p.glob(pattern or "*"))
             found += [f.parent if f.name.lower().endswith(DICOM_SUFFIXES) else f for f in it
-                      if f.is_file() and f.name.lower().endswith(SLIDE_SUFFIXES + VOLUME_SUFFIXES)
+                      if _listed(f) and f.name.lower().endswith(SLIDE_SUFFIXES + VOLUME_SUFFIXES)
                       and not f.name.startswith(".")]
         else:
             found.append(p)
     seen, out = set(), []
     for f in sorted(found):
-        key = f.resolve()
+        try:
+            key = f.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: reported when it is opened
+            key = f.absolute()
         if key not in seen:
             seen.add(key)
             out.append(f)

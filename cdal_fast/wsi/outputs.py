@@ -56,7 +56,7 @@ def output_names(files: list[Path], roots: list[Path] | None = None) -> dict[Pat
     resolved_roots = [r.resolve() for r in (roots or []) if r.is_dir()]
     for f in files:
         rel_dir = Path()
-        parent = f.resolve().parent
+        parent = f.parent.resolve()  # the entry's own folder (a link may point anywhere, or loop)
         for root in sorted(resolved_roots, key=lambda r: len(r.parts), reverse=True):
             if parent == root or root in parent.parents:
                 rel_dir = parent.relative_to(root)

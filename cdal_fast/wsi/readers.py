@@ -365,6 +365,8 @@ def open_slide(path: str | Path) -> SlideReader:
             raise SlideError(f"{p}: file not found")
         return DicomSlide(p)
     if not p.is_file():
+        if p.is_symlink():
+            raise SlideError(f"{p}: a broken or looping symbolic link")
         raise SlideError(f"{p}: file not found")
     if name.endswith(SMALL_SUFFIXES):
         return SmallImage(p)

@@ -183,3 +183,15 @@ def test_unresolvable_collisions_are_errors_before_any_work(tmp_path):
         output_names([tmp_path / "p" / "X.svs", tmp_path / "q" / "x.svs"])
     with pytest.raises(NameCollisionError, match="run summary"):
         output_names([tmp_path / "run_summary.tif"])
+
+
+def test_map_file_rows_round_trip_as_npy(tmp_path):
+    from cdal_fast.wsi.mapfile import MapFile
+
+    m = MapFile.create(tmp_path / "m.npy", (5, 7))
+    m[1:3] = np.arange(14, dtype=np.uint8).reshape(2, 7)
+    r = MapFile.open(tmp_path / "m.npy")
+    assert np.array_equal(r[np.array([2, 1])], np.arange(14, dtype=np.uint8).reshape(2, 7)[::-1])
+    assert np.array_equal(np.load(tmp_path / "m.npy"), np.asarray(r)) and not np.asarray(r)[3:].any()
+    with pytest.raises(ValueError, match=r"rows 0:2 need shape \(2, 7\), got \(1, 7\)"):
+        m[0:2] = np.zeros((1, 7), np.uint8)

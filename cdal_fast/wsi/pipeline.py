@@ -44,6 +44,7 @@ from ..decode import U8_MAX, MaskChannels, MaskKind, object_pixels, prob_to_u8, 
 from ..preprocess import match_channels, normalise, to_chw_float
 from ..sampler import SamplerLike, SamplerNoise, draw_image_noise, position_generator, stack_noise
 from .limits import DEFAULT_MAX_PIXELS, check_work_size
+from .mapfile import MapFile
 from .mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP, plausible_mpp
 from .outputs import (
     is_complete,
@@ -416,17 +417,16 @@ class StitchedMaps:
     object_pixels: int
     sampler_seconds: float  # summed over the stitched results
 
-    def open(self) -> tuple[np.ndarray, np.ndarray]:
-        """Read-only memory maps of (prob, std)."""
-        return np.load(self.prob_path, mmap_mode="r"), np.load(self.std_path, mmap_mode="r")
+    def open(self) -> tuple[MapFile, MapFile]:
+        """(prob, std) with row-band reads (no memory map: see mapfile.py)."""
+        return MapFile.open(self.prob_path), MapFile.open(self.std_path)
 
 
 def stitch_tiles(slide: SlidePlan, results: Iterable[TileResult], cfg: ModelConfig) -> StitchedMaps:
     """Stage 4: blend results (in tile order) into disk-backed maps in ``slide.work_dir``."""
     shape = (slide.plan.work_h, slide.plan.work_w)
     prob_path, std_path = slide.work_dir / "prob.npy", slide.work_dir / "std.npy"
-    prob_map = np.lib.format.open_memmap(prob_path, mode="w+", dtype=np.uint8, shape=shape)
-    std_map = np.lib.format.open_memmap(std_path, mode="w+", dtype=np.uint8, shape=shape)
+    prob_map, std_map = MapFile.create(prob_path, shape), MapFile.create(std_path, shape)
     stitcher = BandStitcher(slide.grid, cfg.mask_channels, prob_map, std_map, kind=cfg)
     seconds = 0.0
     for res in results:

@@ -12,8 +12,8 @@ The file's metadata records the weights hash, T, V, tile size and preset; loader
 that does not match the model they are asked to run. TensorRT engines are built from that graph
 and cached under a key of (weights hash, shapes, precision, TensorRT version, GPU name).
 
-Both samplers expose the attributes and call signature of ``FixedStepSampler``, so ``segment``
-streams batches through them unchanged.
+Both samplers are :class:`~cdal_fast.sampler.SamplerLike` (the attributes and call signature of
+``FixedStepSampler``), so ``segment`` streams batches through them unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from .atomic import atomic_output
 from .generator import Generator
 from .requires import BackendError, require_tensorrt
-from .sampler import FixedStepSampler, draw_noise, generators_from_seed
+from .sampler import SAMPLER_ATTRS, FixedStepSampler, draw_noise, generators_from_seed
 
 __all__ = ["export_onnx", "OnnxSampler", "TensorRTSampler", "build_tensorrt_engine", "cache_dir"]
 
@@ -91,10 +91,12 @@ def onnx_metadata(path: Path) -> dict[str, str]:
 
 
 def _set_sampler_attrs(module: torch.nn.Module, meta: dict[str, str]) -> None:
-    """The FixedStepSampler attributes ``segment`` reads (T, V, mask channels, latent size)."""
+    """Make ``module`` a :class:`~cdal_fast.sampler.SamplerLike`: its attributes from the graph's metadata."""
     cfg = json.loads(meta["cdal_model_config"])
-    module.num_steps, module.votes = int(meta["cdal_steps"]), int(meta["cdal_votes"])
-    module.mask_channels, module.nz = int(cfg["mask_channels"]), int(cfg["nz"])
+    values = {"num_steps": meta["cdal_steps"], "votes": meta["cdal_votes"], "mask_channels": cfg["mask_channels"],
+              "nz": cfg["nz"]}
+    for name in SAMPLER_ATTRS:
+        setattr(module, name, int(values[name]))
 
 
 def _check_matches(meta: dict[str, str], generator: Generator | None, sha256: str, path: Path) -> None:

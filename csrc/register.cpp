@@ -45,11 +45,12 @@ void check_attention_args(const at::Tensor& x, const at::Tensor& norm_w, const a
   const int64_t c = x.size(1);
   TORCH_CHECK(groups > 0 && c % groups == 0, "cdal::self_attention: channels (", c,
               ") must be divisible by groups (", groups, ")");
-  TORCH_CHECK(norm_w.numel() == c && norm_b.numel() == c, "cdal::self_attention: norm weight/bias need C values");
+  // sym_numel: the Meta kernel also runs on fake tensors with symbolic sizes (torch.export, opcheck)
+  TORCH_CHECK(norm_w.sym_numel() == c && norm_b.sym_numel() == c, "cdal::self_attention: norm weight/bias need C values");
   TORCH_CHECK(qkv_w.size(0) == 3 * c && qkv_w.size(1) == c, "cdal::self_attention: qkv weight must be (3C, C, 1, 1)");
   TORCH_CHECK(proj_w.size(0) == c && proj_w.size(1) == c, "cdal::self_attention: proj weight must be (C, C, 1, 1)");
-  if (qkv_b.has_value()) TORCH_CHECK(qkv_b->numel() == 3 * c, "cdal::self_attention: qkv bias needs 3C values");
-  if (proj_b.has_value()) TORCH_CHECK(proj_b->numel() == c, "cdal::self_attention: proj bias needs C values");
+  if (qkv_b.has_value()) TORCH_CHECK(qkv_b->sym_numel() == 3 * c, "cdal::self_attention: qkv bias needs 3C values");
+  if (proj_b.has_value()) TORCH_CHECK(proj_b->sym_numel() == c, "cdal::self_attention: proj bias needs C values");
 }
 
 at::Tensor attention_qkv_tokens(const at::Tensor& x, const at::Tensor& norm_w, const at::Tensor& norm_b,
@@ -73,7 +74,7 @@ at::Tensor attention_output(const at::Tensor& x, const at::Tensor& attn_tokens, 
   at::Tensor out = at::matmul(attn_tokens, wp.t());            // (N, HW, C)
   if (proj_b.has_value()) out = out + proj_b->to(x.scalar_type());
   out = out.transpose(1, 2).reshape({n, c, h, w});
-  return ((x + out) * 0.7071067811865476).contiguous(x.suggest_memory_format());
+  return ((x + out) * kSkipScale).contiguous(x.suggest_memory_format());
 }
 
 // Shape-only implementations so torch.compile / torch.export can trace the ops (fake tensors).
@@ -93,6 +94,9 @@ at::Tensor self_attention_meta(const at::Tensor& x, const at::Tensor& norm_w, co
 
 }  // namespace cdal
 
+// Both ops are INFERENCE-ONLY: no autograd formula is registered, so no gradient flows through
+// them (autograd's fallback warns when a backward reaches them). Training uses the plain PyTorch
+// layers (Generator.set_fused(False), the default); the fused path is for sampling only.
 TORCH_LIBRARY(cdal, m) {
   m.def("adagn_silu(Tensor x, Tensor gamma, Tensor beta, Tensor? bias, int groups, float eps) -> Tensor");
   m.def(

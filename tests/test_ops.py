@@ -37,14 +37,18 @@ def adagn_inputs(n, c, h, w, bias=True, seed=0):
     return x, gamma, beta, b
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,tol", DTYPES)
-@pytest.mark.parametrize("shape,groups,bias", [
+ADAGN_CASES = [
     ((1, 12, 8, 8), 3, True),       # batch 1, 8x8, channels not a multiple of 8
     ((3, 20, 64, 64), 5, False),    # 64x64, no bias
     ((2, 36, 9, 13), 9, True),      # odd spatial size
     ((2, 64, 16, 16), 16, True),
-])
+]
+ATTN_CASES = [((1, 12, 8, 8), 3), ((2, 68, 8, 8), 17), ((1, 64, 16, 16), 16), ((1, 20, 32, 32), 5)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("shape,groups,bias", ADAGN_CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_adagn_silu_parity(device, dtype, tol, shape, groups, bias, channels_last):
     x, gamma, beta, b = adagn_inputs(*shape, bias=bias)
@@ -72,8 +76,7 @@ def attn_inputs(n, c, h, w, seed=0):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-@pytest.mark.parametrize("shape,groups", [((1, 12, 8, 8), 3), ((2, 68, 8, 8), 17), ((1, 64, 16, 16), 16),
-                                          ((1, 20, 32, 32), 5)])
+@pytest.mark.parametrize("shape,groups", ATTN_CASES)
 def test_self_attention_parity(device, dtype, tol, shape, groups):
     args = attn_inputs(*shape)
     ref = ops.self_attention_reference(*[a.double() for a in args], groups, 1e-6)
@@ -83,6 +86,27 @@ def test_self_attention_parity(device, dtype, tol, shape, groups):
     if dtype != torch.float32:
         ref = ops.self_attention_reference(*[a.to(dtype).double() for a in args], groups, 1e-6)
     assert rel_err(out.cpu(), ref) <= tol
+
+
+# torch.library.opcheck: schema, fake (Meta) kernel strides/shapes against the real kernel, autograd
+# registration and AOT dispatch, over the parity inputs (float32; the kernels are dtype-generic).
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,groups,bias", ADAGN_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_adagn_silu_opcheck(device, shape, groups, bias, channels_last):
+    x, gamma, beta, b = adagn_inputs(*shape, bias=bias)
+    x = x.to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = (x, gamma.to(device), beta.to(device), None if b is None else b.to(device), groups, 1e-6)
+    torch.library.opcheck(torch.ops.cdal.adagn_silu.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,groups", ATTN_CASES)
+def test_self_attention_opcheck(device, shape, groups):
+    args = tuple(a.to(device) for a in attn_inputs(*shape))
+    torch.library.opcheck(torch.ops.cdal.self_attention.default, (*args, groups, 1e-6))
 
 
 def test_clear_errors():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .readers import SlideError
+from .errors import SlideError
 
 __all__ = ["DEFAULT_MAX_PIXELS", "SIDE_ASPECT_ALLOWANCE", "check_work_size"]
 

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .dicom import is_dicom_folder, level0_instance
+from .errors import SlideError
 from .mpp import MppInfo, plausible_mpp, settle_mpp
 
-__all__ = ["SlideError", "SlideReader", "TiffSlide", "OpenSlideSlide", "SmallImage", "open_slide",
+__all__ = ["SlideError", "SlideReader", "TiffSlide", "OpenSlideSlide", "DicomSlide", "SmallImage", "open_slide",
            "SLIDE_SUFFIXES", "OPENSLIDE_SUFFIXES", "DICOM_SUFFIXES", "MAX_SEGMENT_BYTES"]
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".ome.tif", ".ome.tiff")
@@ -35,10 +37,6 @@ MAX_SEGMENT_BYTES = 256 * 2**20  # one decoded tile/strip; a flat TIFF stored as
 SEGMENT_CACHE_BYTES = 32 * 2**20  # decoded tiles/strips kept per reader (always at least the last one)
 LEVEL_ASPECT_TOLERANCE = 0.02  # a level's height may differ this much (or 2 px) from level 0's aspect
 _UNIT_TO_UM = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "nm": 1e-3, "Å": 1e-4}
-
-
-class SlideError(RuntimeError):
-    """A slide cannot be opened or read; the message says why and what to do."""
 
 
 @dataclass
@@ -352,13 +350,26 @@ class SmallImage(SlideReader):
         return out
 
 
+class DicomSlide(OpenSlideSlide):
+    """A DICOM WSI folder or instance; levels, pixels and mpp through OpenSlide's DICOM reader."""
+
+    mpp_label = "DICOM PixelSpacing"
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        level0 = level0_instance(path)
+        super().__init__(level0)
+        self.path = path
+        if self._s.properties.get("openslide.vendor") != "dicom":
+            raise SlideError(f"{path}: OpenSlide did not read it as DICOM "
+                             f"(vendor {self._s.properties.get('openslide.vendor')!r})")
+
+
 def open_slide(path: str | Path) -> SlideReader:
     """Pick the reader by file name; raise :class:`SlideError` with a clear reason on failure."""
     p = Path(path)
     name = p.name.lower()
     if p.is_dir() or name.endswith(DICOM_SUFFIXES):
-        from .dicom import DicomSlide, is_dicom_folder
-
         if p.is_dir() and not is_dicom_folder(p):
             raise SlideError(f"{p}: a folder is read as a slide only when it holds DICOM instances; it holds none")
         if not p.exists():

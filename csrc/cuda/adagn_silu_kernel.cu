@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "block_reduce.cuh"
 #include "kernels.h"
 
 namespace cdal_cuda {
@@ -27,6 +28,12 @@ struct Welford {
   float n, mean, m2;
 };
 
+// Shuffles a Welford triple field by field, so block_reduce can combine triples.
+__device__ __forceinline__ Welford shfl_down(Welford w, int offset) {
+  return {cdal_cuda::shfl_down(w.n, offset), cdal_cuda::shfl_down(w.mean, offset),
+          cdal_cuda::shfl_down(w.m2, offset)};
+}
+
 __device__ __forceinline__ Welford merge(Welford a, Welford b) {
   const float n = a.n + b.n;
   if (n == 0.f) return a;
@@ -34,6 +41,10 @@ __device__ __forceinline__ Welford merge(Welford a, Welford b) {
   const float wb = b.n / n;
   return {n, a.mean + d * wb, a.m2 + b.m2 + d * d * a.n * wb};
 }
+
+struct MergeOp {
+  __device__ __forceinline__ Welford operator()(Welford a, Welford b) const { return merge(a, b); }
+};
 
 template <typename T, int THREADS>
 __global__ void stats_kernel(const T* __restrict__ x, const float* __restrict__ bias, float* __restrict__ stats,
@@ -57,27 +68,11 @@ __global__ void stats_kernel(const T* __restrict__ x, const float* __restrict__ 
     w.mean += d / w.n;
     w.m2 += d * (v - w.mean);
   }
-  // warp then block reduction of the Welford triples
-  for (int off = 16; off > 0; off >>= 1) {
-    Welford o{__shfl_down_sync(0xffffffff, w.n, off), __shfl_down_sync(0xffffffff, w.mean, off),
-              __shfl_down_sync(0xffffffff, w.m2, off)};
-    w = merge(w, o);
-  }
-  __shared__ Welford warps[THREADS / 32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warps[warp] = w;
-  __syncthreads();
-  if (warp == 0) {
-    w = lane < THREADS / 32 ? warps[lane] : Welford{0.f, 0.f, 0.f};
-    for (int off = 16; off > 0; off >>= 1) {
-      Welford o{__shfl_down_sync(0xffffffff, w.n, off), __shfl_down_sync(0xffffffff, w.mean, off),
-                __shfl_down_sync(0xffffffff, w.m2, off)};
-      w = merge(w, o);
-    }
-    if (lane == 0) {
-      stats[2 * ng] = w.mean;
-      stats[2 * ng + 1] = rsqrtf(fmaxf(w.m2 / w.n, 0.f) + eps);
-    }
+  __shared__ Welford warps[THREADS / kWarpSize];
+  w = block_reduce<THREADS>(w, MergeOp{}, Welford{0.f, 0.f, 0.f}, warps);
+  if (threadIdx.x == 0) {
+    stats[2 * ng] = w.mean;
+    stats[2 * ng + 1] = rsqrtf(fmaxf(w.m2 / w.n, 0.f) + eps);
   }
 }
 

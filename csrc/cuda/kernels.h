@@ -16,7 +16,16 @@ cudaError_t adagn_silu(const void* x, const float* gamma, const float* beta, con
                        bool channels_last, DType dtype, cudaStream_t stream);
 
 // Fused attention core: qkv (N, HW, 3C) float32 token-major -> out (N, HW, C) float32,
-// softmax(q k^T / sqrt(C)) v with the scores kept in shared memory.
+// softmax(q k^T / sqrt(C)) v with the scores kept in shared memory: one block holds the scaled
+// query (C floats), the scores of all HW keys and the reduction scratch (32 floats), which must fit
+// in the default 48 KiB of dynamic shared memory (about 12k tokens at C = 256). Callers check
+// attention_smem_bytes(HW, C) <= kAttentionSmemLimit; beyond it the launcher returns
+// cudaErrorInvalidValue.
+constexpr size_t kAttentionSmemLimit = 48 * 1024;
+constexpr int64_t kAttentionScratchFloats = 32;
+inline size_t attention_smem_bytes(int64_t HW, int64_t C) {
+  return static_cast<size_t>(C + HW + kAttentionScratchFloats) * sizeof(float);
+}
 cudaError_t attention_core(const float* qkv, float* out, int64_t N, int64_t HW, int64_t C, cudaStream_t stream);
 
 }  // namespace cdal_cuda

@@ -44,6 +44,11 @@ at::Tensor self_attention_cuda(const at::Tensor& x, const at::Tensor& norm_w, co
   dtype_of(x);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const size_t smem = cdal_cuda::attention_smem_bytes(HW, C);
+  TORCH_CHECK(smem <= cdal_cuda::kAttentionSmemLimit, "cdal::self_attention on CUDA keeps the scores of all keys in "
+              "shared memory: sequence length HW = ", HW, " (", x.size(2), "x", x.size(3), ") at C = ", C, " needs ",
+              smem, " bytes, over the limit of ", cdal_cuda::kAttentionSmemLimit, " bytes; run this layer unfused "
+              "(Generator.set_fused(False)) for inputs this large");
   const at::Tensor qkv = attention_qkv_tokens(x, norm_w, norm_b, qkv_w, qkv_b, groups, eps).to(at::kFloat).contiguous();
   at::Tensor attn = at::empty({N, HW, C}, qkv.options());
   check_cuda(cdal_cuda::attention_core(qkv.data_ptr<float>(), attn.data_ptr<float>(), N, HW, C,

@@ -24,6 +24,7 @@ from .cli_options import (
     BATCH,
     COUNT,
     MARKER_H_UM,
+    MAX_PIXELS,
     MINUTES,
     MPP,
     OVERLAP,
@@ -37,6 +38,7 @@ from .cli_options import (
 )
 from .inference import DTYPES
 from .nuclei import params as nuclei_defaults
+from .wsi.limits import DEFAULT_MAX_PIXELS
 from .wsi.tissue import DEFAULT_MIN_AREA_UM2
 from .wsi.writer import PYRAMID_LAYOUTS
 
@@ -225,6 +227,9 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--mpp", type=MPP, default=None,
               help="Micrometres per pixel of the full-resolution level; overrides the file's metadata "
                    "(needed when the file has none, e.g. PNG/JPEG).")
+@click.option("--max-pixels", type=MAX_PIXELS, default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Largest slide accepted, in pixels at the model's resolution (a header or --mpp beyond it is "
+                   "refused before anything is allocated); raise it for genuinely larger slides.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Compute precision (bfloat16 is fastest on recent GPUs).")
@@ -277,7 +282,8 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | None, recursive: bool,
             pattern: str | None,
-            mpp: float | None, device: str, dtype: str, backend: str, batch_size: int | None, workers: int,
+            mpp: float | None, max_pixels: float, device: str, dtype: str, backend: str, batch_size: int | None,
+            workers: int,
             steps: int | None, allow_untrained_steps: bool, votes: int | None, seed: int, tile_overlap: int | None,
             no_tissue_mask: bool, tissue_threshold: float | None, tissue_min_area: float, save_tissue: bool,
             roi: Path | None, pyramid_layout: str, save_prob: bool, save_uncertainty: bool, no_nuclei: bool,
@@ -304,6 +310,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     from .requires import BackendError
     from .weights import WeightsError
     from .wsi.batch import find_inputs, segment_all
+    from .wsi.outputs import NameCollisionError, output_names
     from .wsi.pipeline import SegmentOptions
 
     dev = _device(device)
@@ -319,6 +326,10 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     files = find_inputs(list(inputs), recursive, pattern)
     if not files:
         raise click.ClickException("no slide or image files found in the inputs")
+    try:  # unique output names per input, settled before any work starts
+        names = output_names(files, roots=[p for p in inputs if p.is_dir()])
+    except NameCollisionError as exc:
+        raise click.ClickException(str(exc)) from None
     tile = bundle.config.image_size
     if tile_overlap is None:
         tile_overlap = tile // 4
@@ -332,19 +343,20 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
                           roi=str(roi) if roi else None, pyramid_layout=pyramid_layout,
                           nuclei=not no_nuclei and not bundle.config.multiclass, nuclei_geojson=not no_nuclei_geojson,
                           nuclei_gzip=nuclei_gzip, nuclei_csv=not no_nuclei_csv, save_labels=save_labels,
-                          nuclei_threshold=nuclei_threshold, nuclei_h_um=nuclei_h, nuclei_min_area_um2=nuclei_min_area)
+                          nuclei_threshold=nuclei_threshold, nuclei_h_um=nuclei_h, nuclei_min_area_um2=nuclei_min_area,
+                          max_pixels=max_pixels)
     info = {"weights": str(bundle.path), "sha256": bundle.sha256, "weights_verified": bundle.verified,
             "preset": bundle.config.name, "backend": backend, "dtype": dtype, "device": str(dev),
             "steps": steps or bundle.config.num_steps, "trained_steps": bundle.config.num_steps,
             "untrained_steps": untrained}
     report = segment_all(files, out_dir, sampler, bundle.config, opts, dev, DTYPES[dtype], info,
-                         echo=lambda m: click.echo(m, err=True), show_progress=not quiet, task=task)
+                         echo=lambda m: click.echo(m, err=True), show_progress=not quiet, task=task, names=names)
     r = report.to_dict()
-    click.echo(f"{r['processed']} done, {len(r['skipped_complete'])} already complete, {len(r['failed'])} failed; "
-               f"{r['tiles']} tiles in {r['seconds']:.1f} s ({r['tiles_per_second']:.2f} tiles/s). "
-               f"Summary: {out_dir / 'run_summary.json'}")
-    for f in r["failed"]:
-        click.echo(f"  failed: {f['file']}: {f['error']}", err=True)
+    locked = f", {len(r['skipped_locked'])} left to another run" if r["skipped_locked"] else ""
+    # each failure was reported once (a FAIL line); its traceback is in the summary
+    click.echo(f"{r['processed']} done, {len(r['skipped_complete'])} already complete{locked}, "
+               f"{len(r['failed'])} failed; {r['tiles']} tiles in {r['seconds']:.1f} s "
+               f"({r['tiles_per_second']:.2f} tiles/s). Summary: {out_dir / 'run_summary.json'}")
     if report.failed:
         sys.exit(1)
 

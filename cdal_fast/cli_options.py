@@ -13,10 +13,11 @@ from typing import Any
 
 import click
 
-from .config_limits import INT_LIMITS, MAX_MPP, MAX_STEPS, MAX_VOTES
+from .config_limits import INT_LIMITS, MAX_STEPS, MAX_VOTES
+from .wsi.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
 
-__all__ = ["STEPS", "VOTES", "BATCH", "WORKERS", "SEED", "COUNT", "MINUTES", "MPP", "OVERLAP", "TILE_SIZE",
-           "PROBABILITY", "MARKER_H_UM", "AREA_UM2", "ALLOW_UNTRAINED_STEPS_HELP", "check_steps"]
+__all__ = ["STEPS", "VOTES", "BATCH", "WORKERS", "SEED", "COUNT", "MINUTES", "MPP", "MAX_PIXELS", "OVERLAP",
+           "TILE_SIZE", "PROBABILITY", "MARKER_H_UM", "AREA_UM2", "ALLOW_UNTRAINED_STEPS_HELP", "check_steps"]
 
 MAX_BATCH = 4096  # tiles per sampler call; far beyond any GPU's memory for the shipped models
 MAX_WORKERS = 64  # tile-reading processes
@@ -45,7 +46,8 @@ WORKERS = click.IntRange(0, MAX_WORKERS)
 SEED = click.IntRange(0, MAX_SEED)
 COUNT = click.IntRange(1, MAX_COUNT)
 MINUTES = FiniteFloatRange(0, min_open=True)
-MPP = FiniteFloatRange(0, MAX_MPP, min_open=True)
+MPP = FiniteFloatRange(MIN_PLAUSIBLE_MPP, MAX_PLAUSIBLE_MPP)  # the plausibility range applied to metadata
+MAX_PIXELS = FiniteFloatRange(1, min_open=False)  # --max-pixels: working pixels per slide
 OVERLAP = click.IntRange(0, INT_LIMITS["image_size"][1])  # and below the model's tile, checked later
 TILE_SIZE = click.IntRange(*INT_LIMITS["image_size"])
 PROBABILITY = FiniteFloatRange(0, 1, min_open=True, max_open=True)  # nucleus threshold

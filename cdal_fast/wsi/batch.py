@@ -7,8 +7,9 @@ so adding a task (or a distributed runner calling these) needs no ``if task == .
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +19,25 @@ from ..config import ModelConfig
 from ..inference import PatchRunner
 from ..sampler import SamplerLike
 from .dicom import is_dicom_folder
+from .locks import describe_owner, try_lock
 from .other_tasks import VOLUME_SUFFIXES, radiograph_done, segment_radiograph, segment_volume, volume_done
-from .outputs import is_complete, is_small_image, required_outputs, slide_stem, write_summary
+from .outputs import is_complete, is_small_image, output_names, required_outputs, slide_stem, write_summary
 from .pipeline import SegmentOptions, segment_slide
 from .progress import TileProgress, TqdmProgress
-from .readers import DICOM_SUFFIXES, SLIDE_SUFFIXES, SlideError
+from .readers import DICOM_SUFFIXES, SLIDE_SUFFIXES
 
 __all__ = ["find_inputs", "RunReport", "TaskRun", "TASKS", "segment_all"]
 
 
+def _listed(f: Path) -> bool:
+    """A scanned entry with a slide name is an input unless it is a DICOM instance's sibling folder:
+    regular files, and also broken or looping links and plain folders named like slides, so that
+    they are reported as failures instead of silently skipped."""
+    return f.is_file() or f.is_symlink() or (f.is_dir() and not is_dicom_folder(f))
+
+
 def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None = None) -> list[Path]:
-    """Files named directly, plus slide-like files inside named folders (sorted, de-duplicated).
+    """Files named directly, plus slide-like entries inside named folders (sorted, de-duplicated).
 
     A DICOM WSI is a folder of instances: a named folder holding DICOM files is one input, and a
     ``.dcm`` file found while scanning stands for its folder (so a slide's levels are one input).
@@ -42,13 +51,16 @@ def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None
         elif p.is_dir():
             it = (p.rglob(pattern or "*") if recursive else p.glob(pattern or "*"))
             found += [f.parent if f.name.lower().endswith(DICOM_SUFFIXES) else f for f in it
-                      if f.is_file() and f.name.lower().endswith(SLIDE_SUFFIXES + VOLUME_SUFFIXES)
+                      if _listed(f) and f.name.lower().endswith(SLIDE_SUFFIXES + VOLUME_SUFFIXES)
                       and not f.name.startswith(".")]
         else:
             found.append(p)
     seen, out = set(), []
     for f in sorted(found):
-        key = f.resolve()
+        try:
+            key = f.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: reported when it is opened
+            key = f.absolute()
         if key not in seen:
             seen.add(key)
             out.append(f)
@@ -56,16 +68,27 @@ def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None
 
 
 @dataclass
+class Failure:
+    """One input that could not be processed: what went wrong, where (the traceback), for the summary."""
+
+    file: str
+    error: str  # "ExceptionType: message"
+    traceback: str
+
+
+@dataclass
 class RunReport:
     done: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    locked: list[str] = field(default_factory=list)  # owned by another live run: left to it
+    failed: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
+    interrupted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        tiles = sum(d["tiles_sampled"] for d in self.done)
-        return {"processed": len(self.done), "skipped_complete": self.skipped,
-                "failed": [{"file": f, "error": e} for f, e in self.failed], "seconds": self.seconds,
+        tiles = sum(d.get("tiles_sampled", 0) for d in self.done)
+        return {"processed": len(self.done), "skipped_complete": self.skipped, "skipped_locked": self.locked,
+                "failed": [asdict(f) for f in self.failed], "seconds": self.seconds, "interrupted": self.interrupted,
                 "tiles": tiles, "tiles_per_second": tiles / self.seconds if self.seconds else 0.0}
 
 
@@ -110,12 +133,27 @@ TASKS: dict[str, tuple[SegmentFn, DoneFn]] = {
 }
 
 
+def _error_text(exc: BaseException) -> str:
+    """``Type: message`` (a bare ``str(exc)`` is empty for e.g. ``ZeroDivisionError()`` or ``KeyError``)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def segment_all(files: list[Path], out_dir: Path, sampler: SamplerLike, cfg: ModelConfig, opts: SegmentOptions,
                 device: torch.device, dtype: torch.dtype, model_info: dict, echo=print,
-                show_progress: bool = True, task: str = "monuseg") -> RunReport:
-    """Segment ``files`` for ``task``: slides/images (monuseg), radiographs (cxr), volumes (hippocampus)."""
+                show_progress: bool = True, task: str = "monuseg", names: dict[Path, str] | None = None) -> RunReport:
+    """Segment ``files`` for ``task``: slides/images (monuseg), radiographs (cxr), volumes (hippocampus).
+
+    ``names`` are the output names (``outputs.output_names``; default: each file's stem, checked for
+    collisions before anything runs). Each input is worked under its lock (``locks.py``), so concurrent
+    runs on one ``out_dir`` share the inputs out; any exception while processing one input is recorded
+    for it (message and traceback) and the batch goes on. ``run_summary.json`` is written at the end
+    however the loop ends (also on Ctrl-C, with ``"interrupted": true``).
+    """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if names is None:
+        names = output_names(files)
     segment_fn, done_fn = TASKS[task]
     if opts.nuclei and cfg.multiclass:  # no nucleus objects from a multi-class model: none are expected
         opts = replace(opts, nuclei=False)
@@ -124,27 +162,45 @@ def segment_all(files: list[Path], out_dir: Path, sampler: SamplerLike, cfg: Mod
     t0 = time.perf_counter()
     runner = PatchRunner(sampler, device, dtype, batch_size=max(opts.batch_size, 1), seed=opts.seed)
     run = TaskRun(sampler, runner, cfg, opts, device, dtype, model_info)
-    for n, f in enumerate(files, start=1):
-        if not opts.overwrite and done_fn(out_dir, f, opts):
-            report.skipped.append(str(f))
-            echo(f"skip  {f} (already done; --overwrite to redo)")
-            continue
-        bar = TqdmProgress(f.name, n, len(files), enabled=show_progress)
-        try:
-            summary = segment_fn(f, out_dir, run, bar)
-        except (SlideError, OSError, ValueError) as exc:
-            report.failed.append((str(f), str(exc)))
-            echo(f"FAIL  {f}: {exc}")
-            continue
-        finally:
-            bar.close()
-        report.done.append(summary)
-        for warning in summary.get("warnings") or []:
-            echo(f"warn  {f}: {warning}")
-        detail = (f"objects {summary['object_fraction']:.3f}, " if "object_fraction" in summary else "")
-        if "nuclei_count" in summary:
-            detail += f"{summary['nuclei_count']} nuclei, "
-        echo(f"done  {f}: {detail}{summary['seconds']:.1f} s")
-    report.seconds = time.perf_counter() - t0
-    write_summary(out_dir / "run_summary.json", report.to_dict())
+    try:
+        for n, f in enumerate(files, start=1):
+            name = names[f]
+            sub_out = out_dir / Path(name).parent
+            if not opts.overwrite and done_fn(sub_out, f, opts):
+                report.skipped.append(str(f))
+                echo(f"skip  {f} (already done; --overwrite to redo)")
+                continue
+            sub_out.mkdir(parents=True, exist_ok=True)
+            lock = try_lock(out_dir, name)
+            if lock is None:
+                report.locked.append(str(f))
+                echo(f"skip  {f} (being processed by {describe_owner(out_dir, name)})")
+                continue
+            with lock:
+                if not opts.overwrite and done_fn(sub_out, f, opts):  # finished by another run meanwhile
+                    report.skipped.append(str(f))
+                    echo(f"skip  {f} (already done; --overwrite to redo)")
+                    continue
+                bar = TqdmProgress(f.name, n, len(files), enabled=show_progress)
+                try:
+                    summary = segment_fn(f, sub_out, run, bar)
+                except Exception as exc:  # noqa: BLE001 - one bad input must never end the batch
+                    report.failed.append(Failure(str(f), _error_text(exc), traceback.format_exc()))
+                    echo(f"FAIL  {f}: {_error_text(exc)}")
+                    continue
+                finally:
+                    bar.close()
+            report.done.append(summary)
+            for warning in summary.get("warnings") or []:
+                echo(f"warn  {f}: {warning}")
+            detail = (f"objects {summary['object_fraction']:.3f}, " if "object_fraction" in summary else "")
+            if "nuclei_count" in summary:
+                detail += f"{summary['nuclei_count']} nuclei, "
+            echo(f"done  {f}: {detail}{summary['seconds']:.1f} s")
+    except BaseException:
+        report.interrupted = True
+        raise
+    finally:
+        report.seconds = time.perf_counter() - t0
+        write_summary(out_dir / "run_summary.json", report.to_dict())
     return report

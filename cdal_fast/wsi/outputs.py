@@ -15,17 +15,65 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_output
-from .readers import SMALL_SUFFIXES
+from .readers import SLIDE_SUFFIXES, SMALL_SUFFIXES
 
-__all__ = ["OME_SUFFIXES", "slide_stem", "is_small_image", "output_paths", "required_outputs", "is_complete",
-           "summary_complete", "write_png", "write_summary"]
+__all__ = ["OME_SUFFIXES", "INPUT_SUFFIXES", "slide_stem", "NameCollisionError", "output_names",
+           "is_small_image", "output_paths", "required_outputs", "is_complete", "summary_complete",
+           "write_png", "write_summary"]
 
 OME_SUFFIXES = (".ome.tif", ".ome.tiff")
+INPUT_SUFFIXES = SLIDE_SUFFIXES + (".nii", ".nii.gz")  # every format suffix an input name may end with
+RESERVED_NAME = "run_summary"  # OUT/run_summary.json is the batch's own summary
 
 
 def slide_stem(path: Path) -> str:
-    """Output name stem: ``a.ome.tif`` -> ``a``, ``b.svs`` -> ``b``."""
-    return path.name.split(".")[0] if path.name.lower().endswith(OME_SUFFIXES) else path.stem
+    """Output name stem: the file name without its one known format suffix, so every other dot stays.
+
+    ``a.ome.tif`` -> ``a``, ``s.v1.ome.tif`` -> ``s.v1``, ``b.svs`` -> ``b``, ``v.nii.gz`` -> ``v``; a
+    DICOM folder keeps its name. (Cutting at the first dot mapped ``s.v1`` and ``s.v2`` to one name.)
+    """
+    lower = path.name.lower()
+    for suffix in sorted(INPUT_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix) and len(lower) > len(suffix):
+            return path.name[: -len(suffix)]
+    return path.name if path.is_dir() else path.stem
+
+
+class NameCollisionError(ValueError):
+    """Two inputs would write the same outputs; raised before any work starts."""
+
+
+def output_names(files: list[Path], roots: list[Path] | None = None) -> dict[Path, str]:
+    """Each input's output name under ``--out``: its stem, below its folder relative to the named root.
+
+    ``roots`` are the folders the user named (recursive runs keep ``a/x.svs`` and ``b/x.svs`` apart as
+    ``a/x`` and ``b/x``); a file named directly, or outside every root, gets its bare stem. Names are
+    compared case-insensitively (macOS and Windows volumes are); two inputs with one name (``x.tif`` and
+    ``x.svs`` side by side, or two named files ``p/x.svs`` and ``q/x.svs``) raise
+    :class:`NameCollisionError` listing every clash, as does the reserved name ``run_summary``.
+    """
+    names: dict[Path, str] = {}
+    owners: dict[str, list[Path]] = {}
+    resolved_roots = [r.resolve() for r in (roots or []) if r.is_dir()]
+    for f in files:
+        rel_dir = Path()
+        parent = f.parent.resolve()  # the entry's own folder (a link may point anywhere, or loop)
+        for root in sorted(resolved_roots, key=lambda r: len(r.parts), reverse=True):
+            if parent == root or root in parent.parents:
+                rel_dir = parent.relative_to(root)
+                break
+        name = (rel_dir / slide_stem(f)).as_posix()
+        names[f] = name
+        owners.setdefault(name.lower(), []).append(f)
+    clashes = [paths for paths in owners.values() if len(paths) > 1]
+    problems = [" and ".join(str(p) for p in paths) + f" -> {names[paths[0]]!r}" for paths in clashes]
+    if RESERVED_NAME in owners:
+        problems.append(f"{owners[RESERVED_NAME][0]}: the name {RESERVED_NAME!r} is the run summary's")
+    if problems:
+        raise NameCollisionError(
+            "inputs that would overwrite each other's outputs (rename them or run them into separate --out "
+            "folders): " + "; ".join(problems))
+    return names
 
 
 def is_small_image(path: Path) -> bool:

@@ -45,6 +45,9 @@ from ..decode import STD_TO_UNIT, U8_MAX, MaskChannels, MaskKind, object_pixels,
 from ..nuclei import params as nuclei_defaults
 from ..preprocess import match_channels, normalise, to_chw_float
 from ..sampler import SamplerLike, SamplerNoise, draw_image_noise, position_generator, stack_noise
+from .limits import DEFAULT_MAX_PIXELS, check_work_size
+from .mapfile import MapFile
+from .mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP, plausible_mpp
 from .nuclei_stage import LABELS_DTYPE, extract_nuclei, nuclei_enabled
 from .outputs import (
     is_complete,
@@ -105,6 +108,7 @@ class SegmentOptions:
     nuclei_threshold: float = nuclei_defaults.DEFAULT_PROB_THRESHOLD
     nuclei_h_um: float = nuclei_defaults.DEFAULT_MARKER_H_UM
     nuclei_min_area_um2: float = nuclei_defaults.DEFAULT_MIN_AREA_UM2
+    max_pixels: float = DEFAULT_MAX_PIXELS  # bound on working pixels (the maps, the stitching band); --max-pixels
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -122,7 +126,21 @@ class Plan:
     mpp_warning: str | None = None  # the resolution came from a convention (objective power)
 
 
-def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None) -> Plan:
+def tile_region(tile: Tile, size: int, scale: float, level_w: int, level_h: int) -> tuple[int, int, int]:
+    """(x, y, side) of the level region a working tile covers: ``size`` working px x ``scale`` level px,
+    shifted back inside the level where rounding would reach past its edge (a slide smaller than a tile
+    keeps (0, 0); the reader pads the rest white)."""
+    side = max(1, int(round(size * scale)))
+    x = min(int(round(tile.x * scale)), max(0, level_w - side))
+    y = min(int(round(tile.y * scale)), max(0, level_h - side))
+    return x, y, side
+
+
+def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None,
+              max_pixels: float = DEFAULT_MAX_PIXELS) -> Plan:
+    if mpp_override is not None and not plausible_mpp(mpp_override):
+        raise SlideError(f"{reader.path}: --mpp {mpp_override:g} is outside the plausible microscopy range "
+                         f"{MIN_PLAUSIBLE_MPP:g}-{MAX_PLAUSIBLE_MPP:g} um/px")
     if mpp_override is None and reader.mpp_anisotropic:
         mx, my = reader.mpp_anisotropic
         raise SlideError(
@@ -143,6 +161,7 @@ def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None)
     lv0, lv = reader.levels[0], reader.levels[best]
     work_h = max(1, round(lv0.height * mpp0 / work_mpp))
     work_w = max(1, round(lv0.width * mpp0 / work_mpp))
+    check_work_size(reader.path, work_h, work_w, work_mpp, max_pixels)
     return Plan(best, work_mpp / (mpp0 * lv.downsample), work_h, work_w, lv0.height, lv0.width, mpp0,
                 "--mpp" if mpp_override else reader.mpp_source, work_mpp,
                 None if mpp_override else reader.mpp_warning)
@@ -200,9 +219,9 @@ class TileDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, SamplerNoise]:
         if self._reader is None:  # opened lazily: one handle per worker process
             self._reader = open_slide(self.path)
-        t, p, s = self.tiles[i], self.tile, self.plan.level_scale
-        x, y = int(round(t.x * s)), int(round(t.y * s))
-        size = max(1, int(round(p * s)))
+        t, p = self.tiles[i], self.tile
+        lv = self._reader.levels[self.plan.level]
+        x, y, size = tile_region(t, p, self.plan.level_scale, lv.width, lv.height)
         rgb = self._reader.read_region(self.plan.level, x, y, size, size)
         img = to_chw_float(rgb)
         if size != p:
@@ -333,7 +352,7 @@ def plan_slide(path: Path, out_dir: Path, cfg: ModelConfig, opts: SegmentOptions
     stem = slide_stem(path)
     with open_slide(path) as reader:
         small = isinstance(reader, SmallImage)
-        plan = make_plan(reader, cfg, opts.mpp)
+        plan = make_plan(reader, cfg, opts.mpp, opts.max_pixels)
         grid = TileGrid(plan.work_h, plan.work_w, cfg.image_size, opts.tile_overlap)
         all_tiles = grid.tiles()
         tissue: TissueDetection | None = None
@@ -411,17 +430,16 @@ class StitchedMaps:
     nuclei: dict[str, Any] | None = None  # count, density, quartiles, parameters (post-process stage)
     labels_path: Path | None = None  # uint32 working-scale nucleus ids (with --save-labels)
 
-    def open(self) -> tuple[np.ndarray, np.ndarray]:
-        """Read-only memory maps of (prob, std)."""
-        return np.load(self.prob_path, mmap_mode="r"), np.load(self.std_path, mmap_mode="r")
+    def open(self) -> tuple[MapFile, MapFile]:
+        """(prob, std) with row-band reads (no memory map: see mapfile.py)."""
+        return MapFile.open(self.prob_path), MapFile.open(self.std_path)
 
 
 def stitch_tiles(slide: SlidePlan, results: Iterable[TileResult], cfg: ModelConfig) -> StitchedMaps:
     """Stage 4: blend results (in tile order) into disk-backed maps in ``slide.work_dir``."""
     shape = (slide.plan.work_h, slide.plan.work_w)
     prob_path, std_path = slide.work_dir / "prob.npy", slide.work_dir / "std.npy"
-    prob_map = np.lib.format.open_memmap(prob_path, mode="w+", dtype=np.uint8, shape=shape)
-    std_map = np.lib.format.open_memmap(std_path, mode="w+", dtype=np.uint8, shape=shape)
+    prob_map, std_map = MapFile.create(prob_path, shape), MapFile.create(std_path, shape)
     stitcher = BandStitcher(slide.grid, cfg.mask_channels, prob_map, std_map, kind=cfg)
     seconds = 0.0
     for res in results:

@@ -1,7 +1,7 @@
 """Streaming writers: pyramidal, tiled, compressed OME-TIFF (BigTIFF) from a disk-backed map.
 
-The map produced by stitching lives in a ``numpy.memmap`` at working resolution. Each pyramid
-level of the output is generated tile by tile by nearest-neighbour index mapping from that map,
+The map produced by stitching lives on disk at working resolution (``mapfile.MapFile``, read by
+row bands). Each pyramid level of the output is generated tile by tile by nearest-neighbour index mapping from that map,
 so writing needs memory for one tile at a time whatever the slide size, and level 0 of the output
 has exactly the slide's level-0 pixel geometry (so it overlays the slide pixel for pixel).
 """

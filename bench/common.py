@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from cdal_fast.atomic import atomic_output
+
 
 def describe_machine() -> dict:
     info = {
@@ -43,16 +45,19 @@ def time_calls(fn: Callable[[], object], warmup: int = 1, min_time: float = 2.0,
 
 
 def write_results(name: str, rows: list[dict], columns: list[str], out_dir: Path, extra: dict | None = None,
-                  quiet: bool = False) -> None:
-    """Write ``name.json`` and ``name.md`` (a Markdown table) under ``out_dir``; print the table unless quiet."""
+                  quiet: bool = False, note: str | None = None) -> None:
+    """Write ``name.json`` and ``name.md`` (a Markdown table, ``note`` under the machine line) under
+    ``out_dir``, each renamed into place when complete; print the table unless quiet."""
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"machine": describe_machine(), "rows": rows, **(extra or {})}
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    with atomic_output(out_dir / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
-    header = f"Machine: {json.dumps(payload['machine'])}\n\n"
-    (out_dir / f"{name}.md").write_text(header + "\n".join(lines) + "\n")
+    header = f"Machine: {json.dumps(payload['machine'])}\n\n" + (f"{note}\n\n" if note else "")
+    with atomic_output(out_dir / f"{name}.md") as tmp:
+        tmp.write_text(header + "\n".join(lines) + "\n")
     if not quiet:
         print(header + "\n".join(lines))
 

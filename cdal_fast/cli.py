@@ -20,11 +20,15 @@ from . import __version__
 from .backends import BACKENDS
 from .cli_options import (
     ALLOW_UNTRAINED_STEPS_HELP,
+    AREA_UM2,
     BATCH,
     COUNT,
+    MARKER_H_UM,
+    MAX_PIXELS,
     MINUTES,
     MPP,
     OVERLAP,
+    PROBABILITY,
     SEED,
     STEPS,
     TILE_SIZE,
@@ -33,6 +37,8 @@ from .cli_options import (
     check_steps,
 )
 from .inference import DTYPES
+from .nuclei import params as nuclei_defaults
+from .wsi.limits import DEFAULT_MAX_PIXELS
 from .wsi.tissue import DEFAULT_MIN_AREA_UM2
 from .wsi.writer import PYRAMID_LAYOUTS
 
@@ -221,6 +227,9 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--mpp", type=MPP, default=None,
               help="Micrometres per pixel of the full-resolution level; overrides the file's metadata "
                    "(needed when the file has none, e.g. PNG/JPEG).")
+@click.option("--max-pixels", type=MAX_PIXELS, default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Largest slide accepted, in pixels at the model's resolution (a header or --mpp beyond it is "
+                   "refused before anything is allocated); raise it for genuinely larger slides.")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda, cuda:1 ...; a list cuda:0,cuda:1 or `all` (every GPU, else the CPU) runs "
                    "one worker per device on this machine, each taking whole inputs.")
@@ -256,6 +265,21 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--save-prob", is_flag=True, help="Also write the probability map (uint8, 255 = 1.0).")
 @click.option("--save-uncertainty", is_flag=True,
               help="Also write the vote standard deviation map (uint8, 255 = 0.5, the maximum).")
+@click.option("--no-nuclei", is_flag=True,
+              help="No nucleus objects: skip the labelling, the nucleus files and the JSON's nucleus numbers.")
+@click.option("--no-nuclei-geojson", is_flag=True, help="Do not write NAME.nuclei.geojson (QuPath detections).")
+@click.option("--nuclei-gzip", is_flag=True, help="Write the GeoJSON gzip-compressed, as NAME.nuclei.geojson.gz.")
+@click.option("--no-nuclei-csv", is_flag=True, help="Do not write NAME.nuclei.csv (one row per nucleus).")
+@click.option("--nuclei-threshold", type=PROBABILITY, default=nuclei_defaults.DEFAULT_PROB_THRESHOLD,
+              show_default=True, help="Nucleus foreground where the vote-mean probability is >= this.")
+@click.option("--nuclei-h", "nuclei_h", type=MARKER_H_UM, default=nuclei_defaults.DEFAULT_MARKER_H_UM,
+              show_default=True,
+              help="Marker h in um: touching nuclei are split where the distance-to-background saddle between "
+                   "them is at least this deep (larger: fewer splits).")
+@click.option("--nuclei-min-area", type=AREA_UM2, default=nuclei_defaults.DEFAULT_MIN_AREA_UM2, show_default=True,
+              help="Smallest nucleus kept, in um^2.")
+@click.option("--save-labels", is_flag=True,
+              help="Also write NAME.labels.ome.tif: uint32 nucleus ids (= the CSV's id) on the slide's pixel grid.")
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs are already complete.")
 @click.option("--shard", default=None, metavar="I/N",
               help="Process only shard I of N (0-based) of the inputs, chosen by a hash of each input's path "
@@ -277,10 +301,13 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | None, recursive: bool,
             pattern: str | None,
-            mpp: float | None, device: str, dtype: str, backend: str, batch_size: int | None, workers: int,
+            mpp: float | None, max_pixels: float, device: str, dtype: str, backend: str, batch_size: int | None,
+            workers: int,
             steps: int | None, allow_untrained_steps: bool, votes: int | None, seed: int, tile_overlap: int | None,
             no_tissue_mask: bool, tissue_threshold: float | None, tissue_min_area: float, save_tissue: bool,
-            roi: Path | None, pyramid_layout: str, save_prob: bool, save_uncertainty: bool, overwrite: bool,
+            roi: Path | None, pyramid_layout: str, save_prob: bool, save_uncertainty: bool, no_nuclei: bool,
+            no_nuclei_geojson: bool, nuclei_gzip: bool, no_nuclei_csv: bool, nuclei_threshold: float,
+            nuclei_h: float, nuclei_min_area: float, save_labels: bool, overwrite: bool,
             shard: str | None, ray_address: str | None, ray_cpus_per_actor: int, ray_actors: int | None,
             ray_max_retries: int, ray_unit: str, quiet: bool) -> None:
     """Segment slides and images into masks.
@@ -288,8 +315,11 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     INPUTS are files or folders: TIFF / BigTIFF / OME-TIFF (pyramidal or flat), PNG / JPEG, DICOM WSI
     (a folder of one slide's instances, or a .dcm file) and SVS / NDPI / MRXS ... when OpenSlide is
     installed. For each slide OUT gets NAME.mask.ome.tif
-    (pyramidal, same pixel grid as the slide; 255 = object), NAME.overlay.png, NAME.json, and with
-    the flags NAME.prob.ome.tif / NAME.uncertainty.ome.tif; PNG/JPEG inputs get PNG masks.
+    (pyramidal, same pixel grid as the slide; 255 = object), NAME.overlay.png, NAME.json, the nuclei
+    as objects (NAME.nuclei.geojson for QuPath's File > Import objects, NAME.nuclei.csv with one row
+    per nucleus; count, density and area quartiles in the JSON), and with the flags
+    NAME.prob.ome.tif / NAME.uncertainty.ome.tif / NAME.labels.ome.tif; PNG/JPEG inputs get PNG
+    masks and the same nucleus files in image pixel coordinates.
     With --model cxr, PNG/JPEG radiographs give NAME.mask.png (255 = lung); with --model
     hippocampus, NIfTI volumes give NAME.labels.nii.gz with the input's affine.
     Finished slides are skipped on a rerun; unreadable files are reported and the exit code is 1.
@@ -301,6 +331,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     from .requires import BackendError
     from .weights import WeightsError
     from .wsi.batch import find_inputs, run_summary_name, segment_all
+    from .wsi.outputs import NameCollisionError, output_names
     from .wsi.pipeline import SegmentOptions
     from .wsi.shard import ShardError, parse_shard, select_shard
 
@@ -331,21 +362,26 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     try:
         bundle = load_model(weights, task=task, device=dev)
         untrained = check_steps(steps, bundle.config.num_steps, allow_untrained_steps)
+        if batch_size is None:  # decided before the sampler is built (a TensorRT engine's largest batch)
+            on_gpu = devices[0].type == "cuda" if devices else (
+                device.startswith("cuda") if ray_address is not None else dev.type == "cuda")
+            batch_size = 8 if on_gpu else 1
         sampler = None if ray_address is not None or devices else build_sampler(
-            bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.content_sha256)
+            bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.content_sha256, max_batch=batch_size)
     except (WeightsError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
     files = find_inputs(list(inputs), recursive, pattern)
     if not files:
         raise click.ClickException("no slide or image files found in the inputs")
+    try:  # unique output names per input, settled over all inputs (every shard alike) before any work starts
+        names = output_names(files, roots=[p for p in inputs if p.is_dir()])
+    except NameCollisionError as exc:
+        raise click.ClickException(str(exc)) from None
     if shard_count > 1:
         found = len(files)
         files = select_shard(files, list(inputs), shard_index, shard_count)
         click.echo(f"shard {shard_index}/{shard_count}: {len(files)} of {found} inputs", err=True)
-    if batch_size is None:
-        on_gpu = devices[0].type == "cuda" if devices else (
-            device.startswith("cuda") if ray_address is not None else dev.type == "cuda")
-        batch_size = 8 if on_gpu else 1
+        names = {f: names[f] for f in files}
     tile = bundle.config.image_size
     if tile_overlap is None:
         tile_overlap = tile // 4
@@ -356,32 +392,37 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
                           workers=workers, mpp=mpp, tissue=not no_tissue_mask, save_prob=save_prob,
                           save_uncertainty=save_uncertainty, overwrite=overwrite, tissue_threshold=tissue_threshold,
                           tissue_min_area_um2=tissue_min_area, save_tissue=save_tissue,
-                          roi=str(roi) if roi else None, pyramid_layout=pyramid_layout)
+                          roi=str(roi) if roi else None, pyramid_layout=pyramid_layout,
+                          nuclei=not no_nuclei and not bundle.config.multiclass, nuclei_geojson=not no_nuclei_geojson,
+                          nuclei_gzip=nuclei_gzip, nuclei_csv=not no_nuclei_csv, save_labels=save_labels,
+                          nuclei_threshold=nuclei_threshold, nuclei_h_um=nuclei_h, nuclei_min_area_um2=nuclei_min_area,
+                          max_pixels=max_pixels)
     info = {"weights": str(bundle.path), "sha256": bundle.sha256, "weights_verified": bundle.verified,
             "preset": bundle.config.name, "backend": backend, "dtype": dtype, "device": str(dev),
             "steps": steps or bundle.config.num_steps, "trained_steps": bundle.config.num_steps,
             "untrained_steps": untrained}
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
+    summary_name = run_summary_name(shard_index, shard_count)
     if ray_address is not None:
         report = _segment_on_ray(files, out_dir, task, weights, steps, votes, backend, dtype, device, opts, info,
                                  ray_address, ray_cpus_per_actor, ray_actors, ray_max_retries, ray_unit, echo, quiet,
-                                 (shard_index, shard_count))
+                                 (shard_index, shard_count), names)
     elif devices:
         from .distributed.local import run_on_devices
         from .distributed.worker import WorkerSpec
 
         spec = WorkerSpec(str(weights) if weights else None, task, steps, votes, backend, dtype, device, opts, info)
-        report, _summary = run_on_devices(files, out_dir, spec, devices, echo=echo, shard=(shard_index, shard_count))
+        report, _summary = run_on_devices(files, out_dir, spec, devices, echo=echo, shard=(shard_index, shard_count),
+                                          names=names)
     else:
         report = segment_all(files, out_dir, sampler, bundle.config, opts, dev, DTYPES[dtype], info,
-                             echo=echo, show_progress=not quiet, task=task,
-                             summary_name=run_summary_name(shard_index, shard_count))
+                             echo=echo, show_progress=not quiet, task=task, names=names, summary_name=summary_name)
     r = report.to_dict()
-    click.echo(f"{r['processed']} done, {len(r['skipped_complete'])} already complete, {len(r['failed'])} failed; "
-               f"{r['tiles']} tiles in {r['seconds']:.1f} s ({r['tiles_per_second']:.2f} tiles/s). "
-               f"Summary: {out_dir / run_summary_name(shard_index, shard_count)}")
-    for f in r["failed"]:
-        click.echo(f"  failed: {f['file']}: {f['error']}", err=True)
+    locked = f", {len(r['skipped_locked'])} left to another run" if r["skipped_locked"] else ""
+    # each failure was reported once (a FAIL line); its traceback is in the summary
+    click.echo(f"{r['processed']} done, {len(r['skipped_complete'])} already complete{locked}, "
+               f"{len(r['failed'])} failed; {r['tiles']} tiles in {r['seconds']:.1f} s "
+               f"({r['tiles_per_second']:.2f} tiles/s). Summary: {out_dir / summary_name}")
     if report.failed:
         sys.exit(1)
 
@@ -389,7 +430,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
 def _segment_on_ray(files: list[Path], out_dir: Path, task: str, weights: Path | None, steps: int | None,
                     votes: int | None, backend: str, dtype: str, device: str, opts, info: dict, address: str,
                     cpus_per_actor: int, actors: int | None, max_retries: int, unit: str, echo, quiet: bool,
-                    shard: tuple[int, int]):
+                    shard: tuple[int, int], names: dict[Path, str]):
     """The --ray branch of `segment`: the same options, handed to the actors as a WorkerSpec."""
     from .distributed.ray_runner import RayOptions, run_on_ray
     from .distributed.worker import WorkerSpec
@@ -398,7 +439,8 @@ def _segment_on_ray(files: list[Path], out_dir: Path, task: str, weights: Path |
                       info | {"ray": address})
     ray_opts = RayOptions(address=address, cpus_per_actor=cpus_per_actor, actors=actors, max_retries=max_retries,
                           unit=unit)
-    report, _summary = run_on_ray(files, out_dir, spec, ray_opts, echo=echo, show_progress=not quiet, shard=shard)
+    report, _summary = run_on_ray(files, out_dir, spec, ray_opts, echo=echo, show_progress=not quiet, shard=shard,
+                                  names=names)
     return report
 
 
@@ -414,13 +456,15 @@ def _segment_on_ray(files: list[Path], out_dir: Path, task: str, weights: Path |
 @click.option("--allow-untrained-steps", is_flag=True, help=ALLOW_UNTRAINED_STEPS_HELP)
 @click.option("--votes", type=VOTES, default=None, help="Votes V fixed in the export (default: the model's).")
 @click.option("--fused", is_flag=True, help="Call the cdal C++ ops (the C++ program must link libcdal_ops).")
-@click.option("--batch", type=BATCH, default=1, show_default=True, help="aoti: the fixed batch size.")
+@click.option("--batch", type=BATCH, default=None,
+              help="aoti: the fixed batch size (default 1); tensorrt: the largest batch the engine accepts "
+                   "(default 8, segment's GPU batch).")
 @click.option("--size", type=TILE_SIZE, default=None, help="aoti/onnx: the fixed tile size (default: the model's).")
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
               help="tensorrt: engine precision.")
 def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_untrained_steps: bool,
            votes: int | None, fused: bool,
-           batch: int, size: int | None, precision: str) -> None:
+           batch: int | None, size: int | None, precision: str) -> None:
     """Export the whole fixed-step sampler for use without Python (see docs/cpp.md).
 
     The module's forward(image, seed) takes float32 (B, C, H, W) pixels on the 0-255 scale and an
@@ -445,7 +489,8 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_u
     if fmt in PLAIN_OP_FORMATS:
         import shutil
 
-        from .compiled import build_tensorrt_engine, export_onnx
+        from .atomic import atomic_output
+        from .compiled import DEFAULT_TRT_BATCH, build_tensorrt_engine, export_onnx
 
         try:
             if fmt == "tensorrt":
@@ -454,15 +499,17 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_u
                 path = export_onnx(bundle.generator, out, steps, votes, size, weights_sha256=bundle.sha256)
             else:
                 onnx_path = export_onnx(bundle.generator, out.with_suffix(".onnx"), steps, votes, size,
-                                        weights_sha256=bundle.sha256)
+                                        weights_sha256=bundle.sha256, precision=precision)
                 path = out
-                shutil.copy(build_tensorrt_engine(onnx_path, precision), out)
+                engine = build_tensorrt_engine(onnx_path, precision, batch or DEFAULT_TRT_BATCH)
+                with atomic_output(out) as tmp:
+                    shutil.copyfile(engine, tmp)
         except BackendError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"wrote {path}")
         return
     module = ExportableSampler(bundle.generator.with_fused(fused), steps, votes).eval()
-    path = export_torchscript(module, out) if fmt == "torchscript" else export_aoti(module, out, batch, size)
+    path = export_torchscript(module, out) if fmt == "torchscript" else export_aoti(module, out, batch or 1, size)
     click.echo(f"wrote {path} (T={module.num_steps}, V={module.votes}, fused={fused})")
 
 

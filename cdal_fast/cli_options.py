@@ -13,15 +13,18 @@ from typing import Any
 
 import click
 
-from .config_limits import INT_LIMITS, MAX_MPP, MAX_STEPS, MAX_VOTES
+from .config_limits import INT_LIMITS, MAX_STEPS, MAX_VOTES
+from .wsi.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
 
-__all__ = ["STEPS", "VOTES", "BATCH", "WORKERS", "SEED", "COUNT", "MINUTES", "MPP", "OVERLAP", "TILE_SIZE",
-           "ALLOW_UNTRAINED_STEPS_HELP", "check_steps"]
+__all__ = ["STEPS", "VOTES", "BATCH", "WORKERS", "SEED", "COUNT", "MINUTES", "MPP", "MAX_PIXELS", "OVERLAP",
+           "TILE_SIZE", "PROBABILITY", "MARKER_H_UM", "AREA_UM2", "ALLOW_UNTRAINED_STEPS_HELP", "check_steps"]
 
 MAX_BATCH = 4096  # tiles per sampler call; far beyond any GPU's memory for the shipped models
 MAX_WORKERS = 64  # tile-reading processes
 MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit
 MAX_COUNT = 10**9  # iterations, image limits
+MAX_MARKER_H_UM = 100.0  # far above any nucleus radius: no split at all
+MAX_AREA_UM2 = 1e6  # 1 mm^2: larger than any object worth keeping
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -43,9 +46,13 @@ WORKERS = click.IntRange(0, MAX_WORKERS)
 SEED = click.IntRange(0, MAX_SEED)
 COUNT = click.IntRange(1, MAX_COUNT)
 MINUTES = FiniteFloatRange(0, min_open=True)
-MPP = FiniteFloatRange(0, MAX_MPP, min_open=True)
+MPP = FiniteFloatRange(MIN_PLAUSIBLE_MPP, MAX_PLAUSIBLE_MPP)  # the plausibility range applied to metadata
+MAX_PIXELS = FiniteFloatRange(1, min_open=False)  # --max-pixels: working pixels per slide
 OVERLAP = click.IntRange(0, INT_LIMITS["image_size"][1])  # and below the model's tile, checked later
 TILE_SIZE = click.IntRange(*INT_LIMITS["image_size"])
+PROBABILITY = FiniteFloatRange(0, 1, min_open=True, max_open=True)  # nucleus threshold
+MARKER_H_UM = FiniteFloatRange(0, MAX_MARKER_H_UM, min_open=True)
+AREA_UM2 = FiniteFloatRange(0, MAX_AREA_UM2)
 
 ALLOW_UNTRAINED_STEPS_HELP = (
     "Allow --steps different from the T the model was trained with. The schedule then differs from "

@@ -1,7 +1,8 @@
 """Compiled fixed-step samplers: an ONNX graph (run with onnxruntime) and a TensorRT engine.
 
 The ONNX graph is the unrolled T-step, V-vote sampler of :class:`~cdal_fast.sampler.FixedStepSampler`
-with the noise as explicit inputs (standard ONNX ops only, opset 17), so that its results are
+with the noise as explicit inputs (standard ONNX ops only, opset 18: group norm as float32
+``GroupNormalization``), so that its results are
 reproducible and comparable with the PyTorch sampler on the same noise:
 
     inputs  image (B, C_img, S, S) normalised, x_init (V*B, C_mask, S, S), z (T, V*B, nz),
@@ -9,11 +10,12 @@ reproducible and comparable with the PyTorch sampler on the same noise:
     outputs prob (B, C_mask, S, S), std (B, C_mask, S, S)
 
 The file's metadata records the weights hash, T, V, tile size and preset; loaders refuse a graph
-that does not match the model they are asked to run. TensorRT engines are built from that graph
-and cached under a key of (weights hash, shapes, precision, TensorRT version, GPU name).
+that does not match the model they are asked to run. TensorRT engines (10.x and 11.x, strongly
+typed) are built from a graph exported in the engine's precision and cached under a key of (graph
+bytes, batch profile, precision, TensorRT version, GPU name).
 
-Both samplers expose the attributes and call signature of ``FixedStepSampler``, so ``segment``
-streams batches through them unchanged.
+Both samplers are :class:`~cdal_fast.sampler.SamplerLike` (the attributes and call signature of
+``FixedStepSampler``), so ``segment`` streams batches through them unchanged.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ import torch
 
 from .atomic import atomic_output
 from .generator import Generator
+from .onnx_groupnorm import GROUP_NORM_OPSET, group_normalization_export
 from .requires import BackendError, require_tensorrt
-from .sampler import FixedStepSampler, draw_noise, generators_from_seed
+from .sampler import SAMPLER_ATTRS, FixedStepSampler, draw_noise, generators_from_seed
+from .tensorrt_plan import MIN_PROFILE_BATCH, check_call, check_input_shape, network_flags, profile_shapes, torch_dtype
 
 __all__ = ["export_onnx", "OnnxSampler", "TensorRTSampler", "build_tensorrt_engine", "cache_dir"]
 
@@ -49,27 +53,59 @@ def _meta(generator: Generator, steps: int, votes: int, size: int, weights_sha25
             "cdal_model_config": generator.cfg.to_json()}
 
 
+ONNX_OPSET = GROUP_NORM_OPSET  # GroupNormalization (float32 statistics) instead of InstanceNormalization
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_copy(generator: Generator, dtype: torch.dtype = torch.float32) -> Generator:
+    """A plain-op CPU copy of ``generator`` in ``dtype``, built fresh so that exporting never moves,
+    casts or re-fuses the caller's model (``segment`` may hold it on a GPU in bfloat16)."""
+    copy = Generator(generator.cfg)
+    copy.load_state_dict(generator.state_dict())  # copy_ brings the tensors to the CPU and float32
+    return copy.to(dtype=dtype).set_fused(False).eval()
+
+
+class _TypedSampler(torch.nn.Module):
+    """The sampler with float32 inputs and outputs around a ``dtype`` generator, so that a reduced
+    precision graph (strongly typed TensorRT) keeps the interface of the float32 one."""
+
+    def __init__(self, sampler: FixedStepSampler, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.sampler, self.dtype = sampler, dtype
+
+    def forward(self, image: torch.Tensor, x_init: torch.Tensor, z: torch.Tensor,
+                post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sampler(image.to(self.dtype), x_init, z, post)
+
+
 def export_onnx(generator: Generator, out: str | Path, steps: int | None = None, votes: int | None = None,
-                size: int | None = None, batch: int = 1, weights_sha256: str = "") -> Path:
+                size: int | None = None, batch: int = 1, weights_sha256: str = "", precision: str = "fp32") -> Path:
     """Write the unrolled sampler as ONNX (plain ops; the fused custom ops are not used).
 
-    The graph is traced from a plain-op copy of ``generator``; the caller's fusion setting is kept.
+    The graph is traced on the CPU from :func:`export_copy` (``precision`` sets its weights and
+    activations; inputs and outputs stay float32, group-norm statistics float32), so ``generator``
+    may live on any device in any dtype and is left exactly as it was.
     """
     import onnx
 
-    sampler = FixedStepSampler(generator.with_fused(False), steps, votes).eval()
+    if precision not in EXPORT_DTYPES:
+        raise BackendError(f"ONNX export precision must be one of {', '.join(EXPORT_DTYPES)}, got {precision!r}")
+    sampler = FixedStepSampler(export_copy(generator), steps, votes).to(EXPORT_DTYPES[precision]).eval()
     cfg = generator.cfg
     s = size or cfg.image_size
     n = draw_noise(sampler.num_steps, sampler.votes, cfg.mask_channels, cfg.nz, s, s, generators_from_seed(0, batch))
     image = torch.zeros(batch, cfg.img_channels, s, s)
     dyn = {"image": {0: "batch"}, "x_init": {0: "vb"}, "z": {1: "vb"}, "post": {1: "vb"},
            "prob": {0: "batch"}, "std": {0: "batch"}}
+    meta = _meta(generator, sampler.num_steps, sampler.votes, s, weights_sha256)
+    meta["cdal_precision"] = precision
     with atomic_output(out) as tmp:
-        with torch.no_grad():
-            torch.onnx.export(sampler, (image, n.x_init, n.z, n.post), str(tmp), input_names=INPUTS,
-                              output_names=OUTPUTS, dynamic_axes=dyn, opset_version=17, dynamo=False)
+        with torch.no_grad(), group_normalization_export(ONNX_OPSET):
+            torch.onnx.export(_TypedSampler(sampler, EXPORT_DTYPES[precision]), (image, n.x_init, n.z, n.post),
+                              str(tmp), input_names=INPUTS, output_names=OUTPUTS, dynamic_axes=dyn,
+                              opset_version=ONNX_OPSET, dynamo=False)
         model = onnx.load(str(tmp))
-        for k, v in _meta(generator, sampler.num_steps, sampler.votes, s, weights_sha256).items():
+        for k, v in meta.items():
             model.metadata_props.add(key=k, value=v)
         onnx.save(model, str(tmp))
     return Path(out)
@@ -91,10 +127,12 @@ def onnx_metadata(path: Path) -> dict[str, str]:
 
 
 def _set_sampler_attrs(module: torch.nn.Module, meta: dict[str, str]) -> None:
-    """The FixedStepSampler attributes ``segment`` reads (T, V, mask channels, latent size)."""
+    """Make ``module`` a :class:`~cdal_fast.sampler.SamplerLike`: its attributes from the graph's metadata."""
     cfg = json.loads(meta["cdal_model_config"])
-    module.num_steps, module.votes = int(meta["cdal_steps"]), int(meta["cdal_votes"])
-    module.mask_channels, module.nz = int(cfg["mask_channels"]), int(cfg["nz"])
+    values = {"num_steps": meta["cdal_steps"], "votes": meta["cdal_votes"], "mask_channels": cfg["mask_channels"],
+              "nz": cfg["nz"]}
+    for name in SAMPLER_ATTRS:
+        setattr(module, name, int(values[name]))
 
 
 def _check_matches(meta: dict[str, str], generator: Generator | None, sha256: str, path: Path) -> None:
@@ -142,6 +180,8 @@ class OnnxSampler(torch.nn.Module):
 
 # -- TensorRT ---------------------------------------------------------------------------------------
 
+DEFAULT_TRT_BATCH = 8  # profile maximum when no batch is given: segment's GPU default batch
+
 
 def engine_key(onnx_path: Path, precision: str, batches: tuple[int, int, int], trt_version: str, gpu: str) -> str:
     h = hashlib.sha256()
@@ -150,42 +190,43 @@ def engine_key(onnx_path: Path, precision: str, batches: tuple[int, int, int], t
     return h.hexdigest()[:24]
 
 
-def build_tensorrt_engine(onnx_path: str | Path, precision: str = "fp16", batches: tuple[int, int, int] = (1, 8, 16),
+def build_tensorrt_engine(onnx_path: str | Path, precision: str = "fp16", max_batch: int = DEFAULT_TRT_BATCH,
                           cache: Path | None = None) -> Path:
-    """Build (or reuse from the cache) a serialised engine with one optimisation profile."""
+    """Build (or reuse from the cache) a strongly typed engine for batches of 1..``max_batch`` tiles.
+
+    ``onnx_path`` must be a graph exported with ``precision`` (``export_onnx(..., precision=...)``):
+    the layers run in the types the graph gives them (see :mod:`cdal_fast.tensorrt_plan`).
+    """
     trt = require_tensorrt()
     onnx_path = Path(onnx_path)
-    gpu = torch.cuda.get_device_name(0)
+    meta = onnx_metadata(onnx_path)
+    graph_precision = meta.get("cdal_precision", "fp32")
+    if graph_precision != precision:
+        raise BackendError(f"{onnx_path} was exported in {graph_precision}, not {precision}; export it with "
+                           f"precision={precision!r} (TensorRT runs each layer in the graph's own type)")
+    flags = network_flags(trt)  # also refuses unsupported TensorRT versions
+    votes = int(meta["cdal_votes"])
+    gpu = torch.cuda.get_device_name(torch.cuda.current_device())
     cache = cache or cache_dir() / "engines"
     cache.mkdir(parents=True, exist_ok=True)
+    batches = (MIN_PROFILE_BATCH, max_batch, max_batch)
     out = cache / f"{onnx_path.stem}-{engine_key(onnx_path, precision, batches, trt.__version__, gpu)}.engine"
     if out.is_file():
         return out
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BackendError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
     profile = builder.create_optimization_profile()
-    votes = int(onnx_metadata(onnx_path)["cdal_votes"])
     for i in range(network.num_inputs):
         t = network.get_input(i)
-        axis = 0 if t.name in ("image", "x_init") else 1  # z and post are (T, V*B, ...)
-        rows = 1 if t.name == "image" else votes  # vote-major inputs hold V * B rows
-        shapes = []
-        for b in batches:
-            s = list(t.shape)
-            s[axis] = rows * b
-            shapes.append(tuple(s))
-        profile.set_shape(t.name, *shapes)
-    config.add_optimization_profile(profile)
+        profile.set_shape(t.name, *profile_shapes(t.name, tuple(t.shape), votes, max_batch))
+    if config.add_optimization_profile(profile) < 0:
+        raise BackendError(f"TensorRT refused the optimisation profile for batches 1..{max_batch} of {onnx_path}")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendError(f"TensorRT failed to build an engine from {onnx_path}")
@@ -195,14 +236,19 @@ def build_tensorrt_engine(onnx_path: str | Path, precision: str = "fp16", batche
 
 
 class TensorRTSampler(torch.nn.Module):
-    """A deserialised engine driven with torch CUDA tensors (FixedStepSampler interface)."""
+    """A deserialised engine driven with torch CUDA tensors (FixedStepSampler interface).
+
+    Inputs and outputs are typed and shaped by the engine; it runs on a stream of its own that
+    waits for PyTorch's current stream and is waited for by it, so it neither serialises with
+    unrelated work on the legacy default stream nor races the tensors PyTorch produced.
+    """
 
     def __init__(self, engine_path: str | Path, onnx_path: str | Path) -> None:
         super().__init__()
-        trt = require_tensorrt()
+        self.trt = require_tensorrt()
         engine_path = Path(engine_path)
         try:
-            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
             self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
         except Exception as exc:
             raise BackendError(f"{engine_path}: not a usable TensorRT engine ({exc})") from None
@@ -210,21 +256,29 @@ class TensorRTSampler(torch.nn.Module):
             raise BackendError(f"{engine_path}: not a usable TensorRT engine (built by another TensorRT version "
                                "or for another GPU?); delete it to rebuild")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise BackendError(f"{engine_path}: TensorRT could not create an execution context (GPU memory?)")
+        self.stream = torch.cuda.Stream()
         _set_sampler_attrs(self, onnx_metadata(Path(onnx_path)))
 
     def forward(self, image: torch.Tensor, x_init: torch.Tensor, z: torch.Tensor,
                 post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feeds = dict(zip(INPUTS, (image, x_init, z, post)))
-        for name, t in feeds.items():
-            t = t.float().cuda().contiguous()
+        device = torch.device("cuda", torch.cuda.current_device())
+        feeds = {}
+        for name, t in zip(INPUTS, (image, x_init, z, post)):
+            t = t.to(device, torch_dtype(self.trt, self.engine.get_tensor_dtype(name))).contiguous()
             feeds[name] = t
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
-        b, _, h, w = image.shape
-        outs = {n: torch.empty(b, self.mask_channels, h, w, device="cuda") for n in OUTPUTS}
-        for n, t in outs.items():
-            self.context.set_tensor_address(n, t.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise BackendError("TensorRT execution failed")
-        return outs["prob"], outs["std"]
+            check_input_shape(self.context.set_input_shape(name, tuple(t.shape)), name, tuple(t.shape),
+                              tuple(self.engine.get_tensor_profile_shape(name, 0)))
+            check_call(self.context.set_tensor_address(name, t.data_ptr()), f"set_tensor_address({name!r})")
+        outs = {}
+        for name in OUTPUTS:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
+            outs[name] = torch.empty(shape, device=device, dtype=dtype)
+            check_call(self.context.set_tensor_address(name, outs[name].data_ptr()), f"set_tensor_address({name!r})")
+        current = torch.cuda.current_stream(device)
+        self.stream.wait_stream(current)
+        check_call(self.context.execute_async_v3(self.stream.cuda_stream), "execute_async_v3")
+        current.wait_stream(self.stream)
+        return outs["prob"].float(), outs["std"].float()

@@ -18,13 +18,15 @@ import numpy as np
 import torch
 
 __all__ = ["MaskKind", "MaskChannels", "to_labels", "prob_to_u8", "u8_to_mask", "labels_to_mask",
-           "object_pixels", "BINARY_THRESHOLD", "U8_MAX", "U8_OBJECT"]
+           "object_pixels", "BINARY_THRESHOLD", "U8_MAX", "U8_OBJECT", "STD_TO_UNIT"]
 
 BINARY_THRESHOLD = 0.5
 U8_MAX = 255  # a stored probability of 1.0, and the "object" value of a binary mask image
 # round(255 * 0.5) = round(127.5) = 128 (half to even), so ">= 128" on the stored plane is
 # "P >= 0.5" on the probability, the same threshold as to_labels.
 U8_OBJECT = 128
+# The vote std of values in [0, 1] is at most 0.5: the stored uncertainty plane is 255 * 2 * std.
+STD_TO_UNIT = 2.0
 CHANNEL_AXIS = -3
 
 

@@ -6,7 +6,6 @@ does, so that ``a_cum`` etc. match it to the last bit that float32 holds.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +95,3 @@ def make_schedule(num_steps: int, beta_min: float = 0.1, beta_max: float = 20.0)
     logvar = torch.log(torch.clamp(post_var, min=1e-20))
     return Schedule(num_steps, a, s, a_cum, s_cum, betas, c1, c2, logvar)
 
-
-# Exposed for tests and documentation.
-LOG_10000 = math.log(10000.0)

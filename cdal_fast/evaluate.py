@@ -85,7 +85,7 @@ def evaluate_2d(task: str, data: Path, cfg: ModelConfig, runner: PatchRunner, sp
         if gt is not None:  # instance metrics where the XML nuclei exist (13 of the 30 tiles)
             from .nuclei.evaluation import score_tile
 
-            rows[-1].update(score_tile(prob, gt, tuple(mask.shape))[0].to_dict())
+            rows[-1].update(score_tile(prob[0], gt, tuple(mask.shape))[0].to_dict())
     return EvalResult(task, _mean(rows, "dice"), _mean(rows, "iou"), rows,
                       runner.sampler.num_steps, runner.sampler.votes)
 

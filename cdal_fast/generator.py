@@ -72,7 +72,7 @@ class DownLevel(nn.Module):
         if self.down is not None and self.pyramid is not None:
             h = self.down(h, temb, zemb)
             pyr = self.pyramid(pyr)
-            h = (pyr + h) * 0.7071067811865476  # 1/sqrt(2)
+            h = ops.skip_rescale(pyr, h)
             pyr = h
             hs.append(h)
         return h, pyr

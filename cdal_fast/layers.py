@@ -117,7 +117,7 @@ class ResBlock(nn.Module):
         h = self.conv1(h)
         if self.skip is not None:
             x = self.skip(x)
-        return (x + h) * 0.7071067811865476  # 1/sqrt(2)
+        return ops.skip_rescale(x, h)
 
 
 # -- self-attention ---------------------------------------------------------------------------

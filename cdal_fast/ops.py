@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "skip_rescale",
     "extension_available",
     "adagn_silu",
     "adagn_silu_reference",
@@ -22,6 +23,16 @@ __all__ = [
 ]
 
 _LOADED: bool | None = None
+
+
+def skip_rescale(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """(x + h) / sqrt(2): the NCSN++ residual skip, the one place its scale is written in Python.
+
+    The scale is the nearest double to 1/sqrt(2), the same constant as ``kSkipScale`` in
+    ``csrc/ops.h``, so the fused and plain paths scale identically. A function rather than a
+    module constant because TorchScript cannot read a global float.
+    """
+    return (x + h) * 0.7071067811865476
 
 
 def extension_available() -> bool:
@@ -65,7 +76,7 @@ def self_attention_reference(x: torch.Tensor, norm_w: torch.Tensor, norm_b: torc
     a = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C) by default
     a = a.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
     out = F.conv2d(a, proj_w, proj_b)
-    return (x + out) * 0.7071067811865476
+    return skip_rescale(x, out)
 
 
 def adagn_silu(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,

@@ -5,6 +5,10 @@ One :class:`Trainer` owns the networks, optimisers, schedulers, the optional EMA
 augmentations, steps k, diffusion noise, latents). A checkpoint stores all of it, so a resumed run
 takes exactly the steps an uninterrupted one would.
 
+The loop only orders the work: the two losses are :mod:`cdal_fast.losses` (no optimiser inside),
+checkpoints and the export of selected weights :mod:`cdal_fast.checkpoint`, and the precision
+(bf16 autocast, channels_last) is decided once in a frozen :class:`cdal_fast.precision.Precision`.
+
 Data parallel: launched under ``torchrun`` each process trains on its own batches (generator seeded
 with seed + rank) and gradients are averaged with one all-reduce per network and step. Explicit
 all-reduce (rather than DistributedDataParallel) keeps the R1 penalty's double backward simple.
@@ -23,10 +27,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from .atomic import atomic_output
+from . import checkpoint
 from .config import ModelConfig, get_preset
 from .data.datasets import TaskData, load_task_data
 from .diffusion import make_schedule
@@ -34,8 +37,10 @@ from .discriminator import Discriminator
 from .evaluate import EvalResult, evaluate_task, scalar_dice
 from .generator import Generator
 from .inference import PatchRunner
+from .losses import LossDraws, d_loss, g_loss, r1_due
+from .precision import Precision
 from .sampler import FixedStepSampler
-from .weights import load_weights, save_weights
+from .weights import load_weights
 
 __all__ = ["TrainConfig", "Trainer", "load_train_config"]
 
@@ -132,11 +137,7 @@ class Trainer:
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.G = Generator(self.cfg).to(self.device)
         self.D = Discriminator(self.cfg).to(self.device)
-        # bf16 autocast: validation only on CUDA (CPU validation scores what the shipped model runs:
-        # float32); the training steps also on a CPU with cpu_amp
-        self.val_amp = bool(tc.amp and self.cuda)
-        self.amp = self.val_amp or (tc.cpu_amp and self.device.type == "cpu")
-        self.channels_last = tc.channels_last and (self.cuda or self.amp)
+        self.precision = Precision.decide(self.device, tc.amp, tc.cpu_amp, tc.channels_last)
         if self.channels_last:
             self.G = self.G.to(memory_format=torch.channels_last)
             self.D = self.D.to(memory_format=torch.channels_last)
@@ -152,9 +153,23 @@ class Trainer:
         self.sched_g = self._cosine(self.opt_g)
         self.sched_d = self._cosine(self.opt_d)
         self.gen = torch.Generator(device=self.device).manual_seed(tc.seed + 1000 * self.rank)
+        self.draws = LossDraws(self.gen, self.device, self.cfg.num_steps, self.cfg.nz)
         self.step = 0
         self.best_dice = -1.0
         self.init_sha256 = ""  # the weights a fine-tune started from (provenance)
+
+    # -- precision (decided once, in self.precision) ------------------------------------------
+    @property
+    def amp(self) -> bool:
+        return self.precision.amp
+
+    @property
+    def val_amp(self) -> bool:
+        return self.precision.val_amp
+
+    @property
+    def channels_last(self) -> bool:
+        return self.precision.channels_last
 
     # -- pieces ------------------------------------------------------------------------------
     def _cosine(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -163,15 +178,6 @@ class Trainer:
         # stepped per iteration; T_max counted in epochs as in the paper, or the whole run
         t_max = self.tc.cosine_t_max * self.epoch_iters if self.tc.cosine_t_max else self.tc.max_steps
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max, eta_min=self.tc.eta_min)
-
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
-
-    def _randn(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gen, device=self.device)
-
-    def _steps(self, b: int) -> torch.Tensor:
-        return torch.randint(0, self.cfg.num_steps, (b,), generator=self.gen, device=self.device)
 
     def _allreduce(self, module: torch.nn.Module) -> None:
         if self.world == 1:
@@ -186,64 +192,40 @@ class Trainer:
             offset += g.numel()
 
     def train_step(self) -> dict[str, float]:
-        """One D step and one G step; returns the losses."""
-        tc, G, D, sch = self.tc, self.G, self.D, self.sched
+        """One D step and one G step (losses from :mod:`cdal_fast.losses`); returns the losses."""
+        tc = self.tc
         y, x0 = self.data.batch(tc.batch_size, self.gen)
         if self.channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
-        b = x0.shape[0]
+        autocast = self.precision.autocast
 
-        # 1. discriminator
-        D.requires_grad_(True)
+        self.D.requires_grad_(True)
         self.opt_d.zero_grad(set_to_none=True)
-        k = self._steps(b)
-        xk, xk1 = sch.pair_from_noise(x0, k, self._randn(x0.shape), self._randn(x0.shape))
-        do_r1 = tc.r1_gamma > 0 and (not tc.lazy_reg or self.step % tc.lazy_reg == 0)
-        xk.requires_grad_(do_r1)
-        with self._autocast():
-            d_real = D(xk, k, xk1).float()
-        err_real = F.softplus(-d_real).mean()
-        r1 = torch.zeros((), device=self.device)
-        if do_r1:
-            (grad,) = torch.autograd.grad(d_real.sum(), xk, create_graph=True)
-            r1 = tc.r1_gamma / 2 * grad.float().reshape(b, -1).pow(2).sum(1).mean()
-        z = self._randn((b, self.cfg.nz))
-        with torch.no_grad(), self._autocast():
-            x0_hat = G(xk1, k, y, z).float()
-        x_pos = sch.posterior_draw(x0_hat, xk1, k, self._randn(x0.shape))
-        with self._autocast():
-            d_fake = D(x_pos, k, xk1).float()
-        err_fake = F.softplus(d_fake).mean()
-        (err_real + r1 + err_fake).backward()
-        self._allreduce(D)
+        d = d_loss(self.G, self.D, self.sched, y, x0, self.draws, tc.r1_gamma,
+                   r1_due(self.step, tc.r1_gamma, tc.lazy_reg), autocast)
+        d.total.backward()
+        self._allreduce(self.D)
         self.opt_d.step()
 
-        # 2. generator on the attention-weighted mask
-        D.requires_grad_(False)
+        self.D.requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
-        k = self._steps(b)
-        xk, xk1 = sch.pair_from_noise(x0, k, self._randn(x0.shape), self._randn(x0.shape))
-        with self._autocast():
-            feat = D.features(xk, k, xk1)[self.cfg.attn_scale].float()
-        attn = F.interpolate(feat.mean(1, keepdim=True), size=x0.shape[-2:], mode="bilinear",
-                             align_corners=False)
-        _, xk1_att = sch.pair_from_noise(attn * x0, k, self._randn(x0.shape), self._randn(x0.shape))
-        z = self._randn((b, self.cfg.nz))
-        with self._autocast():
-            x0_hat = G(xk1_att, k, y, z).float()
-        loss_g = (x0 - x0_hat).pow(2).reshape(b, -1).mean(1).mean()
-        loss_g.backward()
-        self._allreduce(G)
+        g = g_loss(self.G, self.D, self.sched, y, x0, self.draws, self.cfg.attn_scale, autocast)
+        g.total.backward()
+        self._allreduce(self.G)
         self.opt_g.step()
         if self.ema is not None:
-            with torch.no_grad():
-                decay = ema_decay(tc.ema, self.step, tc.ema_warmup)
-                for pe, p in zip(self.ema.parameters(), G.parameters()):
-                    pe.lerp_(p, 1.0 - decay)
+            self._ema_update()
         self.sched_g.step()
         self.sched_d.step()
         self.step += 1
-        return {"loss_g": loss_g.item(), "d_real": err_real.item(), "d_fake": err_fake.item(), "r1": r1.item()}
+        return {"loss_g": g.total.item(), "d_real": d.err_real.item(), "d_fake": d.err_fake.item(),
+                "r1": d.r1.item()}
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        decay = ema_decay(self.tc.ema, self.step, self.tc.ema_warmup)
+        for pe, p in zip(self.ema.parameters(), self.G.parameters()):
+            pe.lerp_(p, 1.0 - decay)
 
     def measure_speed(self, steps: int, warmup: int = 1) -> float:
         """Iterations per second over ``steps`` training steps after ``warmup`` (which also trains)."""
@@ -260,44 +242,20 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step, "best_dice": self.best_dice,
-            "G": self.G.state_dict(), "D": self.D.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-            "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
-            "gen": self.gen.get_state(), "cpu_rng": torch.get_rng_state(),
-            "model": self.cfg.to_dict(), "train": json.dumps(self.tc.to_dict()),
-            "init_sha256": self.init_sha256,
-        }
+        return checkpoint.state_dict(self, self.tc.to_dict())
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
-        self.step, self.best_dice = int(st["step"]), float(st["best_dice"])
-        self.init_sha256 = str(st.get("init_sha256", ""))  # a resumed fine-tune keeps its provenance
-        self.G.load_state_dict(st["G"])
-        self.D.load_state_dict(st["D"])
-        if self.ema is not None and st.get("ema") is not None:
-            self.ema.load_state_dict(st["ema"])
-        self.opt_g.load_state_dict(st["opt_g"])
-        self.opt_d.load_state_dict(st["opt_d"])
-        self.sched_g.load_state_dict(st["sched_g"])
-        self.sched_d.load_state_dict(st["sched_d"])
-        self.gen.set_state(st["gen"])
-        torch.set_rng_state(st["cpu_rng"])
+        checkpoint.load_state_dict(self, st)
 
     def save_checkpoint(self, name: str = "last.pt") -> Path:
-        path = self.out / name
-        if self.rank == 0:
-            with atomic_output(path) as tmp:
-                torch.save(self.state_dict(), tmp)
-        return path
+        return checkpoint.save_checkpoint(self.out / name, self.state_dict(), self.rank)
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load ``path`` (default ``out/last.pt``) if it exists; True when resumed."""
-        p = Path(path) if path else self.out / "last.pt"
-        if not p.is_file():
+        st = checkpoint.load_checkpoint(Path(path) if path else self.out / "last.pt", self.device)
+        if st is None:
             return False
-        self.load_state_dict(torch.load(p, map_location=self.device, weights_only=True))
+        self.load_state_dict(st)
         return True
 
     def start(self, resume: bool = True) -> str:
@@ -339,7 +297,7 @@ class Trainer:
         g.eval()
         sampler = FixedStepSampler(g, self.tc.val_steps, self.tc.val_votes).to(self.device)
         runner = PatchRunner(sampler, self.device, torch.float32, batch_size=8, seed=0)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.val_amp):
+        with self.precision.val_autocast():
             res = evaluate_task(self.tc.task, Path(self.tc.data), self.cfg, runner, split=self.tc.val_split,
                                 limit=self.tc.val_limit, progress=False, split_file=self.tc.split_file)
         g.train(was_training)
@@ -355,9 +313,7 @@ class Trainer:
             return
         prov = {"task": self.tc.task, "step": self.step, "train_config": self.tc.to_dict(),
                 "device": torch.cuda.get_device_name(self.device) if self.cuda else "cpu", **(extra or {})}
-        if self.init_sha256:
-            prov["init_sha256"] = self.init_sha256
-        save_weights(self.out / name, self.inference_generator(), provenance=prov)
+        checkpoint.export_best(self.out / name, self.inference_generator(), prov, self.init_sha256)
 
     def fit(self) -> dict[str, Any]:
         tc = self.tc

@@ -10,6 +10,9 @@
 
 namespace cdal {
 
+// Residual skip scale 1/sqrt(2) (NCSN++ skip_rescale), the same double as cdal_fast.ops.skip_rescale.
+constexpr double kSkipScale = 0.7071067811865476;
+
 // Shape and argument checks shared by every backend.
 void check_adagn_args(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
                       const std::optional<at::Tensor>& bias, int64_t groups);

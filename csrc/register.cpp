@@ -5,8 +5,24 @@
 
 namespace cdal {
 
+namespace {
+
+// Every tensor argument must live on x's device (a kernel would otherwise read a foreign pointer)
+// and be floating point (integers would be silently converted).
+void check_same_device_float(const char* op, const at::Tensor& x, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+              "; move every argument to one device");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ", t.scalar_type());
+}
+
+}  // namespace
+
 void check_adagn_args(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
                       const std::optional<at::Tensor>& bias, int64_t groups) {
+  constexpr const char* op = "cdal::adagn_silu";
+  check_same_device_float(op, x, gamma, "gamma");
+  check_same_device_float(op, x, beta, "beta");
+  if (bias.has_value()) check_same_device_float(op, x, *bias, "bias");
   TORCH_CHECK(x.dim() == 4, "cdal::adagn_silu: x must be (N, C, H, W), got ", x.dim(), " dims");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "cdal::adagn_silu: x must be floating point, got ",
               x.scalar_type());
@@ -39,17 +55,25 @@ AdagnInputs prepare_adagn(const at::Tensor& x, const at::Tensor& gamma, const at
 void check_attention_args(const at::Tensor& x, const at::Tensor& norm_w, const at::Tensor& norm_b,
                           const at::Tensor& qkv_w, const std::optional<at::Tensor>& qkv_b,
                           const at::Tensor& proj_w, const std::optional<at::Tensor>& proj_b, int64_t groups) {
+  constexpr const char* op = "cdal::self_attention";
+  check_same_device_float(op, x, norm_w, "norm_w");
+  check_same_device_float(op, x, norm_b, "norm_b");
+  check_same_device_float(op, x, qkv_w, "qkv_w");
+  check_same_device_float(op, x, proj_w, "proj_w");
+  if (qkv_b.has_value()) check_same_device_float(op, x, *qkv_b, "qkv_b");
+  if (proj_b.has_value()) check_same_device_float(op, x, *proj_b, "proj_b");
   TORCH_CHECK(x.dim() == 4, "cdal::self_attention: x must be (N, C, H, W), got ", x.dim(), " dims");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "cdal::self_attention: x must be floating point, got ",
               x.scalar_type());
   const int64_t c = x.size(1);
   TORCH_CHECK(groups > 0 && c % groups == 0, "cdal::self_attention: channels (", c,
               ") must be divisible by groups (", groups, ")");
-  TORCH_CHECK(norm_w.numel() == c && norm_b.numel() == c, "cdal::self_attention: norm weight/bias need C values");
+  // sym_numel: the Meta kernel also runs on fake tensors with symbolic sizes (torch.export, opcheck)
+  TORCH_CHECK(norm_w.sym_numel() == c && norm_b.sym_numel() == c, "cdal::self_attention: norm weight/bias need C values");
   TORCH_CHECK(qkv_w.size(0) == 3 * c && qkv_w.size(1) == c, "cdal::self_attention: qkv weight must be (3C, C, 1, 1)");
   TORCH_CHECK(proj_w.size(0) == c && proj_w.size(1) == c, "cdal::self_attention: proj weight must be (C, C, 1, 1)");
-  if (qkv_b.has_value()) TORCH_CHECK(qkv_b->numel() == 3 * c, "cdal::self_attention: qkv bias needs 3C values");
-  if (proj_b.has_value()) TORCH_CHECK(proj_b->numel() == c, "cdal::self_attention: proj bias needs C values");
+  if (qkv_b.has_value()) TORCH_CHECK(qkv_b->sym_numel() == 3 * c, "cdal::self_attention: qkv bias needs 3C values");
+  if (proj_b.has_value()) TORCH_CHECK(proj_b->sym_numel() == c, "cdal::self_attention: proj bias needs C values");
 }
 
 at::Tensor attention_qkv_tokens(const at::Tensor& x, const at::Tensor& norm_w, const at::Tensor& norm_b,
@@ -73,7 +97,7 @@ at::Tensor attention_output(const at::Tensor& x, const at::Tensor& attn_tokens, 
   at::Tensor out = at::matmul(attn_tokens, wp.t());            // (N, HW, C)
   if (proj_b.has_value()) out = out + proj_b->to(x.scalar_type());
   out = out.transpose(1, 2).reshape({n, c, h, w});
-  return ((x + out) * 0.7071067811865476).contiguous(x.suggest_memory_format());
+  return ((x + out) * kSkipScale).contiguous(x.suggest_memory_format());
 }
 
 // Shape-only implementations so torch.compile / torch.export can trace the ops (fake tensors).
@@ -93,6 +117,9 @@ at::Tensor self_attention_meta(const at::Tensor& x, const at::Tensor& norm_w, co
 
 }  // namespace cdal
 
+// Both ops are INFERENCE-ONLY: no autograd formula is registered, so no gradient flows through
+// them (autograd's fallback warns when a backward reaches them). Training uses the plain PyTorch
+// layers (Generator.set_fused(False), the default); the fused path is for sampling only.
 TORCH_LIBRARY(cdal, m) {
   m.def("adagn_silu(Tensor x, Tensor gamma, Tensor beta, Tensor? bias, int groups, float eps) -> Tensor");
   m.def(

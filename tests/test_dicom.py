@@ -10,10 +10,9 @@ import tifffile
 
 from cdal_fast.config import get_preset
 from cdal_fast.wsi.batch import find_inputs
-from cdal_fast.wsi.dicom import DicomSlide
 from cdal_fast.wsi.mpp import settle_mpp
 from cdal_fast.wsi.pipeline import make_plan
-from cdal_fast.wsi.readers import SlideError, TiffSlide, open_slide
+from cdal_fast.wsi.readers import DicomSlide, SlideError, TiffSlide, open_slide
 
 from .slides import write_dicom_wsi, write_ome_pyramid
 

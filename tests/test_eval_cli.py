@@ -31,7 +31,9 @@ def test_eval_any_weights_on_val_split(tmp_path, tiny_gen, shared_data):
                                     "--json", str(out), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
-    assert data["n"] == 1 and 0 <= data["dice"] <= 1 and 0 <= data["iou"] <= data["dice"]
+    # one image: the mean is that image's row, and its IoU is Dice / (2 - Dice) (both from one confusion count)
+    assert data["n"] == 1 and data["dice"] == data["rows"][0]["dice"]
+    assert data["iou"] == pytest.approx(data["dice"] / (2 - data["dice"]), rel=1e-6)
     assert data["rows"][0]["name"] == "TCGA-49-4488-01Z-00-DX1"
     assert "MEAN" in res.output
 

@@ -43,13 +43,21 @@ def test_generator_flops(preset, gflop, enc_gflop):
     assert enc.get_total_flops() / 1e9 == pytest.approx(enc_gflop, rel=0.01)
 
 
-def test_forward_shapes_and_range(tiny_gen, tiny_cfg):
+def test_forward_shapes_and_output_head(tiny_gen, tiny_cfg):
+    """The output is tanh(head conv): with the head's weights zeroed and bias 0.5 every pixel is tanh(0.5)."""
+    import copy
+
     b, s = 3, tiny_cfg.image_size
     x = torch.randn(b, 1, s, s)
     y = torch.randn(b, 3, s, s)
     out = tiny_gen(x, torch.tensor([0, 1, 1]), y, torch.randn(b, tiny_cfg.nz))
     assert out.shape == (b, 1, s, s)
-    assert out.abs().max() <= 1.0
+    g = copy.deepcopy(tiny_gen)
+    with torch.no_grad():
+        g.head_conv.weight.zero_()
+        g.head_conv.bias.fill_(0.5)
+    out = g(x, torch.tensor([0, 1, 1]), y, torch.randn(b, tiny_cfg.nz))
+    torch.testing.assert_close(out, torch.full((b, 1, s, s), 0.46211715726000974))  # tanh(0.5)
 
 
 def test_encode_denoise_equals_forward(tiny_gen, tiny_cfg):

@@ -86,6 +86,26 @@ def test_bands_give_the_whole_image_result(band_rows, overlap):
     assert labeller.cut == 0
 
 
+def test_painted_labels_match_ids_and_areas_for_any_band_height():
+    """labels_out (the --save-labels raster) holds each nucleus's pixels under its own id, band or not."""
+    prob = discs()
+    painted = {}
+    for band_rows in (7, H):
+        labels = np.zeros((H, W), np.uint32)
+        labeller = BandLabeller(PARAMS, W, Grid(MPP), H, labels_out=labels)
+        got = []
+        for y0, band in iter_bands(prob, band_rows, overlap=3):
+            got += labeller.feed(band, None, y0)
+        got += labeller.finish()
+        assert sorted(np.unique(labels[labels > 0])) == [n.id for n in got]
+        for n in got:
+            assert (labels == n.id).sum() * MPP**2 == pytest.approx(n.area_um2)
+        painted[band_rows] = labels
+    # same partition of the pixels (ids follow emission order, which depends on the band height)
+    pairs = set(zip(painted[7].ravel().tolist(), painted[H].ravel().tolist()))
+    assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs}) == len(CENTRES) + 1
+
+
 def test_nucleus_across_band_and_tile_border_reported_once_whole():
     # One nucleus centred on a band border (row 64) and on a 256-tile column border (col 256).
     prob = discs([(64, 256)], (128, 512))

@@ -131,7 +131,7 @@ def test_tensorrt_engine_matches_pytorch(tmp_path, monkeypatch):
 
 
 def _fake_export(calls: list):
-    def export(generator, path, steps, votes, weights_sha256=""):
+    def export(generator, path, steps, votes, weights_sha256="", precision="fp32"):
         calls.append((Path(path), weights_sha256))
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(b"graph")
@@ -161,3 +161,33 @@ def test_onnx_cache_name_cannot_escape_and_only_verified_hashes_hit(tmp_path, mo
     assert len(calls) == 4
     assert sorted(f.name for f in tmp_path.rglob("*") if f.is_file()) == sorted(
         {c[0].name for c in calls})  # nothing written anywhere else
+
+
+def test_export_copies_to_cpu_float32_and_keeps_norm_statistics_in_float32(tmp_path):
+    """segment holds the generator on the GPU in bfloat16 with fused ops; exporting must neither trace
+    those tensors nor change them. A bfloat16, fused caller stands in for the CUDA-placed one here."""
+    import onnx
+
+    gen = _gen("tiny").to(torch.bfloat16).set_fused(True)
+    fused_before = [m.fused for m in gen.modules() if hasattr(m, "fused")]
+    params_before = {k: v.clone() for k, v in gen.state_dict().items()}
+    path = export_onnx(gen, tmp_path / "s16.onnx", weights_sha256="abc", precision="fp16")
+    assert all(v.dtype == torch.bfloat16 for v in gen.state_dict().values())
+    assert [m.fused for m in gen.modules() if hasattr(m, "fused")] == fused_before
+    assert all(torch.equal(params_before[k], v) for k, v in gen.state_dict().items())
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "InstanceNormalization" not in ops and ops.count("GroupNormalization") >= 1
+    producers = {o: n for n in graph.node for o in n.output}
+    for node in (n for n in graph.node if n.op_type == "GroupNormalization"):
+        cast = producers[node.input[0]]  # statistics of every group norm are taken in float32
+        assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT
+    assert {i.type.tensor_type.elem_type for i in (*graph.input, *graph.output)} == {onnx.TensorProto.FLOAT}
+    ref = FixedStepSampler(_gen("tiny")).eval()  # the same weights in float32
+    image = torch.randn(2, 3, 64, 64)
+    n = draw_noise(ref.num_steps, ref.votes, 1, ref.nz, 64, 64, generators_from_seed(1, 2))
+    with torch.no_grad():
+        p_ref, _ = ref(image, n.x_init, n.z, n.post)
+    p16, _ = OnnxSampler(path, gen, "abc")(image, n.x_init, n.z, n.post)
+    # bf16 caller weights (8-bit mantissa) exported as fp16, run in fp16: a few 1e-2 at most
+    assert (p16 - p_ref).abs().max().item() <= 5e-2

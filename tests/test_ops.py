@@ -37,14 +37,18 @@ def adagn_inputs(n, c, h, w, bias=True, seed=0):
     return x, gamma, beta, b
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,tol", DTYPES)
-@pytest.mark.parametrize("shape,groups,bias", [
+ADAGN_CASES = [
     ((1, 12, 8, 8), 3, True),       # batch 1, 8x8, channels not a multiple of 8
     ((3, 20, 64, 64), 5, False),    # 64x64, no bias
     ((2, 36, 9, 13), 9, True),      # odd spatial size
     ((2, 64, 16, 16), 16, True),
-])
+]
+ATTN_CASES = [((1, 12, 8, 8), 3), ((2, 68, 8, 8), 17), ((1, 64, 16, 16), 16), ((1, 20, 32, 32), 5)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("shape,groups,bias", ADAGN_CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_adagn_silu_parity(device, dtype, tol, shape, groups, bias, channels_last):
     x, gamma, beta, b = adagn_inputs(*shape, bias=bias)
@@ -72,8 +76,7 @@ def attn_inputs(n, c, h, w, seed=0):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-@pytest.mark.parametrize("shape,groups", [((1, 12, 8, 8), 3), ((2, 68, 8, 8), 17), ((1, 64, 16, 16), 16),
-                                          ((1, 20, 32, 32), 5)])
+@pytest.mark.parametrize("shape,groups", ATTN_CASES)
 def test_self_attention_parity(device, dtype, tol, shape, groups):
     args = attn_inputs(*shape)
     ref = ops.self_attention_reference(*[a.double() for a in args], groups, 1e-6)
@@ -85,6 +88,27 @@ def test_self_attention_parity(device, dtype, tol, shape, groups):
     assert rel_err(out.cpu(), ref) <= tol
 
 
+# torch.library.opcheck: schema, fake (Meta) kernel strides/shapes against the real kernel, autograd
+# registration and AOT dispatch, over the parity inputs (float32; the kernels are dtype-generic).
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,groups,bias", ADAGN_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_adagn_silu_opcheck(device, shape, groups, bias, channels_last):
+    x, gamma, beta, b = adagn_inputs(*shape, bias=bias)
+    x = x.to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = (x, gamma.to(device), beta.to(device), None if b is None else b.to(device), groups, 1e-6)
+    torch.library.opcheck(torch.ops.cdal.adagn_silu.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,groups", ATTN_CASES)
+def test_self_attention_opcheck(device, shape, groups):
+    args = tuple(a.to(device) for a in attn_inputs(*shape))
+    torch.library.opcheck(torch.ops.cdal.self_attention.default, (*args, groups, 1e-6))
+
+
 def test_clear_errors():
     x, gamma, beta, b = adagn_inputs(1, 12, 8, 8)
     with pytest.raises(RuntimeError, match="divisible by groups"):
@@ -93,6 +117,53 @@ def test_clear_errors():
         ops.adagn_silu(x, gamma[:, :4], beta, b, 3, 1e-6)
     with pytest.raises(RuntimeError, match="must be floating point"):
         ops.adagn_silu(x.long(), gamma, beta, b, 3, 1e-6)
+
+
+def test_every_argument_is_checked_for_device_and_dtype():
+    """The CUDA kernels take raw pointers: an argument on another device than x, or an integer one,
+    must be refused by the shared checks (here through the Meta kernel, which a meta argument selects)."""
+    x, gamma, beta, b = adagn_inputs(1, 12, 8, 8)
+    with pytest.raises(RuntimeError, match=r"adagn_silu: beta is on meta but x is on cpu"):
+        ops.adagn_silu(x, gamma, beta.to("meta"), b, 3, 1e-6)
+    with pytest.raises(RuntimeError, match=r"adagn_silu: bias must be floating point, got Long"):
+        ops.adagn_silu(x, gamma, beta, b.long(), 3, 1e-6)
+    args = attn_inputs(1, 12, 4, 4)
+    with pytest.raises(RuntimeError, match=r"self_attention: proj_w is on meta but x is on cpu"):
+        ops.self_attention(*args[:5], args[5].to("meta"), args[6], 3, 1e-6)
+    with pytest.raises(RuntimeError, match=r"self_attention: qkv_b must be floating point, got Int"):
+        ops.self_attention(*args[:4], args[4].int(), *args[5:], 3, 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 12, 8, 8), (2, 12, 0, 8)])
+def test_empty_inputs_return_empty_outputs(device, shape):
+    x, gamma, beta, b = (t.to(device) for t in adagn_inputs(*shape))
+    out = ops.adagn_silu(x, gamma, beta, b, 3, 1e-6)
+    assert out.shape == shape and out.device == x.device
+    args = [a.to(device) for a in attn_inputs(*shape)]
+    assert ops.self_attention(*args, 3, 1e-6).shape == shape
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape,groups,dtype,channels_last,tol", [
+    ((320, 64, 256, 256), 16, torch.bfloat16, True, 1e-2),   # batch 64 x 5 votes: grid-stride loops
+    ((320, 64, 256, 256), 16, torch.bfloat16, False, 1e-2),
+    ((2, 32, 64, 96), 8, torch.float32, True, 1e-5),          # several pixel chunks per sample
+    ((3, 24, 48, 48), 6, torch.float32, True, 1e-5),          # C does not divide the block: generic path
+])
+def test_adagn_silu_cuda_at_sampler_scale(shape, groups, dtype, channels_last, tol):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, c = shape[:2]
+    x = (torch.randn(shape, generator=g, device="cuda") * 3 + 1).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gamma, beta, b = (1 + 0.3 * torch.randn(n, c, generator=g, device="cuda") for _ in range(3))
+    out = ops.adagn_silu(x, gamma, beta, b, groups, 1e-6)
+    ref = ops.adagn_silu_reference(x.float(), gamma, beta, b, groups, 1e-6)
+    assert rel_err(out, ref) <= tol
+    with pytest.raises(RuntimeError, match="gamma is on cpu but x is on cuda"):
+        ops.adagn_silu(x, gamma.cpu(), beta, b, groups, 1e-6)
 
 
 def test_fake_impl_traces_with_export():

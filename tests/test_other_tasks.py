@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
@@ -114,4 +115,6 @@ def test_eval_hippocampus_on_the_seeded_split(tmp_path, shared_data):
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["n"] == 1 and data["rows"][0]["name"] == first_val
-    assert len(data["dice"]) == 2 and all(0 <= d <= 1 for d in data["dice"])  # anterior, posterior
+    assert len(data["dice"]) == 2 and data["dice"] == data["rows"][0]["dice"]  # anterior, posterior; n = 1
+    # per class, IoU = Dice / (2 - Dice): a swapped class order or field would break it
+    assert data["iou"] == pytest.approx([d / (2 - d) for d in data["dice"]], rel=1e-6)

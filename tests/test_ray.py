@@ -62,7 +62,7 @@ def test_many_slides_and_a_corrupt_file(local_ray, tmp_path, weights, slides, re
     out = tmp_path / "out"
     report, summary = run_on_ray(files, out, _spec(weights, _opts()), RayOptions(actors=2, unit="input"),
                                  echo=lambda m: None, show_progress=False)
-    assert [f for f, _ in report.failed] == [str(bad)]
+    assert [f.file for f in report.failed] == [str(bad)]
     assert len(report.done) == 4
     _same_bytes(reference, out, [f"s{i}" for i in range(4)])
     assert summary["ray"]["actors"] == 2 and sum(a["units"] for a in summary["ray"]["per_actor"]) == 5

@@ -72,8 +72,12 @@ def test_multiclass_argmax():
     prob, _ = sample(FixedStepSampler(gen), torch.randn(2, 3, 64, 64), seed=1)
     assert prob.shape == (2, 3, 64, 64)
     mask = decode_mask(prob)
-    assert mask.max() <= 2
-    assert torch.equal(mask, prob.argmax(1).to(torch.uint8))
+    assert mask.shape == (2, 64, 64) and mask.dtype == torch.uint8
+    # hand-made probabilities: class 1 wins pixel 0, class 2 pixel 1, class 0 pixel 2
+    known = torch.tensor([[0.2, 0.1, 0.5], [0.7, 0.3, 0.4], [0.1, 0.6, 0.1]]).reshape(1, 3, 1, 3)
+    assert decode_mask(known).tolist() == [[[1, 2, 0]]]
+    # binary: threshold at 0.5 inclusive
+    assert decode_mask(torch.tensor([0.0, 0.49, 0.5, 0.51, 1.0]).reshape(1, 1, 1, 5)).tolist() == [[[0, 0, 1, 1, 1]]]
 
 
 def test_torchscript_parity(tiny_gen):

@@ -93,12 +93,21 @@ def test_segment_slide_outputs(tmp_path, slide, tiny_weights):
     margin = tifffile.imread(out / "mosaic.prob.ome.tif")[:90, :90]
     assert (margin == 0).all()  # background tiles are never sampled
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no partial files left
+    # nuclei as objects by default: GeoJSON and CSV agree with the JSON's count
+    features = json.loads((out / "mosaic.nuclei.geojson").read_text())["features"]
+    rows = (out / "mosaic.nuclei.csv").read_text().splitlines()[1:]
+    assert len(features) == len(rows) == summary["nuclei_count"]
+    assert summary["nuclei"]["params"]["prob_threshold"] == 0.5
+    tissue_mm2 = summary["nuclei"]["tissue_area_um2"] / 1e6
+    assert summary["nuclei_per_mm2_tissue"] == pytest.approx(summary["nuclei_count"] / tissue_mm2, rel=1e-3)
 
     # rerun resumes: nothing is redone
     mtime = (out / "mosaic.mask.ome.tif").stat().st_mtime_ns
     code, output = run([str(slide), "--out", str(out), "--weights", str(tiny_weights)])
     assert code == 0 and "already complete" in output
     assert (out / "mosaic.mask.ome.tif").stat().st_mtime_ns == mtime
+    code, output = run([str(slide), "--out", str(out), "--weights", str(tiny_weights), "--nuclei-threshold", "1"])
+    assert code == 2 and "--nuclei-threshold" in output  # a threshold of 1 would find nothing
 
 
 def test_interrupted_run_is_not_complete(tmp_path, slide, tiny_weights, monkeypatch):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from shapely.geometry import shape
 
 from cdal_fast.wsi.readers import open_slide
 from cdal_fast.wsi.tissue import detect_tissue
@@ -37,6 +38,11 @@ def test_roi_tissue_mask_and_openslide_layout(tmp_path, slide, tiny_weights):  #
     inside = np.zeros(prob.shape, dtype=bool)
     inside[y0:y1, x0:x1] = True
     assert (prob[~inside] == 0).all() and (prob[inside] > 0).mean() > 0.9
+    # nuclei only inside the ROI; their density refers to the tissue inside it
+    for f in json.loads((out / "mosaic.nuclei.geojson").read_text())["features"]:
+        bx0, by0, bx1, by1 = shape(f["geometry"]).bounds
+        assert x0 <= bx0 and y0 <= by0 and bx1 <= x1 and by1 <= y1
+    assert 0 < summary["nuclei"]["tissue_area_um2"] <= summary["roi"]["area_um2"]
     # the saved tissue mask is the one detected, at the scale the JSON names
     tissue = np.asarray(Image.open(out / "mosaic.tissue.png")) > 0
     with open_slide(slide) as s:

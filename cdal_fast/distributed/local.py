@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,21 @@ from typing import Any
 import torch
 
 from ..wsi.batch import InputOutcome, RunReport, run_summary_name
-from ..wsi.outputs import write_summary
+from ..wsi.outputs import output_names, write_summary
 from .worker import SegmentWorker, WorkerSpec
 
 __all__ = ["run_on_devices"]
 
 
 def run_on_devices(files: list[Path], out_dir: Path, spec: WorkerSpec, devices: list[torch.device], echo=print,
-                   shard: tuple[int, int] = (0, 1)) -> tuple[RunReport, dict[str, Any]]:
-    """Segment ``files`` with one worker per device; returns the report and the run summary (also written)."""
+                   shard: tuple[int, int] = (0, 1), names: dict[Path, str] | None = None,
+                   ) -> tuple[RunReport, dict[str, Any]]:
+    """Segment ``files`` with one worker per device; returns the report and the run summary (also written).
+
+    ``names``: the output names (``outputs.output_names``; default: computed here, collisions raise).
+    """
+    if names is None:
+        names = output_names(files)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     workers = [SegmentWorker(replace(spec, device=str(d))) for d in devices]
@@ -41,24 +48,30 @@ def run_on_devices(files: list[Path], out_dir: Path, spec: WorkerSpec, devices: 
             except queue.Empty:
                 return
             try:
-                outcomes.put(worker.run_input(str(f), str(out_dir)))
+                outcomes.put(worker.run_input(str(f), str(out_dir), names[f]))
             except Exception as exc:  # noqa: BLE001 - the driver waits for one outcome per input
-                outcomes.put((InputOutcome(str(f), "failed", error=f"{type(exc).__name__}: {exc}"), worker.name, 0.0))
+                outcomes.put((InputOutcome(str(f), "failed", error=f"{type(exc).__name__}: {exc}",
+                                           traceback=traceback.format_exc()), worker.name, 0.0))
 
     threads = [threading.Thread(target=drain, args=(w,), daemon=True) for w in workers]
     for t in threads:
         t.start()
     report = RunReport()
     per_worker: dict[str, dict[str, float]] = {}
-    for _ in files:
-        outcome, name, seconds = outcomes.get()
-        report.add(outcome, echo)
-        s = per_worker.setdefault(name, {"inputs": 0, "busy_seconds": 0.0})
-        s["inputs"] += 1
-        s["busy_seconds"] += seconds
-    for t in threads:
-        t.join()
-    report.seconds = time.perf_counter() - t0
-    summary = report.to_dict() | {"devices": [str(d) for d in devices], "per_worker": per_worker}
-    write_summary(out_dir / run_summary_name(*shard), summary)
+    try:
+        for _ in files:
+            outcome, name, seconds = outcomes.get()
+            report.add(outcome, echo)
+            s = per_worker.setdefault(name, {"inputs": 0, "busy_seconds": 0.0})
+            s["inputs"] += 1
+            s["busy_seconds"] += seconds
+        for t in threads:
+            t.join()
+    except BaseException:
+        report.interrupted = True
+        raise
+    finally:  # written however the run ends (also on Ctrl-C, with "interrupted": true)
+        report.seconds = time.perf_counter() - t0
+        summary = report.to_dict() | {"devices": [str(d) for d in devices], "per_worker": per_worker}
+        write_summary(out_dir / run_summary_name(*shard), summary)
     return report, summary

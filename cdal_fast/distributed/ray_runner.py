@@ -31,7 +31,7 @@ from typing import Any
 from ..atomic import partial_path
 from ..requires import BackendError
 from ..wsi.batch import TASKS, InputOutcome, RunReport, TaskRun, run_input, run_summary_name
-from ..wsi.outputs import is_small_image, output_paths, slide_stem, write_summary
+from ..wsi.outputs import is_small_image, output_names, output_paths, slide_stem, write_summary
 from ..wsi.pipeline import SlidePlan, TileResult
 from ..wsi.progress import NullProgress
 from ..wsi.readers import SlideError
@@ -144,14 +144,14 @@ class ActorPool:
                  "tiles_per_second": s.tiles / s.seconds if s.seconds else 0.0} for w, s in sorted(self.stats.items())]
 
 
-def _discard_partials(out_dir: Path, path: Path, layout: str) -> None:
+def _discard_partials(out_dir: Path, path: Path, layout: str, name: str) -> None:
     """Nothing partial is left of an input that failed after an actor died while writing it."""
     import shutil
 
-    stem = slide_stem(path)
-    for p in output_paths(out_dir, stem, is_small_image(path), layout).values():
+    stem, sub_out = slide_stem(path), out_dir / Path(name).parent
+    for p in output_paths(sub_out, stem, is_small_image(path), layout).values():
         partial_path(p).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / f".{stem}.work", ignore_errors=True)
+    shutil.rmtree(sub_out / f".{stem}.work", ignore_errors=True)
 
 
 class ClusterProgress:
@@ -180,7 +180,7 @@ class ClusterProgress:
 
 
 def _run_inputs(ray, pool: ActorPool, files: list[Path], out_dir: Path, report: RunReport,
-                progress: ClusterProgress, echo: Callable[[str], None]) -> None:
+                progress: ClusterProgress, echo: Callable[[str], None], names: dict[Path, str]) -> None:
     """Whole inputs, one task per idle actor; a unit lost with its actor goes to a fresh one."""
     pending = deque(files)
     attempts: dict[Path, int] = {}
@@ -189,7 +189,7 @@ def _run_inputs(ray, pool: ActorPool, files: list[Path], out_dir: Path, report: 
     while pending or running:
         while pending and idle:
             f, actor = pending.popleft(), idle.pop()
-            running[actor.run_input.remote(str(f), str(out_dir))] = (f, actor)
+            running[actor.run_input.remote(str(f), str(out_dir), names[f])] = (f, actor)
         ready, _ = ray.wait(list(running), num_returns=1)
         f, actor = running.pop(ready[0])
         try:
@@ -201,7 +201,7 @@ def _run_inputs(ray, pool: ActorPool, files: list[Path], out_dir: Path, report: 
                 echo(f"retry {f}: its worker died ({type(exc).__name__}); attempt {attempts[f] + 1}")
                 pending.appendleft(f)
                 continue
-            _discard_partials(out_dir, f, pool.spec.opts.pyramid_layout)
+            _discard_partials(out_dir, f, pool.spec.opts.pyramid_layout, names[f])
             outcome = InputOutcome(str(f), "failed", error=f"its worker died {attempts[f]} times (limit "
                                    f"--ray-max-retries {pool.opts.max_retries}); last: {exc}")
         except ray.exceptions.RayTaskError as exc:
@@ -282,8 +282,15 @@ class BandStream:
 
 
 def run_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, ray_opts: RayOptions, echo=print,
-               show_progress: bool = True, shard: tuple[int, int] = (0, 1)) -> tuple[RunReport, dict[str, Any]]:
-    """Segment ``files`` on a Ray pool; returns the report and the run summary (also written to OUT)."""
+               show_progress: bool = True, shard: tuple[int, int] = (0, 1),
+               names: dict[Path, str] | None = None) -> tuple[RunReport, dict[str, Any]]:
+    """Segment ``files`` on a Ray pool; returns the report and the run summary (also written to OUT).
+
+    ``names``: the output names (``outputs.output_names``; default: computed here, collisions raise),
+    handed to the actors with each input so they write where a single-process run would.
+    """
+    if names is None:
+        names = output_names(files)
     ray = require_ray()
     connect(ray, ray_opts.address)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -292,7 +299,7 @@ def run_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, ray_opts: Ray
     report = RunReport()
     todo = []
     for f in files:
-        if not spec.opts.overwrite and done_fn(out_dir, f, spec.opts):
+        if not spec.opts.overwrite and done_fn(out_dir / Path(names[f]).parent, f, spec.opts):
             report.add(InputOutcome(str(f), "skipped"), echo)
         else:
             todo.append(f)
@@ -303,6 +310,7 @@ def run_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, ray_opts: Ray
         return report, summary
     pool = ActorPool(ray, spec, ray_opts)
     progress = ClusterProgress(len(files), show_progress)
+    use_bands = False
     try:
         use_bands = spec.task == "monuseg" and (ray_opts.unit == "band" or (
             ray_opts.unit == "auto" and len(todo) < len(pool.actors)))
@@ -313,17 +321,20 @@ def run_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, ray_opts: Ray
             run = TaskRun(shape, None, cfg, spec.opts, torch.device("cpu"), torch.float32,  # type: ignore[arg-type]
                           spec.model_info, sample_stream=BandStream(ray, pool, progress))
             for f in todo:
-                outcome = run_input(f, out_dir, run, NullProgress(), spec.task)
+                outcome = run_input(f, out_dir, run, NullProgress(), spec.task, names[f])
                 progress.finished(outcome)
                 report.add(outcome, echo)
         else:
-            _run_inputs(ray, pool, todo, out_dir, report, progress, echo)
-    finally:
+            _run_inputs(ray, pool, todo, out_dir, report, progress, echo, names)
+    except BaseException:
+        report.interrupted = True
+        raise
+    finally:  # the run summary is written however the run ends (also on Ctrl-C, with "interrupted": true)
         progress.close()
+        extra = {"ray": {"unit": "band" if use_bands else "input", "actors": len(pool.actors),
+                         "actor_deaths": pool.deaths, "per_actor": pool.summary()}}
         pool.shutdown()
-    report.seconds = time.perf_counter() - t0
-    extra = {"ray": {"unit": "band" if use_bands else "input", "actors": len(pool.actors),
-                     "actor_deaths": pool.deaths, "per_actor": pool.summary()}}
-    summary = report.to_dict() | extra
-    write_summary(out_dir / run_summary_name(*shard), summary)
+        report.seconds = time.perf_counter() - t0
+        summary = report.to_dict() | extra
+        write_summary(out_dir / run_summary_name(*shard), summary)
     return report, summary

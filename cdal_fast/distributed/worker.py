@@ -104,14 +104,16 @@ class SegmentWorker:
         """Steps, votes and config: what a driver that stitches and writes needs, without a model."""
         return SamplerShape(int(self.run.sampler.num_steps), int(self.run.sampler.votes)), self.run.cfg
 
-    def run_input(self, path: str, out_dir: str) -> tuple[InputOutcome, str, float]:
-        """One whole input through the batch runner's per-input path; (outcome, worker, seconds)."""
+    def run_input(self, path: str, out_dir: str, name: str | None = None) -> tuple[InputOutcome, str, float]:
+        """One whole input through the batch runner's per-input path (its lock, its output ``name``:
+        the driver's unique names, so outputs land where a single-process run puts them);
+        (outcome, worker, seconds)."""
         t0 = time.perf_counter()
         p = Path(path)
         if not p.exists():
             outcome = InputOutcome(path, "failed", error=unreachable_input(p))
         else:
-            outcome = run_input(p, Path(out_dir), self.run, NullProgress(), self.spec.task)
+            outcome = run_input(p, Path(out_dir), self.run, NullProgress(), self.spec.task, name)
         return outcome, self.name, time.perf_counter() - t0
 
     def sample_unit(self, slide: SlidePlan, indices: list[int]) -> UnitResult:

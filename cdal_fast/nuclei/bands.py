@@ -44,12 +44,19 @@ class BandLabeller:
 
     ``grid`` places the maps on the slide (um per map pixel, level-0 pixels per map pixel, origin).
     Ids run 1, 2, ... in emission order. ``height`` (map rows), when given, is checked by
-    :meth:`finish`.
+    :meth:`finish`. ``labels_out``, when given, is a (height, width) integer array (a disk-backed
+    map on slides) into which each emitted nucleus's pixels are painted with its id, so a label
+    raster costs no second labelling and agrees with the outlines.
     """
 
-    def __init__(self, params: NucleiParams, width: int, grid: Grid, height: int | None = None) -> None:
+    def __init__(self, params: NucleiParams, width: int, grid: Grid, height: int | None = None,
+                 labels_out: np.ndarray | None = None) -> None:
         if width < 1:
             raise ValueError(f"BandLabeller: width must be >= 1 map pixel, got {width}")
+        if labels_out is not None and (labels_out.ndim != 2 or labels_out.shape[1] != width
+                                       or (height is not None and labels_out.shape[0] != height)):
+            raise ValueError(f"BandLabeller: labels_out must have shape ({height}, {width}), got {labels_out.shape}")
+        self.labels_out = labels_out
         self.params = params
         self.width = int(width)
         self.grid = grid
@@ -128,12 +135,23 @@ class BandLabeller:
             labels = label_nuclei(np.where(done, self._prob, 0.0), self.params, self.grid.mpp)
             band_grid = Grid(self.grid.mpp, self.grid.scale, self.grid.x0,
                              self.grid.y0 + self._top * self.grid.scale)
+            lut = np.zeros(int(labels.max()) + 1, np.int64)
             for n in measure_objects(labels, self._prob, self._std, band_grid):
                 self.emitted += 1
+                lut[n.id] = self.emitted
                 nuclei.append(n.with_id(self.emitted))
+            if self.labels_out is not None:
+                self._paint(labels, lut)
             self._prob[done] = 0.0
         self._trim(comps, open_mask)
         return nuclei
+
+    def _paint(self, labels: np.ndarray, lut: np.ndarray) -> None:
+        """Write the emitted ids into ``labels_out`` at the buffer's rows (other pixels untouched)."""
+        rows = slice(self._top, self._top + labels.shape[0])
+        inside = labels > 0
+        target = self.labels_out[rows]
+        target[inside] = lut[labels[inside]].astype(target.dtype)
 
     def _trim(self, comps: np.ndarray, open_mask: np.ndarray) -> None:
         """Drop rows above CONTEXT_ROWS before the topmost unfinished component (all rows if none)."""

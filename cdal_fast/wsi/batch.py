@@ -7,8 +7,9 @@ so adding a task (or a distributed runner calling these) needs no ``if task == .
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,12 @@ from ..config import ModelConfig
 from ..inference import PatchRunner
 from ..sampler import SamplerLike
 from .dicom import is_dicom_folder
+from .locks import describe_owner, try_lock
 from .other_tasks import VOLUME_SUFFIXES, radiograph_done, segment_radiograph, segment_volume, volume_done
-from .outputs import is_complete, is_small_image, slide_stem, write_summary
+from .outputs import is_complete, is_small_image, output_names, required_outputs, slide_stem, write_summary
 from .pipeline import SampleStream, SegmentOptions, segment_slide
 from .progress import TileProgress, TqdmProgress
-from .readers import DICOM_SUFFIXES, SLIDE_SUFFIXES, SlideError
+from .readers import DICOM_SUFFIXES, SLIDE_SUFFIXES
 
 RUN_SUMMARY = "run_summary.json"
 
@@ -36,8 +38,15 @@ __all__ = ["RUN_SUMMARY", "run_summary_name", "find_inputs", "RunReport", "TaskR
            "run_input", "segment_all"]
 
 
+def _listed(f: Path) -> bool:
+    """A scanned entry with a slide name is an input unless it is a DICOM instance's sibling folder:
+    regular files, and also broken or looping links and plain folders named like slides, so that
+    they are reported as failures instead of silently skipped."""
+    return f.is_file() or f.is_symlink() or (f.is_dir() and not is_dicom_folder(f))
+
+
 def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None = None) -> list[Path]:
-    """Files named directly, plus slide-like files inside named folders (sorted, de-duplicated).
+    """Files named directly, plus slide-like entries inside named folders (sorted, de-duplicated).
 
     A DICOM WSI is a folder of instances: a named folder holding DICOM files is one input, and a
     ``.dcm`` file found while scanning stands for its folder (so a slide's levels are one input).
@@ -51,13 +60,16 @@ def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None
         elif p.is_dir():
             it = (p.rglob(pattern or "*") if recursive else p.glob(pattern or "*"))
             found += [f.parent if f.name.lower().endswith(DICOM_SUFFIXES) else f for f in it
-                      if f.is_file() and f.name.lower().endswith(SLIDE_SUFFIXES + VOLUME_SUFFIXES)
+                      if _listed(f) and f.name.lower().endswith(SLIDE_SUFFIXES + VOLUME_SUFFIXES)
                       and not f.name.startswith(".")]
         else:
             found.append(p)
     seen, out = set(), []
     for f in sorted(found):
-        key = f.resolve()
+        try:
+            key = f.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: reported when it is opened
+            key = f.absolute()
         if key not in seen:
             seen.add(key)
             out.append(f)
@@ -65,11 +77,22 @@ def find_inputs(inputs: list[Path], recursive: bool = False, pattern: str | None
 
 
 @dataclass
+class Failure:
+    """One input that could not be processed: what went wrong, where (the traceback), for the summary."""
+
+    file: str
+    error: str  # "ExceptionType: message"
+    traceback: str
+
+
+@dataclass
 class RunReport:
     done: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    locked: list[str] = field(default_factory=list)  # owned by another live run: left to it
+    failed: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
+    interrupted: bool = False
 
     def add(self, outcome: InputOutcome, echo: Callable[[str], None] = print) -> None:
         """Record one input's outcome and echo its line (``skip``, ``FAIL``, ``warn``, ``done``)."""
@@ -77,8 +100,11 @@ class RunReport:
         if outcome.status == "skipped":
             self.skipped.append(f)
             echo(f"skip  {f} (already done; --overwrite to redo)")
+        elif outcome.status == "locked":
+            self.locked.append(f)
+            echo(f"skip  {f} (being processed by {outcome.error})")
         elif outcome.status == "failed":
-            self.failed.append((f, outcome.error))
+            self.failed.append(Failure(f, outcome.error, outcome.traceback))
             echo(f"FAIL  {f}: {outcome.error}")
         else:
             summary = outcome.summary or {}
@@ -86,12 +112,14 @@ class RunReport:
             for warning in summary.get("warnings") or []:
                 echo(f"warn  {f}: {warning}")
             detail = (f"objects {summary['object_fraction']:.3f}, " if "object_fraction" in summary else "")
+            if "nuclei_count" in summary:
+                detail += f"{summary['nuclei_count']} nuclei, "
             echo(f"done  {f}: {detail}{summary.get('seconds', 0.0):.1f} s")
 
     def to_dict(self) -> dict[str, Any]:
-        tiles = sum(d["tiles_sampled"] for d in self.done)
-        return {"processed": len(self.done), "skipped_complete": self.skipped,
-                "failed": [{"file": f, "error": e} for f, e in self.failed], "seconds": self.seconds,
+        tiles = sum(d.get("tiles_sampled", 0) for d in self.done)
+        return {"processed": len(self.done), "skipped_complete": self.skipped, "skipped_locked": self.locked,
+                "failed": [asdict(f) for f in self.failed], "seconds": self.seconds, "interrupted": self.interrupted,
                 "tiles": tiles, "tiles_per_second": tiles / self.seconds if self.seconds else 0.0}
 
 
@@ -119,7 +147,7 @@ def _segment_slide(path: Path, out_dir: Path, run: TaskRun, progress: TileProgre
 
 
 def _slide_done(out_dir: Path, path: Path, opts: SegmentOptions) -> bool:
-    return is_complete(out_dir, slide_stem(path), is_small_image(path), opts.pyramid_layout)
+    return is_complete(out_dir, slide_stem(path), is_small_image(path), opts.pyramid_layout, required_outputs(opts))
 
 
 def _segment_radiograph(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
@@ -137,49 +165,93 @@ TASKS: dict[str, tuple[SegmentFn, DoneFn]] = {
 }
 
 
+def _error_text(exc: BaseException) -> str:
+    """``Type: message`` (a bare ``str(exc)`` is empty for e.g. ``ZeroDivisionError()`` or ``KeyError``)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 @dataclass
 class InputOutcome:
     """What happened to one input (picklable: Ray actors return it to the driver)."""
 
     path: str
-    status: str  # "done", "skipped" (already complete) or "failed"
+    status: str  # "done", "skipped" (already complete), "locked" (another live run owns it) or "failed"
     summary: dict[str, Any] | None = None
-    error: str = ""
+    error: str = ""  # "failed": "Type: message"; "locked": who owns the input
+    traceback: str = ""
 
 
-def run_input(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress, task: str = "monuseg") -> InputOutcome:
-    """The one per-input path of every runner (sequential, ``--shard``, Ray): skip if done, run, catch errors."""
+def input_options(opts: SegmentOptions, cfg: ModelConfig) -> SegmentOptions:
+    """The options one input runs under: no nucleus objects from a multi-class model (none are expected)."""
+    return replace(opts, nuclei=False) if opts.nuclei and cfg.multiclass else opts
+
+
+def run_input(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress, task: str = "monuseg",
+              name: str | None = None) -> InputOutcome:
+    """The one per-input path of every runner (sequential, ``--shard``, ``--device`` lists, Ray).
+
+    ``name`` is the input's output name (``outputs.output_names``; default: its stem): outputs go to
+    ``out_dir / name``'s folder. Skip if done; otherwise take the input's lock (``locks.py``; owned by
+    another live run: ``"locked"``), re-check completion under it and run. Any exception while
+    processing the input is caught and returned as ``"failed"`` with its traceback.
+    """
     segment_fn, done_fn = TASKS[task]
-    if not run.opts.overwrite and done_fn(out_dir, path, run.opts):
+    opts = input_options(run.opts, run.cfg)
+    if opts is not run.opts:
+        run = replace(run, opts=opts)
+    name = name or slide_stem(path)
+    sub_out = out_dir / Path(name).parent
+    if not opts.overwrite and done_fn(sub_out, path, opts):
         return InputOutcome(str(path), "skipped")
-    try:
-        return InputOutcome(str(path), "done", segment_fn(path, out_dir, run, progress))
-    except (SlideError, OSError, ValueError) as exc:
-        return InputOutcome(str(path), "failed", error=str(exc))
+    sub_out.mkdir(parents=True, exist_ok=True)
+    lock = try_lock(out_dir, name)
+    if lock is None:
+        return InputOutcome(str(path), "locked", error=describe_owner(out_dir, name))
+    with lock:
+        if not opts.overwrite and done_fn(sub_out, path, opts):  # finished by another run meanwhile
+            return InputOutcome(str(path), "skipped")
+        try:
+            return InputOutcome(str(path), "done", segment_fn(path, sub_out, run, progress))
+        except Exception as exc:  # noqa: BLE001 - one bad input must never end the batch
+            return InputOutcome(str(path), "failed", error=_error_text(exc), traceback=traceback.format_exc())
 
 
 def segment_all(files: list[Path], out_dir: Path, sampler: SamplerLike, cfg: ModelConfig, opts: SegmentOptions,
                 device: torch.device, dtype: torch.dtype, model_info: dict, echo=print,
-                show_progress: bool = True, task: str = "monuseg",
+                show_progress: bool = True, task: str = "monuseg", names: dict[Path, str] | None = None,
                 summary_name: str = RUN_SUMMARY) -> RunReport:
     """Segment ``files`` for ``task``: slides/images (monuseg), radiographs (cxr), volumes (hippocampus).
 
+    ``names`` are the output names (``outputs.output_names``; default: each file's stem, checked for
+    collisions before anything runs). Each input goes through :func:`run_input`: worked under its lock
+    (``locks.py``), so concurrent runs on one ``out_dir`` share the inputs out; any exception while
+    processing one input is recorded for it (message and traceback) and the batch goes on. The run
+    summary is written at the end however the loop ends (also on Ctrl-C, with ``"interrupted": true``).
     ``summary_name``: concurrent jobs over one ``out_dir`` (``--shard``) each need their own run summary.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if names is None:
+        names = output_names(files)
+    opts = input_options(opts, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = RunReport()
     t0 = time.perf_counter()
     runner = PatchRunner(sampler, device, dtype, batch_size=max(opts.batch_size, 1), seed=opts.seed)
     run = TaskRun(sampler, runner, cfg, opts, device, dtype, model_info)
-    for n, f in enumerate(files, start=1):
-        bar = TqdmProgress(f.name, n, len(files), enabled=show_progress)
-        try:
-            outcome = run_input(f, out_dir, run, bar, task)
-        finally:
-            bar.close()
-        report.add(outcome, echo)
-    report.seconds = time.perf_counter() - t0
-    write_summary(out_dir / summary_name, report.to_dict())
+    try:
+        for n, f in enumerate(files, start=1):
+            bar = TqdmProgress(f.name, n, len(files), enabled=show_progress)
+            try:
+                outcome = run_input(f, out_dir, run, bar, task, names[f])
+            finally:
+                bar.close()
+            report.add(outcome, echo)
+    except BaseException:
+        report.interrupted = True
+        raise
+    finally:
+        report.seconds = time.perf_counter() - t0
+        write_summary(out_dir / summary_name, report.to_dict())
     return report

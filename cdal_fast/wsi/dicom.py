@@ -5,7 +5,8 @@ images, in one folder. The folder (or any ``.dcm`` file of it) is one input. The
 checked with pydicom first so that a series that is not a slide (a CT, a secondary capture) or a
 folder mixing several slides gets a specific error instead of OpenSlide's generic one; pixels,
 levels and the resolution (from the Pixel Spacing of the pixel-measures functional group) then come
-from OpenSlide's DICOM reader, the same C library that reads the vendor formats.
+from OpenSlide's DICOM reader (``readers.DicomSlide``), the same C library that reads the vendor
+formats. This module holds only the header checks, so the readers can import it.
 
 Why OpenSlide and not wsidicom: OpenSlide 4 decodes the tiles in C (JPEG, JPEG 2000, uncompressed),
 is already the reader for SVS/NDPI/MRXS (one code path for levels, white outside the scan, mpp),
@@ -17,9 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .readers import OpenSlideSlide, SlideError
+from .errors import SlideError
 
-__all__ = ["WSI_SOP_CLASS", "DicomSlide", "is_dicom_file", "is_dicom_folder", "dicom_files"]
+__all__ = ["WSI_SOP_CLASS", "is_dicom_file", "is_dicom_folder", "dicom_files", "level0_instance"]
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 DICOM_SUFFIX = ".dcm"
@@ -49,7 +50,7 @@ def is_dicom_folder(folder: Path) -> bool:
     return folder.is_dir() and any(is_dicom_file(f) for f in folder.iterdir())
 
 
-def _level0_instance(path: Path) -> Path:
+def level0_instance(path: Path) -> Path:
     """Check the series is one whole-slide image; return its full-resolution instance."""
     import pydicom
 
@@ -87,18 +88,3 @@ def _level0_instance(path: Path) -> Path:
         raise SlideError(f"{path}: the folder holds {len(volumes)} slides (series {', '.join(sorted(volumes))}); "
                          "put each slide's instances in a folder of its own")
     return max(next(iter(volumes.values())))[1]
-
-
-class DicomSlide(OpenSlideSlide):
-    """A DICOM WSI folder or instance; levels, pixels and mpp through OpenSlide's DICOM reader."""
-
-    mpp_label = "DICOM PixelSpacing"
-
-    def __init__(self, path: str | Path) -> None:
-        path = Path(path)
-        level0 = _level0_instance(path)
-        super().__init__(level0)
-        self.path = path
-        if self._s.properties.get("openslide.vendor") != "dicom":
-            raise SlideError(f"{path}: OpenSlide did not read it as DICOM "
-                             f"(vendor {self._s.properties.get('openslide.vendor')!r})")

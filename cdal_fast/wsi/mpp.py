@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MppInfo", "MICRONS_AT_1X", "ANISOTROPY_TOLERANCE", "plausible_mpp", "settle_mpp"]
+__all__ = ["MppInfo", "MIN_PLAUSIBLE_MPP", "MAX_PLAUSIBLE_MPP", "MICRONS_AT_1X", "ANISOTROPY_TOLERANCE",
+           "plausible_mpp", "settle_mpp"]
 
 MICRONS_AT_1X = 10.0  # mpp = MICRONS_AT_1X / objective power: 40x -> 0.25, 20x -> 0.5
 ANISOTROPY_TOLERANCE = 0.01  # X and Y pixel sizes that differ by more than 1 % are anisotropic
-_MPP_RANGE = (0.05, 20.0)  # microscopy; screen defaults (72/96 dpi) and bogus tags fall outside
+MIN_PLAUSIBLE_MPP, MAX_PLAUSIBLE_MPP = 0.05, 20.0  # microscopy; screen defaults (72/96 dpi) and bogus tags
+_MPP_RANGE = (MIN_PLAUSIBLE_MPP, MAX_PLAUSIBLE_MPP)  # fall outside; --mpp is held to the same range
 
 
 def plausible_mpp(mpp: float | None) -> float | None:

@@ -1,8 +1,9 @@
 """Output names, completion markers and small writers shared by the slide, radiograph and volume jobs.
 
 An input is done when its JSON summary exists with ``"complete": true`` (and, for slides, the mask
-exists); the summary is always written last, through :func:`cdal_fast.atomic.atomic_output`, so an
-interrupted run never leaves anything that looks complete.
+and every other output the options ask for exist: the nucleus GeoJSON / CSV / label raster); the
+summary is always written last, through :func:`cdal_fast.atomic.atomic_output`, so an interrupted
+run never leaves anything that looks complete.
 """
 
 from __future__ import annotations
@@ -14,17 +15,65 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_output
-from .readers import SMALL_SUFFIXES
+from .readers import SLIDE_SUFFIXES, SMALL_SUFFIXES
 
-__all__ = ["OME_SUFFIXES", "slide_stem", "is_small_image", "output_paths", "is_complete", "summary_complete",
+__all__ = ["OME_SUFFIXES", "INPUT_SUFFIXES", "slide_stem", "NameCollisionError", "output_names",
+           "is_small_image", "output_paths", "required_outputs", "is_complete", "summary_complete",
            "write_png", "write_summary"]
 
 OME_SUFFIXES = (".ome.tif", ".ome.tiff")
+INPUT_SUFFIXES = SLIDE_SUFFIXES + (".nii", ".nii.gz")  # every format suffix an input name may end with
+RESERVED_NAME = "run_summary"  # OUT/run_summary.json is the batch's own summary
 
 
 def slide_stem(path: Path) -> str:
-    """Output name stem: ``a.ome.tif`` -> ``a``, ``b.svs`` -> ``b``."""
-    return path.name.split(".")[0] if path.name.lower().endswith(OME_SUFFIXES) else path.stem
+    """Output name stem: the file name without its one known format suffix, so every other dot stays.
+
+    ``a.ome.tif`` -> ``a``, ``s.v1.ome.tif`` -> ``s.v1``, ``b.svs`` -> ``b``, ``v.nii.gz`` -> ``v``; a
+    DICOM folder keeps its name. (Cutting at the first dot mapped ``s.v1`` and ``s.v2`` to one name.)
+    """
+    lower = path.name.lower()
+    for suffix in sorted(INPUT_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix) and len(lower) > len(suffix):
+            return path.name[: -len(suffix)]
+    return path.name if path.is_dir() else path.stem
+
+
+class NameCollisionError(ValueError):
+    """Two inputs would write the same outputs; raised before any work starts."""
+
+
+def output_names(files: list[Path], roots: list[Path] | None = None) -> dict[Path, str]:
+    """Each input's output name under ``--out``: its stem, below its folder relative to the named root.
+
+    ``roots`` are the folders the user named (recursive runs keep ``a/x.svs`` and ``b/x.svs`` apart as
+    ``a/x`` and ``b/x``); a file named directly, or outside every root, gets its bare stem. Names are
+    compared case-insensitively (macOS and Windows volumes are); two inputs with one name (``x.tif`` and
+    ``x.svs`` side by side, or two named files ``p/x.svs`` and ``q/x.svs``) raise
+    :class:`NameCollisionError` listing every clash, as does the reserved name ``run_summary``.
+    """
+    names: dict[Path, str] = {}
+    owners: dict[str, list[Path]] = {}
+    resolved_roots = [r.resolve() for r in (roots or []) if r.is_dir()]
+    for f in files:
+        rel_dir = Path()
+        parent = f.parent.resolve()  # the entry's own folder (a link may point anywhere, or loop)
+        for root in sorted(resolved_roots, key=lambda r: len(r.parts), reverse=True):
+            if parent == root or root in parent.parents:
+                rel_dir = parent.relative_to(root)
+                break
+        name = (rel_dir / slide_stem(f)).as_posix()
+        names[f] = name
+        owners.setdefault(name.lower(), []).append(f)
+    clashes = [paths for paths in owners.values() if len(paths) > 1]
+    problems = [" and ".join(str(p) for p in paths) + f" -> {names[paths[0]]!r}" for paths in clashes]
+    if RESERVED_NAME in owners:
+        problems.append(f"{owners[RESERVED_NAME][0]}: the name {RESERVED_NAME!r} is the run summary's")
+    if problems:
+        raise NameCollisionError(
+            "inputs that would overwrite each other's outputs (rename them or run them into separate --out "
+            "folders): " + "; ".join(problems))
+    return names
 
 
 def is_small_image(path: Path) -> bool:
@@ -33,12 +82,20 @@ def is_small_image(path: Path) -> bool:
 
 
 def output_paths(out_dir: Path, stem: str, small: bool, layout: str = "ome") -> dict[str, Path]:
-    """Every file a slide job may write, by role (mask, prob, uncertainty, overlay, tissue, summary).
+    """Every file a slide job may write, by role (mask, prob, uncertainty, overlay, tissue, nuclei, labels,
+    summary).
 
-    ``layout`` "openslide" writes plain pyramidal TIFFs (``.tif``): they carry no OME metadata.
+    ``layout`` "openslide" writes plain pyramidal TIFFs (``.tif``): they carry no OME metadata. The
+    nucleus label raster is uint32, which PNG cannot hold: a TIFF pyramid for PNG/JPEG inputs too.
+    The nucleus file names match :class:`cdal_fast.nuclei.NucleiWriters` (tests check both).
     """
     ext = ".png" if small else (".ome.tif" if layout == "ome" else ".tif")
+    tif = ".ome.tif" if layout == "ome" else ".tif"
     return {
+        "nuclei_geojson": out_dir / f"{stem}.nuclei.geojson",
+        "nuclei_geojson_gz": out_dir / f"{stem}.nuclei.geojson.gz",
+        "nuclei_csv": out_dir / f"{stem}.nuclei.csv",
+        "labels": out_dir / f"{stem}.labels{tif}",
         "mask": out_dir / f"{stem}.mask{ext}",
         "prob": out_dir / f"{stem}.prob{ext}",
         "uncertainty": out_dir / f"{stem}.uncertainty{ext}",
@@ -48,10 +105,25 @@ def output_paths(out_dir: Path, stem: str, small: bool, layout: str = "ome") -> 
     }
 
 
-def is_complete(out_dir: Path, stem: str, small: bool, layout: str = "ome") -> bool:
-    """A slide is done when its mask exists and its summary says complete."""
+def required_outputs(opts: Any) -> tuple[str, ...]:
+    """Roles (keys of :func:`output_paths`) that must exist for a slide run with ``opts`` (SegmentOptions)
+    to count as complete: the mask, and the nucleus files unless turned off."""
+    roles = ["mask"]
+    if getattr(opts, "nuclei", False):
+        if opts.nuclei_geojson:
+            roles.append("nuclei_geojson_gz" if opts.nuclei_gzip else "nuclei_geojson")
+        if opts.nuclei_csv:
+            roles.append("nuclei_csv")
+        if opts.save_labels:
+            roles.append("labels")
+    return tuple(roles)
+
+
+def is_complete(out_dir: Path, stem: str, small: bool, layout: str = "ome",
+                required: tuple[str, ...] = ("mask",)) -> bool:
+    """A slide is done when its ``required`` outputs exist and its summary says complete."""
     paths = output_paths(out_dir, stem, small, layout)
-    return paths["mask"].is_file() and summary_complete(paths["summary"])
+    return all(paths[r].is_file() for r in required) and summary_complete(paths["summary"])
 
 
 def summary_complete(path: Path) -> bool:

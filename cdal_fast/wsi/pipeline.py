@@ -16,7 +16,8 @@ workers; :func:`segment_slide` chains them for one process. What each stage does
    slide width and flushes finished rows to disk-backed maps in the slide's work folder, so memory
    is bounded by one tile row (plus the loader's prefetch), independent of slide height.
 5. ``post_process``: work on the finished maps: outputs outside the region of interest are cleared
-   to background (nucleus objects plug in here next).
+   to background; then, for the nucleus model, the maps are labelled band by band into nuclei,
+   streamed to ``NAME.nuclei.geojson`` / ``NAME.nuclei.csv`` (:mod:`.nuclei_stage`).
 6. ``write_outputs``: writers stream the maps into pyramidal OME-TIFFs (or PNGs for PNG/JPEG
    inputs) under temporary names, renamed when complete.
 7. ``summarise``: the JSON summary is written last and marks the slide as done.
@@ -41,9 +42,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import atomic_output
 from ..config import ModelConfig
-from ..decode import U8_MAX, MaskChannels, MaskKind, object_pixels, prob_to_u8, u8_to_mask
+from ..decode import STD_TO_UNIT, U8_MAX, MaskChannels, MaskKind, object_pixels, prob_to_u8, u8_to_mask
+from ..nuclei import params as nuclei_defaults
 from ..preprocess import match_channels, normalise, to_chw_float
 from ..sampler import SamplerLike, SamplerNoise, draw_image_noise, position_generator, stack_noise
+from .limits import DEFAULT_MAX_PIXELS, check_work_size
+from .mapfile import MapFile
+from .mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP, plausible_mpp
+from .nuclei_stage import LABELS_DTYPE, extract_nuclei, nuclei_enabled
 from .outputs import (
     is_complete,
     is_small_image,
@@ -69,7 +75,6 @@ __all__ = ["SegmentOptions", "SlidePlan", "TileBatch", "TileResult", "StitchedMa
            "output_paths", "is_complete", "slide_stem", "is_small_image", "write_png", "write_summary",
            "summary_complete"]
 
-STD_TO_UNIT = 2.0  # the vote std of values in [0, 1] is at most 0.5: stored as 255 * 2 * std
 OVERLAY_SIDE = 1024  # longest side of the overlay PNG
 OVERLAY_ALPHA = 0.5
 OVERLAY_RGB = (0, 255, 0)
@@ -96,6 +101,16 @@ class SegmentOptions:
     save_tissue: bool = False  # write NAME.tissue.png (the mask used, at thumbnail scale)
     roi: str | None = None  # GeoJSON / mask image / folder of NAME.geojson (see roi.py)
     pyramid_layout: str = "ome"  # "ome" (SubIFDs) or "openslide" (top-level IFDs); see writer.py
+    # Nuclei as objects (binary nucleus models only; see nuclei_stage.py and docs/nuclei.md)
+    nuclei: bool = True  # label nuclei and add their numbers to the JSON
+    nuclei_geojson: bool = True  # NAME.nuclei.geojson (QuPath detections)
+    nuclei_gzip: bool = False  # ... as NAME.nuclei.geojson.gz
+    nuclei_csv: bool = True  # NAME.nuclei.csv (one row per nucleus)
+    save_labels: bool = False  # NAME.labels.ome.tif (uint32 instance ids on the slide's grid)
+    nuclei_threshold: float = nuclei_defaults.DEFAULT_PROB_THRESHOLD
+    nuclei_h_um: float = nuclei_defaults.DEFAULT_MARKER_H_UM
+    nuclei_min_area_um2: float = nuclei_defaults.DEFAULT_MIN_AREA_UM2
+    max_pixels: float = DEFAULT_MAX_PIXELS  # bound on working pixels (the maps, the stitching band); --max-pixels
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -113,7 +128,21 @@ class Plan:
     mpp_warning: str | None = None  # the resolution came from a convention (objective power)
 
 
-def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None) -> Plan:
+def tile_region(tile: Tile, size: int, scale: float, level_w: int, level_h: int) -> tuple[int, int, int]:
+    """(x, y, side) of the level region a working tile covers: ``size`` working px x ``scale`` level px,
+    shifted back inside the level where rounding would reach past its edge (a slide smaller than a tile
+    keeps (0, 0); the reader pads the rest white)."""
+    side = max(1, int(round(size * scale)))
+    x = min(int(round(tile.x * scale)), max(0, level_w - side))
+    y = min(int(round(tile.y * scale)), max(0, level_h - side))
+    return x, y, side
+
+
+def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None,
+              max_pixels: float = DEFAULT_MAX_PIXELS) -> Plan:
+    if mpp_override is not None and not plausible_mpp(mpp_override):
+        raise SlideError(f"{reader.path}: --mpp {mpp_override:g} is outside the plausible microscopy range "
+                         f"{MIN_PLAUSIBLE_MPP:g}-{MAX_PLAUSIBLE_MPP:g} um/px")
     if mpp_override is None and reader.mpp_anisotropic:
         mx, my = reader.mpp_anisotropic
         raise SlideError(
@@ -134,6 +163,7 @@ def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None)
     lv0, lv = reader.levels[0], reader.levels[best]
     work_h = max(1, round(lv0.height * mpp0 / work_mpp))
     work_w = max(1, round(lv0.width * mpp0 / work_mpp))
+    check_work_size(reader.path, work_h, work_w, work_mpp, max_pixels)
     return Plan(best, work_mpp / (mpp0 * lv.downsample), work_h, work_w, lv0.height, lv0.width, mpp0,
                 "--mpp" if mpp_override else reader.mpp_source, work_mpp,
                 None if mpp_override else reader.mpp_warning)
@@ -191,9 +221,9 @@ class TileDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, SamplerNoise]:
         if self._reader is None:  # opened lazily: one handle per worker process
             self._reader = open_slide(self.path)
-        t, p, s = self.tiles[i], self.tile, self.plan.level_scale
-        x, y = int(round(t.x * s)), int(round(t.y * s))
-        size = max(1, int(round(p * s)))
+        t, p = self.tiles[i], self.tile
+        lv = self._reader.levels[self.plan.level]
+        x, y, size = tile_region(t, p, self.plan.level_scale, lv.width, lv.height)
         rgb = self._reader.read_region(self.plan.level, x, y, size, size)
         img = to_chw_float(rgb)
         if size != p:
@@ -324,7 +354,7 @@ def plan_slide(path: Path, out_dir: Path, cfg: ModelConfig, opts: SegmentOptions
     stem = slide_stem(path)
     with open_slide(path) as reader:
         small = isinstance(reader, SmallImage)
-        plan = make_plan(reader, cfg, opts.mpp)
+        plan = make_plan(reader, cfg, opts.mpp, opts.max_pixels)
         grid = TileGrid(plan.work_h, plan.work_w, cfg.image_size, opts.tile_overlap)
         all_tiles = grid.tiles()
         tissue: TissueDetection | None = None
@@ -404,18 +434,19 @@ class StitchedMaps:
     std_path: Path  # 255 * 2 * vote std
     object_pixels: int
     sampler_seconds: float  # summed over the stitched results
+    nuclei: dict[str, Any] | None = None  # count, density, quartiles, parameters (post-process stage)
+    labels_path: Path | None = None  # uint32 working-scale nucleus ids (with --save-labels)
 
-    def open(self) -> tuple[np.ndarray, np.ndarray]:
-        """Read-only memory maps of (prob, std)."""
-        return np.load(self.prob_path, mmap_mode="r"), np.load(self.std_path, mmap_mode="r")
+    def open(self) -> tuple[MapFile, MapFile]:
+        """(prob, std) with row-band reads (no memory map: see mapfile.py)."""
+        return MapFile.open(self.prob_path), MapFile.open(self.std_path)
 
 
 def stitch_tiles(slide: SlidePlan, results: Iterable[TileResult], cfg: ModelConfig) -> StitchedMaps:
     """Stage 4: blend results (in tile order) into disk-backed maps in ``slide.work_dir``."""
     shape = (slide.plan.work_h, slide.plan.work_w)
     prob_path, std_path = slide.work_dir / "prob.npy", slide.work_dir / "std.npy"
-    prob_map = np.lib.format.open_memmap(prob_path, mode="w+", dtype=np.uint8, shape=shape)
-    std_map = np.lib.format.open_memmap(std_path, mode="w+", dtype=np.uint8, shape=shape)
+    prob_map, std_map = MapFile.create(prob_path, shape), MapFile.create(std_path, shape)
     stitcher = BandStitcher(slide.grid, cfg.mask_channels, prob_map, std_map, kind=cfg)
     seconds = 0.0
     for res in results:
@@ -429,15 +460,20 @@ def stitch_tiles(slide: SlidePlan, results: Iterable[TileResult], cfg: ModelConf
 
 
 # -- stage 5: post-process ---------------------------------------------------------------------
-def post_process(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig) -> StitchedMaps:
-    """Stage 5: work on the finished maps: outside the region of interest everything is background."""
-    if slide.roi is None:
-        return maps
-    prob_map, std_map = np.load(maps.prob_path, mmap_mode="r+"), np.load(maps.std_path, mmap_mode="r+")
-    objects = clear_outside_roi(slide.roi, slide.plan.work_mpp / slide.plan.mpp0, [prob_map, std_map], cfg)
-    prob_map.flush()
-    std_map.flush()
-    return replace(maps, object_pixels=objects)
+def post_process(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig,
+                 opts: SegmentOptions | None = None) -> StitchedMaps:
+    """Stage 5: work on the finished maps: outside the region of interest everything is background;
+    then (nucleus model, ``opts.nuclei``) nuclei are labelled and streamed to their files."""
+    if slide.roi is not None:
+        prob_map, std_map = np.load(maps.prob_path, mmap_mode="r+"), np.load(maps.std_path, mmap_mode="r+")
+        objects = clear_outside_roi(slide.roi, slide.plan.work_mpp / slide.plan.mpp0, [prob_map, std_map], cfg)
+        prob_map.flush()
+        std_map.flush()
+        maps = replace(maps, object_pixels=objects)
+    if opts is not None and nuclei_enabled(cfg, opts):
+        found = extract_nuclei(slide, maps.prob_path, maps.std_path, opts)
+        maps = replace(maps, nuclei=found.summary, labels_path=found.labels_path)
+    return maps
 
 
 def _output_uuid(slide: SlidePlan, key: str, opts: SegmentOptions) -> str:
@@ -474,6 +510,12 @@ def write_outputs(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig, opts: 
             with atomic_output(paths[key]) as tmp:
                 write_pyramid(tmp, src, plan.slide_h, plan.slide_w, plan.mpp0, transform=fn, description=desc,
                               layout=opts.pyramid_layout, uuid=_output_uuid(slide, key, opts))
+    if maps.labels_path is not None:
+        labels = np.load(maps.labels_path, mmap_mode="r")
+        with atomic_output(paths["labels"]) as tmp:
+            write_pyramid(tmp, labels, plan.slide_h, plan.slide_w, plan.mpp0, dtype=LABELS_DTYPE,
+                          description=json.dumps({"cdal_fast": "nucleus labels", "source": slide.path.name}),
+                          layout=opts.pyramid_layout, uuid=_output_uuid(slide, "labels", opts))
     write_png(paths["overlay"], _overlay(slide.thumbnail, prob_map, cfg))
     if slide.tissue is not None and opts.save_tissue:
         write_png(paths["tissue"], slide.tissue.mask.astype(np.uint8) * U8_MAX)
@@ -498,6 +540,7 @@ def summarise(slide: SlidePlan, maps: StitchedMaps, opts: SegmentOptions, steps:
         "roi": _roi_summary(slide.roi, plan),
         "warnings": slide.warnings,
         "object_fraction": maps.object_pixels / float(plan.work_h * plan.work_w),
+        **(maps.nuclei or {}),
         "seconds": seconds, "sampler_seconds": maps.sampler_seconds,
         "tiles_per_second": len(slide.tiles) / seconds if seconds > 0 else 0.0,
         "steps": steps, "votes": votes, "seed": opts.seed, "tile_overlap": opts.tile_overlap,
@@ -545,6 +588,6 @@ def segment_slide(path: Path, out_dir: Path, sampler: SamplerLike, cfg: ModelCon
             yield result
 
     with work_folder(slide):
-        maps = post_process(slide, stitch_tiles(slide, sampled(), cfg), cfg)
+        maps = post_process(slide, stitch_tiles(slide, sampled(), cfg), cfg, opts)
         write_outputs(slide, maps, cfg, opts)
         return summarise(slide, maps, opts, steps, votes, time.perf_counter() - t0, model_info)

@@ -15,26 +15,28 @@ from __future__ import annotations
 import math
 import re
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .dicom import is_dicom_folder, level0_instance
+from .errors import SlideError
 from .mpp import MppInfo, plausible_mpp, settle_mpp
 
-__all__ = ["SlideError", "SlideReader", "TiffSlide", "OpenSlideSlide", "SmallImage", "open_slide",
-           "SLIDE_SUFFIXES", "OPENSLIDE_SUFFIXES", "DICOM_SUFFIXES"]
+__all__ = ["SlideError", "SlideReader", "TiffSlide", "OpenSlideSlide", "DicomSlide", "SmallImage", "open_slide",
+           "SLIDE_SUFFIXES", "OPENSLIDE_SUFFIXES", "DICOM_SUFFIXES", "MAX_SEGMENT_BYTES"]
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".ome.tif", ".ome.tiff")
 SMALL_SUFFIXES = (".png", ".jpg", ".jpeg")
 OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 DICOM_SUFFIXES = (".dcm",)  # a DICOM WSI is read from its folder; see dicom.py
 SLIDE_SUFFIXES = TIFF_SUFFIXES + SMALL_SUFFIXES + OPENSLIDE_SUFFIXES + DICOM_SUFFIXES
+MAX_SEGMENT_BYTES = 256 * 2**20  # one decoded tile/strip; a flat TIFF stored as one huge strip is refused
+SEGMENT_CACHE_BYTES = 32 * 2**20  # decoded tiles/strips kept per reader (always at least the last one)
+LEVEL_ASPECT_TOLERANCE = 0.02  # a level's height may differ this much (or 2 px) from level 0's aspect
 _UNIT_TO_UM = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "nm": 1e-3, "Å": 1e-4}
-
-
-class SlideError(RuntimeError):
-    """A slide cannot be opened or read; the message says why and what to do."""
 
 
 @dataclass
@@ -112,6 +114,8 @@ def _blank_and_box(lv: Level, x: int, y: int, w: int, h: int) -> tuple[np.ndarra
 
 
 class TiffSlide(SlideReader):
+    decoded: int = 0  # tiles/strips decoded so far (the cache's misses)
+
     def __init__(self, path: str | Path) -> None:
         import tifffile
 
@@ -127,9 +131,55 @@ class TiffSlide(SlideReader):
             raise SlideError(f"{self.path}: unsupported TIFF layout {base.shape} (RGB or grey expected)")
         if base.planarconfig == 2 and base.samplesperpixel > 1:
             raise SlideError(f"{self.path}: planar (separate) RGB TIFFs are not supported; use contiguous RGB")
-        w0 = base.imagewidth
+        self._file_size = self.path.stat().st_size
+        for i, page in enumerate(self._pages):
+            self._check_page(i, page)
+        w0, h0 = base.imagewidth, base.imagelength
         self.levels = [Level(p.imagewidth, p.imagelength, w0 / p.imagewidth) for p in self._pages]
+        for i, lv in enumerate(self.levels[1:], start=1):
+            expected_h = h0 / lv.downsample
+            if lv.width > w0 or lv.height > h0 or abs(lv.height - expected_h) > max(2.0, LEVEL_ASPECT_TOLERANCE
+                                                                                      * expected_h):
+                raise SlideError(f"{self.path}: pyramid level {i} ({lv.width}x{lv.height}) does not match level 0 "
+                                 f"({w0}x{h0}): levels must shrink both sides by the same factor")
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # (level, index) -> decoded RGB
         self._set_mpp(self._read_mpp())
+
+    def _check_page(self, level: int, page) -> None:
+        """Sizes, tile table and byte ranges of one level, before anything is allocated from them."""
+        where = f"{self.path}: level {level}"
+        w, h = int(page.imagewidth), int(page.imagelength)
+        if w <= 0 or h <= 0:
+            raise SlideError(f"{where} is {w}x{h} px: an image needs at least one pixel in each direction")
+        planes = page.samplesperpixel if page.planarconfig == 2 else 1
+        item = page.samplesperpixel * max(1, page.bitspersample // 8)
+        if page.is_tiled:
+            tw, th = int(page.tilewidth), int(page.tilelength)
+            if tw <= 0 or th <= 0:
+                raise SlideError(f"{where}: tile size {tw}x{th} is invalid")
+            needed = math.ceil(w / tw) * math.ceil(h / th) * planes
+            segment_bytes = tw * th * item
+            kind = f"{tw}x{th} tiles"
+        else:
+            rps = min(int(page.rowsperstrip or h), h)
+            if rps <= 0:
+                raise SlideError(f"{where}: RowsPerStrip {rps} is invalid")
+            needed = math.ceil(h / rps) * planes
+            segment_bytes = rps * w * item
+            kind = f"strips of {rps} rows"
+        offsets, counts = page.dataoffsets, page.databytecounts
+        if len(offsets) < needed or len(counts) != len(offsets):
+            raise SlideError(f"{where}: the header says {w}x{h} px in {kind}, which needs {needed} entries, but "
+                             f"the file lists {len(offsets)} offsets and {len(counts)} byte counts")
+        if segment_bytes > MAX_SEGMENT_BYTES:
+            raise SlideError(f"{where}: {kind} of {w} px decode to {segment_bytes / 2**20:.0f} MiB each (limit "
+                             f"{MAX_SEGMENT_BYTES / 2**20:.0f} MiB); every tile read would decode that much: convert "
+                             "the image to a tiled (pyramidal) TIFF, e.g. with `vips tiffsave --tile --pyramid`")
+        if len(offsets):
+            ends = np.asarray(offsets[:needed], dtype=np.int64) + np.asarray(counts[:needed], dtype=np.int64)
+            if int(ends.max()) > self._file_size:
+                raise SlideError(f"{where}: a tile/strip ends at byte {int(ends.max())}, beyond the end of the "
+                                 f"file ({self._file_size} bytes): the file is truncated or its tile table is wrong")
 
     def _read_mpp(self) -> MppInfo:
         tif, page = self._tif, self._pages[0]
@@ -192,24 +242,42 @@ class TiffSlide(SlideReader):
             rps = min(page.rowsperstrip or lv.height, lv.height)
             cells = [(i, 0, i * rps) for i in range(y0 // rps, (y1 - 1) // rps + 1)]
         for index, cx, cy in cells:
-            offset, count = page.dataoffsets[index], page.databytecounts[index]
-            if count == 0:
-                continue
-            fh.seek(offset)
-            data = fh.read(count)
-            try:
-                seg, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
-            except Exception as exc:
-                raise SlideError(f"{self.path}: cannot decode tile/strip {index} ({exc})") from exc
+            seg = self._segment(level, index, page, fh)
             if seg is None:
                 continue
-            seg = _to_rgb(np.asarray(seg).reshape(shape[1], shape[2], shape[3]))
             sh, sw = seg.shape[:2]
             ix0, iy0 = max(x0, cx), max(y0, cy)
             ix1, iy1 = min(x1, cx + sw), min(y1, cy + sh)
             if ix1 > ix0 and iy1 > iy0:
                 out[iy0 - y:iy1 - y, ix0 - x:ix1 - x] = seg[iy0 - cy:iy1 - cy, ix0 - cx:ix1 - cx]
         return out
+
+    def _segment(self, level: int, index: int, page, fh) -> np.ndarray | None:
+        """Decoded RGB tile/strip ``index``. Recently decoded ones are kept (LRU, ``SEGMENT_CACHE_BYTES``),
+        so the tiles that share a strip (flat striped TIFFs) decode it once, not once per tile."""
+        key = (level, index)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        if count == 0:
+            return None
+        fh.seek(offset)
+        data = fh.read(count)
+        try:
+            seg, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
+            if seg is None:
+                return None
+            rgb = _to_rgb(np.asarray(seg).reshape(shape[1], shape[2], shape[3]))
+        except Exception as exc:
+            raise SlideError(f"{self.path}: cannot decode level {level} tile/strip {index} "
+                             f"({type(exc).__name__}: {exc})") from exc
+        self._cache[key] = rgb
+        self.decoded += 1
+        held = sum(a.nbytes for a in self._cache.values())
+        while len(self._cache) > 1 and held > SEGMENT_CACHE_BYTES:
+            held -= self._cache.popitem(last=False)[1].nbytes
+        return rgb
 
     def close(self) -> None:
         self._tif.close()
@@ -282,19 +350,34 @@ class SmallImage(SlideReader):
         return out
 
 
+class DicomSlide(OpenSlideSlide):
+    """A DICOM WSI folder or instance; levels, pixels and mpp through OpenSlide's DICOM reader."""
+
+    mpp_label = "DICOM PixelSpacing"
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        level0 = level0_instance(path)
+        super().__init__(level0)
+        self.path = path
+        if self._s.properties.get("openslide.vendor") != "dicom":
+            raise SlideError(f"{path}: OpenSlide did not read it as DICOM "
+                             f"(vendor {self._s.properties.get('openslide.vendor')!r})")
+
+
 def open_slide(path: str | Path) -> SlideReader:
     """Pick the reader by file name; raise :class:`SlideError` with a clear reason on failure."""
     p = Path(path)
     name = p.name.lower()
     if p.is_dir() or name.endswith(DICOM_SUFFIXES):
-        from .dicom import DicomSlide, is_dicom_folder
-
         if p.is_dir() and not is_dicom_folder(p):
             raise SlideError(f"{p}: a folder is read as a slide only when it holds DICOM instances; it holds none")
         if not p.exists():
             raise SlideError(f"{p}: file not found")
         return DicomSlide(p)
     if not p.is_file():
+        if p.is_symlink():
+            raise SlideError(f"{p}: a broken or looping symbolic link")
         raise SlideError(f"{p}: file not found")
     if name.endswith(SMALL_SUFFIXES):
         return SmallImage(p)

@@ -1,7 +1,7 @@
 """Streaming writers: pyramidal, tiled, compressed OME-TIFF (BigTIFF) from a disk-backed map.
 
-The map produced by stitching lives in a ``numpy.memmap`` at working resolution. Each pyramid
-level of the output is generated tile by tile by nearest-neighbour index mapping from that map,
+The map produced by stitching lives on disk at working resolution (``mapfile.MapFile``, read by
+row bands). Each pyramid level of the output is generated tile by tile by nearest-neighbour index mapping from that map,
 so writing needs memory for one tile at a time whatever the slide size, and level 0 of the output
 has exactly the slide's level-0 pixel geometry (so it overlays the slide pixel for pixel).
 """
@@ -27,7 +27,7 @@ def _level_shapes(height: int, width: int, tile: int) -> list[tuple[int, int]]:
 
 
 def _tiles(src: np.ndarray, out_h: int, out_w: int, full_h: int, full_w: int, tile: int,
-           transform: callable) -> Iterator[np.ndarray]:
+           transform: callable, dtype: np.dtype = np.uint8) -> Iterator[np.ndarray]:
     """Tiles of an (out_h, out_w) level sampled from ``src`` covering a (full_h, full_w) level 0."""
     sh, sw = src.shape[:2]
     for ty in range(0, out_h, tile):
@@ -38,20 +38,23 @@ def _tiles(src: np.ndarray, out_h: int, out_w: int, full_h: int, full_w: int, ti
         for tx in range(0, out_w, tile):
             cols_out = np.arange(tx, min(tx + tile, out_w))
             cols = np.minimum(((cols_out + 0.5) * (full_w / out_w) * (sw / full_w)).astype(np.int64), sw - 1)
-            block = np.zeros((tile, tile) + src.shape[2:], dtype=np.uint8)
+            block = np.zeros((tile, tile) + src.shape[2:], dtype=dtype)
             block[: len(rows), : len(cols)] = transform(band[:, cols])
             yield block
 
 
 def write_pyramid(path: Path, src: np.ndarray, height: int, width: int, mpp: float | None,
                   transform: callable = lambda a: a, tile: int = 512, compression: str = "zlib",
-                  description: str = "", layout: str = "ome", uuid: str | None = None) -> None:
+                  description: str = "", layout: str = "ome", dtype: np.dtype = np.uint8,
+                  uuid: str | None = None) -> None:
     """Write ``transform(src)`` resampled to (height, width) as a pyramidal TIFF at ``path``.
 
     ``mpp`` is the resolution of level 0 (um/px); each level halves the previous one. ``layout``:
     "ome" (OME-TIFF, reduced levels as SubIFDs: QuPath/Bio-Formats, tifffile, napari) or "openslide"
     (plain BigTIFF, every level a top-level tiled IFD: OpenSlide's generic-tiff reader and the viewers
     built on it see all levels; OpenSlide treats SubIFDs as absent and would see one level).
+    ``dtype`` is the stored sample type (uint8 maps; uint32 for nucleus instance labels, whose
+    nearest-neighbour levels keep every label an existing id).
     ``uuid``: the OME file UUID; pass one derived from the job so that reruns and distributed runs
     write byte-identical files (tifffile otherwise draws a time-based one per file).
     """
@@ -74,9 +77,9 @@ def write_pyramid(path: Path, src: np.ndarray, height: int, width: int, mpp: flo
                 # level pixel size = level-0 size x the level's actual downsample (odd sizes round up)
                 sx, sy = mpp * width / w, mpp * height / h
                 res = {"resolution": (1e4 / sx, 1e4 / sy), "resolutionunit": "CENTIMETER"}
-            kwargs = dict(shape=(h, w), dtype=np.uint8, tile=(tile, tile), compression=compression,
+            kwargs = dict(shape=(h, w), dtype=dtype, tile=(tile, tile), compression=compression,
                           photometric="minisblack", **res)
-            data = _tiles(src, h, w, height, width, tile, transform)
+            data = _tiles(src, h, w, height, width, tile, transform, dtype)
             if not ome:
                 tw.write(data, description=description if level == 0 else None, metadata=None,
                          subfiletype=0 if level == 0 else 1, **kwargs)

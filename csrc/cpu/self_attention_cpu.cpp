@@ -41,6 +41,7 @@ at::Tensor self_attention_cpu(const at::Tensor& x, const at::Tensor& norm_w, con
                               const at::Tensor& proj_w, const std::optional<at::Tensor>& proj_b, int64_t groups,
                               double eps) {
   check_attention_args(x, norm_w, norm_b, qkv_w, qkv_b, proj_w, proj_b, groups);
+  if (x.numel() == 0) return at::empty_like(x);  // same early return as the CUDA glue
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const at::Tensor qkv = attention_qkv_tokens(x, norm_w, norm_b, qkv_w, qkv_b, groups, eps).to(at::kFloat).contiguous();
   at::Tensor attn = at::empty({N, HW, C}, qkv.options());

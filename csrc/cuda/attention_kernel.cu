@@ -3,6 +3,7 @@
 // memory), then a block-wide max/sum softmax and the weighted sum of values, one channel per thread.
 #include <cfloat>
 
+#include "block_reduce.cuh"
 #include "kernels.h"
 
 namespace cdal_cuda {
@@ -10,34 +11,12 @@ namespace {
 
 constexpr int THREADS = 256;
 
-__device__ float block_reduce(float v, bool is_max, float* red) {
-  for (int off = 16; off > 0; off >>= 1) {
-    const float o = __shfl_down_sync(0xffffffff, v, off);
-    v = is_max ? fmaxf(v, o) : v + o;
-  }
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < THREADS / 32 ? red[lane] : (is_max ? -FLT_MAX : 0.f);
-    for (int off = 16; off > 0; off >>= 1) {
-      const float o = __shfl_down_sync(0xffffffff, v, off);
-      v = is_max ? fmaxf(v, o) : v + o;
-    }
-    if (lane == 0) red[0] = v;
-  }
-  __syncthreads();
-  const float out = red[0];
-  __syncthreads();
-  return out;
-}
-
 __global__ void attention_core_kernel(const float* __restrict__ qkv, float* __restrict__ out, int64_t HW, int64_t C,
                                       float scale) {
   extern __shared__ float smem[];
   float* q = smem;                 // C
   float* scores = smem + C;        // HW
-  float* red = scores + HW;        // 32
+  float* red = scores + HW;        // kWarpSize (block_reduce scratch)
   const int64_t nq = blockIdx.x;
   const int64_t n = nq / HW;
   const int64_t row = 3 * C;
@@ -52,14 +31,14 @@ __global__ void attention_core_kernel(const float* __restrict__ qkv, float* __re
     scores[j] = s;
     mx = fmaxf(mx, s);
   }
-  mx = block_reduce(mx, true, red);
+  mx = block_reduce<THREADS>(mx, MaxOp{}, -FLT_MAX, red);
   float sum = 0.f;
   for (int64_t j = threadIdx.x; j < HW; j += THREADS) {
     const float e = __expf(scores[j] - mx);
     scores[j] = e;
     sum += e;
   }
-  sum = block_reduce(sum, false, red);
+  sum = block_reduce<THREADS>(sum, SumOp{}, 0.f, red);
   const float inv = 1.f / sum;
   for (int64_t c = threadIdx.x; c < C; c += THREADS) {
     const float* v = base + 2 * C + c;
@@ -72,8 +51,9 @@ __global__ void attention_core_kernel(const float* __restrict__ qkv, float* __re
 }  // namespace
 
 cudaError_t attention_core(const float* qkv, float* out, int64_t N, int64_t HW, int64_t C, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(C + HW + 32) * sizeof(float);
-  if (smem > 48 * 1024) return cudaErrorInvalidValue;  // > 11k tokens: outside cDAL's range
+  const size_t smem = attention_smem_bytes(HW, C);
+  // the glue checks this first with a message naming HW and the limit; kept for torch-free callers
+  if (smem > kAttentionSmemLimit) return cudaErrorInvalidValue;
   const float scale = rsqrtf(static_cast<float>(C));
   attention_core_kernel<<<static_cast<unsigned>(N * HW), THREADS, smem, stream>>>(qkv, out, HW, C, scale);
   return cudaGetLastError();

@@ -1,0 +1,110 @@
+"""The slide pipeline's nucleus step: stitched maps -> nuclei files, summary numbers, label map.
+
+Part of stage 5 (``post_process``), after the region-of-interest clearing, so objects outside the
+ROI never exist. The stitched probability and vote-std maps (uint8 ``.npy`` memory maps at the
+working scale) are read back band by band, ``grid.tile`` rows at a time, and fed to
+:class:`cdal_fast.nuclei.BandLabeller`, whose buffer is the overlap margin between bands (each
+nucleus emitted once, whole, wherever the tile and band borders fall). Each finished nucleus goes
+straight to :class:`cdal_fast.nuclei.NucleiWriters` (streamed GeoJSON / CSV), so memory is one band
+plus the labeller's buffer, whatever the slide's size.
+
+Coordinates: the maps have ``work_mpp`` um per pixel and the tiles were read at
+``work_mpp / mpp0`` level-0 pixels per map pixel, so ``Grid(work_mpp, work_mpp / mpp0)`` puts
+outlines and centroids in level-0 pixels of the slide (image pixels for PNG/TIFF tiles), and areas
+and lengths come out in um from the map's own pixel size.
+
+The stored probability is ``round(255 * P)``: the threshold is applied to ``u8 / 255`` (so 0.5
+means ``u8 >= 128``, the same rule as the mask), the std to ``u8 / (255 * STD_TO_UNIT)``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..decode import STD_TO_UNIT, U8_MAX
+from ..nuclei.params import NucleiParams
+
+__all__ = ["NucleiResult", "nuclei_enabled", "nuclei_params", "extract_nuclei", "tissue_area_um2"]
+
+LABELS_DTYPE = np.uint32  # ids of the label raster (a slide can hold millions of nuclei)
+
+
+@dataclass
+class NucleiResult:
+    """What the nucleus step produced: the summary numbers and, with --save-labels, the label map."""
+
+    summary: dict[str, Any]
+    labels_path: Path | None  # working-scale uint32 ``.npy`` in the work folder
+
+
+def nuclei_enabled(cfg: ModelConfig, opts: Any) -> bool:
+    """Objects exist only for a binary (nucleus) model and when not turned off."""
+    return bool(opts.nuclei) and not cfg.multiclass
+
+
+def nuclei_params(opts: Any) -> NucleiParams:
+    """The validated post-processing parameters of ``opts`` (SegmentOptions)."""
+    return NucleiParams(prob_threshold=opts.nuclei_threshold, marker_h_um=opts.nuclei_h_um,
+                        min_area_um2=opts.nuclei_min_area_um2)
+
+
+def tissue_area_um2(slide: Any) -> float:
+    """Area the density refers to: tissue (inside the ROI, if any), else the ROI, else the whole image."""
+    plan = slide.plan
+    full = float(plan.slide_w) * float(plan.slide_h) * plan.mpp0 ** 2
+    if slide.tissue is not None:
+        mask = slide.tissue.mask
+        if slide.roi is not None:
+            mask = mask & slide.roi.rasterise(mask.shape[0], mask.shape[1], slide.tissue.downsample)
+        return float(mask.mean()) * full
+    if slide.roi is not None:
+        return slide.roi.area_px() * plan.mpp0 ** 2
+    return full
+
+
+def extract_nuclei(slide: Any, prob_path: Path, std_path: Path, opts: Any,
+                   band_rows: int | None = None) -> NucleiResult:
+    """Label the slide's stitched maps band by band and stream the nuclei to their files.
+
+    ``slide`` is the pipeline's ``SlidePlan``; ``band_rows`` defaults to one tile height (the
+    result does not depend on it). Files are written only for the outputs ``opts`` asks for.
+    """
+    from ..nuclei.bands import BandLabeller
+    from ..nuclei.measure import Grid
+    from ..nuclei.writers import NucleiWriters
+
+    t0 = time.perf_counter()
+    plan = slide.plan
+    params = nuclei_params(opts)
+    grid = Grid(plan.work_mpp, plan.work_mpp / plan.mpp0)
+    prob_map = np.load(prob_path, mmap_mode="r")
+    std_map = np.load(std_path, mmap_mode="r")
+    labels_path = slide.work_dir / "labels.npy" if opts.save_labels else None
+    labels_map = None
+    if labels_path is not None:
+        labels_map = np.lib.format.open_memmap(labels_path, mode="w+", dtype=LABELS_DTYPE, shape=prob_map.shape)
+    labeller = BandLabeller(params, plan.work_w, grid, plan.work_h, labels_out=labels_map)
+    rows = max(1, int(band_rows or slide.grid.tile))
+    std_scale = 1.0 / (U8_MAX * STD_TO_UNIT)
+    writers = NucleiWriters(slide.out_dir, slide.stem, geojson=opts.nuclei_geojson, csv_table=opts.nuclei_csv,
+                            gzip_geojson=opts.nuclei_gzip)
+    with writers:
+        for y in range(0, plan.work_h, rows):
+            prob = np.asarray(prob_map[y:y + rows], np.float32) / U8_MAX
+            std = np.asarray(std_map[y:y + rows], np.float32) * std_scale
+            writers.write(labeller.feed(prob, std, y))
+        writers.write(labeller.finish())
+    if labels_map is not None:
+        labels_map.flush()
+    area = tissue_area_um2(slide)
+    summary = writers.summary(area) | {
+        "nuclei": {"params": params.to_dict(), "tissue_area_um2": area, "components_cut": labeller.cut,
+                   "files": [str(p) for p in writers.paths], "seconds": time.perf_counter() - t0},
+    }
+    return NucleiResult(summary, labels_path)

@@ -84,8 +84,8 @@ def main() -> None:
     extra = {"load_average": os.getloadavg(), "cores": os.cpu_count(),
              "ray_overhead_1_actor": r1["seconds"] / single - 1,
              "scaling_2_vs_1": r2["tiles_per_s"] / r1["tiles_per_s"],
-             "note": "shared machine: other engineers' jobs were running (see load_average); wall times include "
-                     "actor start-up (model load in each actor)"}
+             "note": "wall times include Ray start-up and the model load in each actor; compare load_average "
+                     "with cores to judge whether other jobs ran alongside"}
     write_results("ray_scaling", rows, ["run", "actors", "seconds", "tiles", "tiles_per_s", "vs_single",
                                         "actor_busy_s"], args.out, extra=extra)
     print(f"load average {extra['load_average']}, overhead (1 actor vs single) {extra['ray_overhead_1_actor']:+.1%}, "

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..wsi.batch import InputOutcome, RunReport, run_summary_name
+from ..wsi.batch import InputOutcome, RunReport, error_text, run_summary_name
 from ..wsi.outputs import output_names, write_summary
 from .worker import SegmentWorker, WorkerSpec
 
@@ -50,7 +50,7 @@ def run_on_devices(files: list[Path], out_dir: Path, spec: WorkerSpec, devices: 
             try:
                 outcomes.put(worker.run_input(str(f), str(out_dir), names[f]))
             except Exception as exc:  # noqa: BLE001 - the driver waits for one outcome per input
-                outcomes.put((InputOutcome(str(f), "failed", error=f"{type(exc).__name__}: {exc}",
+                outcomes.put((InputOutcome(str(f), "failed", error=error_text(exc),
                                            traceback=traceback.format_exc()), worker.name, 0.0))
 
     threads = [threading.Thread(target=drain, args=(w,), daemon=True) for w in workers]

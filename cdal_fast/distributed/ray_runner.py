@@ -30,7 +30,7 @@ from typing import Any
 
 from ..atomic import partial_path
 from ..requires import BackendError
-from ..wsi.batch import TASKS, InputOutcome, RunReport, TaskRun, run_input, run_summary_name
+from ..wsi.batch import TASKS, InputOutcome, RunReport, TaskRun, error_text, run_input, run_summary_name
 from ..wsi.outputs import is_small_image, output_names, output_paths, slide_stem, write_summary
 from ..wsi.pipeline import SlidePlan, TileResult
 from ..wsi.progress import NullProgress
@@ -206,7 +206,7 @@ def _run_inputs(ray, pool: ActorPool, files: list[Path], out_dir: Path, report: 
                                    f"--ray-max-retries {pool.opts.max_retries}); last: {exc}")
         except ray.exceptions.RayTaskError as exc:
             idle.append(actor)
-            outcome = InputOutcome(str(f), "failed", error=str(exc.cause if exc.cause else exc))
+            outcome = InputOutcome(str(f), "failed", error=error_text(exc.cause if exc.cause else exc))
         else:
             idle.append(actor)
             tiles = (outcome.summary or {}).get("tiles_sampled", 0)

@@ -165,7 +165,7 @@ TASKS: dict[str, tuple[SegmentFn, DoneFn]] = {
 }
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     """``Type: message`` (a bare ``str(exc)`` is empty for e.g. ``ZeroDivisionError()`` or ``KeyError``)."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -214,7 +214,7 @@ def run_input(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress, t
         try:
             return InputOutcome(str(path), "done", segment_fn(path, sub_out, run, progress))
         except Exception as exc:  # noqa: BLE001 - one bad input must never end the batch
-            return InputOutcome(str(path), "failed", error=_error_text(exc), traceback=traceback.format_exc())
+            return InputOutcome(str(path), "failed", error=error_text(exc), traceback=traceback.format_exc())
 
 
 def segment_all(files: list[Path], out_dir: Path, sampler: SamplerLike, cfg: ModelConfig, opts: SegmentOptions,

@@ -29,6 +29,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..decode import STD_TO_UNIT, U8_MAX
 from ..nuclei.params import NucleiParams
+from .mapfile import MapFile
 
 __all__ = ["NucleiResult", "nuclei_enabled", "nuclei_params", "extract_nuclei", "tissue_area_um2"]
 
@@ -83,8 +84,7 @@ def extract_nuclei(slide: Any, prob_path: Path, std_path: Path, opts: Any,
     plan = slide.plan
     params = nuclei_params(opts)
     grid = Grid(plan.work_mpp, plan.work_mpp / plan.mpp0)
-    prob_map = np.load(prob_path, mmap_mode="r")
-    std_map = np.load(std_path, mmap_mode="r")
+    prob_map, std_map = MapFile.open(prob_path), MapFile.open(std_path)  # row bands, not memory maps
     labels_path = slide.work_dir / "labels.npy" if opts.save_labels else None
     labels_map = None
     if labels_path is not None:

@@ -465,7 +465,7 @@ def post_process(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig,
     """Stage 5: work on the finished maps: outside the region of interest everything is background;
     then (nucleus model, ``opts.nuclei``) nuclei are labelled and streamed to their files."""
     if slide.roi is not None:
-        prob_map, std_map = np.load(maps.prob_path, mmap_mode="r+"), np.load(maps.std_path, mmap_mode="r+")
+        prob_map, std_map = maps.open()
         objects = clear_outside_roi(slide.roi, slide.plan.work_mpp / slide.plan.mpp0, [prob_map, std_map], cfg)
         prob_map.flush()
         std_map.flush()

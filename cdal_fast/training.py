@@ -17,6 +17,7 @@ all-reduce (rather than DistributedDataParallel) keeps the R1 penalty's double b
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -98,6 +99,7 @@ class TrainConfig:
     # bf16 autocast + channels_last for CPU training too: oneDNN's bf16 convolutions pay off on CPUs
     # with AVX512-BF16 or AMX (bench/train_throughput.py --cpu-amp). Validation stays float32.
     cpu_amp: bool = False
+    hed_jitter: float = 0.0  # MoNuSeg: H&E stain jitter sigma (Tellez et al. 2018); 0 keeps the spec's recipe
     progress: bool = True
 
     def model_config(self) -> ModelConfig:
@@ -148,7 +150,7 @@ class Trainer:
 
         if data is None:
             data = load_task_data(tc.task, Path(tc.data), self.cfg, tc.train_split, tc.split_file)
-        self.data = data.to(self.device)
+        self.data = dataclasses.replace(data.to(self.device), hed_sigma=tc.hed_jitter)
         self.epoch_iters = tc.epoch_iters or max(1, math.ceil(len(self.data) / tc.batch_size))
         self.sched_g = self._cosine(self.opt_g)
         self.sched_d = self._cosine(self.opt_d)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cdal_fast.config import get_preset
-from cdal_fast.data.augment import color_jitter, hsv_to_rgb, random_affine_crop, rgb_to_hsv
+from cdal_fast.data.augment import color_jitter, hed_jitter, hsv_to_rgb, random_affine_crop, rgb_to_hsv
 from cdal_fast.data.datasets import (
     CxrData,
     HippocampusData,
@@ -87,3 +87,26 @@ def test_make_split_seeded():
     assert a == b and len(a["val"]) == 2 and not set(a["val"]) & set(a["train"])
     with pytest.raises(FileNotFoundError):
         read_split(__import__("pathlib").Path("/nonexistent"), "val")
+
+
+def test_hed_jitter_scales_and_shifts_stain_concentrations():
+    """Pixels made of known H/E/D amounts come back with each amount scaled and shifted by the draws."""
+    stains = torch.tensor([[0.6, 0.3, 0.0], [0.1, 0.8, 0.05]])  # two images, (H, E, D) optical densities
+    rgb_from_hed = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])  # Ruifrok & Johnston
+    rgb = torch.exp(-(stains @ rgb_from_hed))[:, :, None, None].expand(2, 3, 4, 4).contiguous()
+    sigma = 0.1
+    draws = torch.Generator().manual_seed(5)
+    alpha = (torch.rand(6, generator=draws) * 2 * sigma + 1 - sigma).view(2, 3)
+    beta = (torch.rand(6, generator=draws) * 2 * sigma - sigma).view(2, 3)
+    expected = torch.exp(-((stains * alpha + beta) @ rgb_from_hed)).clamp(0, 1)
+    out = hed_jitter(rgb, torch.Generator().manual_seed(5), sigma)
+    assert torch.allclose(out[:, :, 2, 3], expected, atol=1e-5)
+    assert not torch.allclose(out, rgb, atol=1e-3)
+
+
+def test_hed_jitter_off_draws_nothing():
+    """sigma 0 returns the input and leaves the generator untouched, so old recipes replay exactly."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 3, 4, 4)
+    assert hed_jitter(x, g, 0.0) is x
+    assert torch.equal(torch.rand(2, generator=g), torch.rand(2, generator=torch.Generator().manual_seed(3)))

@@ -25,7 +25,7 @@ from ..config import ModelConfig
 from ..imageio import IMAGE_SUFFIXES, read_image, read_mask, resize_image, resize_mask
 from ..preprocess import match_channels, normalise, to_chw_float
 from ..volume import normalise_volume, pad_to, window_starts
-from .augment import color_jitter, random_affine_crop
+from .augment import color_jitter, hed_jitter, random_affine_crop
 
 __all__ = ["TaskData", "MonusegData", "CxrData", "HippocampusData", "load_task_data", "find_pairs",
            "read_split", "normalise_volume"]
@@ -89,12 +89,14 @@ class TaskData:
     masks: torch.Tensor  # (N, Cm, H, W) float32 in {-1, 1}
     names: list[str]
     augment: str  # "monuseg" | "cxr" | "none"
+    hed_sigma: float = 0.0  # H&E stain jitter strength for "monuseg" (0: off)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def to(self, device: torch.device | str) -> TaskData:
-        return TaskData(self.cfg, self.images.to(device), self.masks.to(device), self.names, self.augment)
+        return TaskData(self.cfg, self.images.to(device), self.masks.to(device), self.names, self.augment,
+                        self.hed_sigma)
 
     def batch(self, batch_size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A random augmented batch: (normalised image, mask in [-1, 1]) at the model size."""
@@ -103,7 +105,7 @@ class TaskData:
         size = self.cfg.image_size
         if self.augment == "monuseg":
             img, msk = random_affine_crop(img, msk, size, g)
-            img = color_jitter(img / 255.0, g) * 255.0
+            img = color_jitter(hed_jitter(img / 255.0, g, self.hed_sigma), g) * 255.0
         elif self.augment == "cxr":
             img, msk = random_affine_crop(img, msk, size, g, max_rot_deg=10.0, scale=(0.9, 1.1), flips=False)
         elif img.shape[-1] != size:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..metrics import InstanceScores, instance_scores
-from .groundtruth import annotation_mpp, read_instances
+from .groundtruth import read_annotation
 from .params import DEFAULT_PARAMS, NucleiParams
 from .separate import label_nuclei
 
@@ -36,8 +36,8 @@ def resize_prob(prob: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> np.n
 def score_tile(prob: np.ndarray | torch.Tensor, annotation: Path, shape: tuple[int, int],
                params: NucleiParams = DEFAULT_PARAMS) -> tuple[InstanceScores, np.ndarray]:
     """Scores and predicted labels of one tile whose instances are in ``annotation`` (tile ``shape``)."""
-    truth = read_instances(annotation, shape)
-    mpp = annotation_mpp(annotation) or MONUSEG_MPP
+    truth, mpp = read_annotation(annotation, shape)
+    mpp = mpp or MONUSEG_MPP
     pred = label_nuclei(resize_prob(prob, shape), params, mpp)
     return instance_scores(truth, pred), pred
 

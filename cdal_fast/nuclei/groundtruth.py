@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from skimage.draw import polygon as draw_polygon
 
-__all__ = ["ANNOTATION_DIR", "annotated_names", "annotation_mpp", "annotation_path", "read_instances"]
+__all__ = ["ANNOTATION_DIR", "annotated_names", "annotation_mpp", "annotation_path", "read_annotation", "read_instances"]
 
 ANNOTATION_DIR = "annotations"
 MIN_VERTICES = 3  # a region with fewer vertices has no area (2 such regions in the 13 files)
@@ -54,17 +54,20 @@ def _root(path: Path) -> ET.Element:
         raise ValueError(f"{path}: not a readable ImageScope XML file ({exc})") from None
 
 
-def annotation_mpp(path: str | Path) -> float | None:
-    """The file's ``MicronsPerPixel`` (um per tile pixel), None when absent or not a positive number."""
+def _mpp_of(root: ET.Element) -> float | None:
     try:
-        value = float(_root(Path(path)).attrib.get("MicronsPerPixel", "nan"))
+        value = float(root.attrib.get("MicronsPerPixel", "nan"))
     except ValueError:
         return None
     return value if value > 0 else None
 
 
-def _regions(path: Path) -> list[np.ndarray]:
-    root = _root(path)
+def annotation_mpp(path: str | Path) -> float | None:
+    """The file's ``MicronsPerPixel`` (um per tile pixel), None when absent or not a positive number."""
+    return _mpp_of(_root(Path(path)))
+
+
+def _regions(root: ET.Element, path: Path) -> list[np.ndarray]:
     out = []
     for region in root.iter("Region"):
         verts = region.findall("./Vertices/Vertex")
@@ -83,9 +86,15 @@ def read_instances(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
 
     Labels of regions that are entirely overwritten or outside the image do not occur in the map.
     """
+    return read_annotation(path, shape)[0]
+
+
+def read_annotation(path: str | Path, shape: tuple[int, int]) -> tuple[np.ndarray, float | None]:
+    """:func:`read_instances` and :func:`annotation_mpp` from one parse of the file (XML is the slow part)."""
     path = Path(path)
+    root = _root(path)
     labels = np.zeros(shape, np.uint32)
-    for k, xy in enumerate(_regions(path), start=1):
+    for k, xy in enumerate(_regions(root, path), start=1):
         rr, cc = draw_polygon(xy[:, 1], xy[:, 0], shape=shape)
         labels[rr, cc] = k
-    return labels
+    return labels, _mpp_of(root)

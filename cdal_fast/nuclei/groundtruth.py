@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from skimage.draw import polygon as draw_polygon
 
-__all__ = ["ANNOTATION_DIR", "annotated_names", "annotation_mpp", "annotation_path", "read_annotation", "read_instances"]
+__all__ = ["ANNOTATION_DIR", "annotated_names", "annotation_mpp", "annotation_path", "read_annotation",
+           "read_instances"]
 
 ANNOTATION_DIR = "annotations"
 MIN_VERTICES = 3  # a region with fewer vertices has no area (2 such regions in the 13 files)

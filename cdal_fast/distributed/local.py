@@ -76,6 +76,8 @@ def run_on_devices(files: list[Path], out_dir: Path, spec: WorkerSpec, devices: 
             threads = cpu_threads_per_worker(devices, threads_before)
             workers = [SegmentWorker(replace(spec, device=str(d), threads=threads if d.type == "cpu" else None))
                        for d in devices]
+            for i, w in enumerate(workers):  # one process: the device alone does not tell two CPU workers apart
+                w.name = f"{w.name}#{i}"
             counter = TileCounter()
             if spec.task == "monuseg" and len(workers) > 1 and len(todo) < len(workers):
                 unit = "band"

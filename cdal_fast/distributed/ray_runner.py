@@ -47,6 +47,7 @@ DEFAULT_MAX_RETRIES = 2  # resubmissions of one unit after its actor died
 # run's compute and the driver mostly waits on them: at nice 15 they lost up to a third of their
 # speed to the driver, the raylet and anything else of the same session on a loaded node.
 ACTOR_ENV = {"RAY_worker_niceness": "0"}
+DRIVER_THREADS = 1  # torch threads of a driver stitching a banded slide (per-pixel work: same bytes at any count)
 Event = Callable[[str, dict[str, Any]], None]
 
 
@@ -109,9 +110,10 @@ class ActorPool:
         if not gpu:  # torch uses exactly the cores Ray reserved for the actor
             self.spec = replace(spec, threads=opts.cpus_per_actor)
         # Work is submitted at once and queues on each actor while it starts and loads its model: the
-        # driver never waits for the pool as a whole (and plans a banded slide meanwhile).
+        # driver does not wait for the pool as a whole.
         self.actors = [self._start() for _ in range(n)]
         self.counter = ray.remote(TileCounter).options(num_cpus=0, runtime_env={"env_vars": ACTOR_ENV}).remote()
+        self.snapshot = None  # the counter's answer in flight (the driver never blocks on it)
         self.stats: dict[str, _Stats] = {}
         self.deaths = 0
         if opts.events is not None:  # tests: who the actors are (their pids), once they are up
@@ -132,8 +134,13 @@ class ActorPool:
         return new
 
     def poll(self, progress: ClusterProgress) -> None:
-        """Draw what the actors reported so far."""
-        progress.observe(self.ray.get(self.counter.snapshot.remote()))
+        """Draw what the actors reported, as of the last answer of the counter; ask it again."""
+        if self.snapshot is not None:
+            ready, _ = self.ray.wait([self.snapshot], timeout=0)
+            if not ready:
+                return
+            progress.observe(self.ray.get(ready[0]))
+        self.snapshot = self.counter.snapshot.remote()
 
     def record(self, worker: str, tiles: int, seconds: float) -> None:
         s = self.stats.setdefault(worker, _Stats())
@@ -308,10 +315,15 @@ def run_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, ray_opts: Ray
             shape, cfg = ray.get(pool.actors[0].shape.remote())
             run = TaskRun(shape, None, cfg, spec.opts, torch.device("cpu"), torch.float32,  # type: ignore[arg-type]
                           spec.model_info, sample_stream=BandStream(ray, pool, progress))
-            for f in todo:
-                outcome = run_input(f, out_dir, run, NullProgress(), spec.task, names[f])
-                progress.finished(outcome.status)
-                report.add(outcome, echo)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(DRIVER_THREADS)  # the cores are the actors': the driver only stitches and writes
+            try:
+                for f in todo:
+                    outcome = run_input(f, out_dir, run, NullProgress(), spec.task, names[f])
+                    progress.finished(outcome.status)
+                    report.add(outcome, echo)
+            finally:
+                torch.set_num_threads(threads)
         else:
             _run_inputs(ray, pool, todo, out_dir, report, progress, echo, names)
     except BaseException:

@@ -93,6 +93,7 @@ class ClusterProgress:
 
         self.bar = tqdm(desc=f"{count} inputs", unit="tile", disable=not enabled, dynamic_ncols=True)
         self.done = self.failed = 0
+        self.bar.set_postfix_str("done 0, failed 0", refresh=False)
         self.reported: dict[str, tuple[int, int]] = {}
         self.exact: dict[str, tuple[int, int]] = {}
 

@@ -28,7 +28,7 @@ import torch
 
 from bench.common import write_results
 from cdal_fast.config import get_preset
-from cdal_fast.distributed.ray_runner import RayOptions, run_on_ray
+from cdal_fast.distributed.ray_runner import ACTOR_ENV, RayOptions, run_on_ray
 from cdal_fast.distributed.worker import WorkerSpec
 from cdal_fast.generator import Generator
 from cdal_fast.models import load_model
@@ -106,7 +106,7 @@ def main() -> None:
         weights = _tiny_weights(tmpdir)
         t0 = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+                 runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(), **ACTOR_ENV}})
         ray_init = time.perf_counter() - t0
         try:
             for name in args.sizes:

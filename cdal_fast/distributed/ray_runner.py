@@ -72,13 +72,27 @@ class RayOptions:
 
 
 def connect(ray, address: str) -> None:
-    """Join ``address`` unless Ray is already initialised (a test or a notebook did it)."""
+    """Join ``address`` unless Ray is already initialised (a test or a notebook did it).
+
+    The job's environment carries :data:`ACTOR_ENV`, so every worker process of the job, pre-started
+    ones included, runs at nice 0 and an actor can take a pre-started process.
+    """
     if ray.is_initialized():
         return
+    runtime_env = {"env_vars": dict(ACTOR_ENV)}
     if address == "local":
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, runtime_env=runtime_env)
     else:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env)
+
+
+def actor_runtime_env(ray) -> dict[str, Any]:
+    """Actor options that add :data:`ACTOR_ENV` when the job lacks it (Ray initialised by the caller);
+    an actor-level environment costs a fresh worker process per actor, so it is added only then."""
+    job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+    if all(job_env.get(k) == v for k, v in ACTOR_ENV.items()):
+        return {}
+    return {"runtime_env": {"env_vars": dict(ACTOR_ENV)}}
 
 
 @dataclass
@@ -104,15 +118,15 @@ class ActorPool:
         if n < 1:
             raise BackendError(f"the Ray cluster has no room for an actor ({resources.get('CPU', 0):g} CPUs, "
                                f"{resources.get('GPU', 0):g} GPUs; --ray-cpus-per-actor {opts.cpus_per_actor})")
+        env = actor_runtime_env(ray)
         self.cls = ray.remote(SegmentWorker).options(
-            num_cpus=0 if gpu else opts.cpus_per_actor, num_gpus=1 if gpu else 0, max_restarts=0,
-            runtime_env={"env_vars": ACTOR_ENV})
+            num_cpus=0 if gpu else opts.cpus_per_actor, num_gpus=1 if gpu else 0, max_restarts=0, **env)
         if not gpu:  # torch uses exactly the cores Ray reserved for the actor
             self.spec = replace(spec, threads=opts.cpus_per_actor)
         # Work is submitted at once and queues on each actor while it starts and loads its model: the
         # driver does not wait for the pool as a whole.
         self.actors = [self._start() for _ in range(n)]
-        self.counter = ray.remote(TileCounter).options(num_cpus=0, runtime_env={"env_vars": ACTOR_ENV}).remote()
+        self.counter = ray.remote(TileCounter).options(num_cpus=0, **env).remote()
         self.snapshot = None  # the counter's answer in flight (the driver never blocks on it)
         self.stats: dict[str, _Stats] = {}
         self.deaths = 0

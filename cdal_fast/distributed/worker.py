@@ -97,9 +97,9 @@ class SegmentWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
 
     def identity(self) -> dict[str, Any]:
-        """Host, pid and device (the driver's summary and the fault-tolerance tests use the pid)."""
+        """Host, pid, device, niceness and torch threads (the fault-tolerance tests use the pid)."""
         return {"worker": self.name, "pid": os.getpid(), "host": socket.gethostname(),
-                "device": str(self.run.device)}
+                "device": str(self.run.device), "nice": os.nice(0), "threads": torch.get_num_threads()}
 
     def shape(self) -> tuple[SamplerShape, ModelConfig]:
         """Steps, votes and config: what a driver that stitches and writes needs, without a model."""

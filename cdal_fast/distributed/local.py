@@ -121,7 +121,7 @@ def _run_inputs(todo: list[Path], out_dir: Path, workers: list[SegmentWorker], c
     pending: queue.Queue[Path] = queue.Queue()
     for f in todo:
         pending.put(f)
-    outcomes: queue.Queue[tuple[InputOutcome, str, float]] = queue.Queue()
+    outcomes: queue.Queue[tuple[InputOutcome, str, float, float]] = queue.Queue()
 
     def drain(worker: SegmentWorker) -> None:
         while True:
@@ -133,7 +133,7 @@ def _run_inputs(todo: list[Path], out_dir: Path, workers: list[SegmentWorker], c
                 outcomes.put(worker.run_input(str(f), str(out_dir), names[f], counter))
             except Exception as exc:  # noqa: BLE001 - the driver waits for one outcome per input
                 outcomes.put((InputOutcome(str(f), "failed", error=error_text(exc),
-                                           traceback=traceback.format_exc()), worker.name, 0.0))
+                                           traceback=traceback.format_exc()), worker.name, 0.0, 0.0))
 
     threads = [threading.Thread(target=drain, args=(w,), daemon=True) for w in workers]
     for t in threads:
@@ -141,7 +141,7 @@ def _run_inputs(todo: list[Path], out_dir: Path, workers: list[SegmentWorker], c
     received = 0
     while received < len(todo):
         try:
-            outcome, name, seconds = outcomes.get(timeout=POLL_SECONDS)
+            outcome, name, seconds, _cpu = outcomes.get(timeout=POLL_SECONDS)  # CPU: process-wide here
         except queue.Empty:
             progress.observe(counter.snapshot())
             continue

@@ -100,6 +100,7 @@ class _Stats:
     units: int = 0
     tiles: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
 
 class ActorPool:
@@ -156,9 +157,10 @@ class ActorPool:
             progress.observe(self.ray.get(ready[0]))
         self.snapshot = self.counter.snapshot.remote()
 
-    def record(self, worker: str, tiles: int, seconds: float) -> None:
+    def record(self, worker: str, tiles: int, seconds: float, cpu_seconds: float) -> None:
         s = self.stats.setdefault(worker, _Stats())
         s.units, s.tiles, s.seconds = s.units + 1, s.tiles + tiles, s.seconds + seconds
+        s.cpu_seconds += cpu_seconds
         self._emit("unit", {"worker": worker, "tiles": tiles})
 
     def shutdown(self) -> None:
@@ -168,6 +170,7 @@ class ActorPool:
 
     def summary(self) -> list[dict[str, Any]]:
         return [{"worker": w, "units": s.units, "tiles": s.tiles, "busy_seconds": s.seconds,
+                 "cpu_seconds": s.cpu_seconds,
                  "tiles_per_second": s.tiles / s.seconds if s.seconds else 0.0} for w, s in sorted(self.stats.items())]
 
 
@@ -198,7 +201,7 @@ def _run_inputs(ray, pool: ActorPool, files: list[Path], out_dir: Path, report: 
             continue
         f, actor = running.pop(ready[0])
         try:
-            outcome, worker, seconds = ray.get(ready[0])
+            outcome, worker, seconds, cpu_seconds = ray.get(ready[0])
         except ray.exceptions.RayActorError as exc:
             attempts[f] = attempts.get(f, 0) + 1
             idle.append(pool.replace_dead(actor))
@@ -215,7 +218,7 @@ def _run_inputs(ray, pool: ActorPool, files: list[Path], out_dir: Path, report: 
         else:
             idle.append(actor)
             tiles = (outcome.summary or {}).get("tiles_sampled", 0)
-            pool.record(worker, tiles, seconds)
+            pool.record(worker, tiles, seconds, cpu_seconds)
             if outcome.status == "done":
                 progress.settle(str(f), tiles, tiles)
         progress.finished(outcome.status)
@@ -285,7 +288,7 @@ class BandStream:
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.cause if exc.cause else exc
                 raise SlideError(str(cause)) from None
-            pool.record(result.worker, len(units[u]), result.seconds)
+            pool.record(result.worker, len(units[u]), result.seconds, result.cpu_seconds)
             self.progress.settle(unit_key(key, u), 0, len(units[u]))
             done[u] = result
 

@@ -232,7 +232,8 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
                    "refused before anything is allocated); raise it for genuinely larger slides.")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda, cuda:1 ...; a list cuda:0,cuda:1 or `all` (every GPU, else the CPU) runs "
-                   "one worker per device on this machine, each taking whole inputs.")
+                   "one worker per device on this machine: whole inputs each, or, with fewer inputs than devices, "
+                   "one slide's tile bands over all of them (cpu,cpu: two CPU workers sharing the cores).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Compute precision (bfloat16 is fastest on recent GPUs).")
 @click.option("--backend", type=click.Choice(list(BACKENDS)),
@@ -413,7 +414,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
 
         spec = WorkerSpec(str(weights) if weights else None, task, steps, votes, backend, dtype, device, opts, info)
         report, _summary = run_on_devices(files, out_dir, spec, devices, echo=echo, shard=(shard_index, shard_count),
-                                          names=names)
+                                          names=names, show_progress=not quiet)
     else:
         report = segment_all(files, out_dir, sampler, bundle.config, opts, dev, DTYPES[dtype], info,
                              echo=echo, show_progress=not quiet, task=task, names=names, summary_name=summary_name)

@@ -49,3 +49,70 @@ def test_device_all_without_gpu_runs_on_the_cpu_with_identical_outputs(tmp_path,
     assert res.exit_code == 0, res.output
     assert "no CUDA device here, running on the CPU" in res.output
     _same_bytes(reference, out, ["s2"])
+
+
+def test_cpu_may_repeat_but_a_gpu_may_not():
+    assert parse_devices("cpu,cpu", 0) == ([torch.device("cpu"), torch.device("cpu")], None)
+    with pytest.raises(DeviceListError, match="cuda:1 is listed twice"):
+        parse_devices("cuda:1,cpu,cuda:1", 2)
+
+
+def test_cpu_threads_are_split_between_cpu_workers():
+    from cdal_fast.distributed.local import cpu_threads_per_worker
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert cpu_threads_per_worker([cpu, cpu], 5) == 2
+    assert cpu_threads_per_worker([cpu, cpu, cpu], 2) == 1  # never zero
+    assert cpu_threads_per_worker([cpu, gpu], 8) is None  # one CPU worker keeps the process's threads
+
+
+def test_one_slide_spread_over_two_cpu_workers_is_byte_identical(tmp_path, weights, slides, reference, monkeypatch,
+                                                                 one_torch_thread):
+    import json
+
+    from click.testing import CliRunner
+
+    import cdal_fast.distributed.local as local
+    from cdal_fast.cli import main
+
+    bars = []
+
+    class Recorded(local.ClusterProgress):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            bars.append(self)
+
+    monkeypatch.setattr(local, "ClusterProgress", Recorded)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["segment", str(slides / "s1.ome.tif"), "--out", str(out), "--weights",
+                                    str(weights), "--device", "cpu,cpu", "--batch-size", "2", "--seed", "3",
+                                    "--tile-overlap", "16", "--workers", "0", "--no-tissue-mask", "--save-prob",
+                                    "--save-uncertainty", "-q"])
+    assert res.exit_code == 0, res.output
+    _same_bytes(reference, out, ["s1"])
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["unit"] == "band" and summary["devices"] == ["cpu", "cpu"]
+    # 16 tiles, 4 per row, batch 2: 4 units of 4 tiles, and both workers sampled some
+    assert len(summary["per_worker"]) == 2
+    assert sum(w["tiles"] for w in summary["per_worker"].values()) == 16
+    assert sum(w["units"] for w in summary["per_worker"].values()) == 4
+    assert bars[0].counts() == (16, 16) and bars[0].done == 1
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_two_cpu_workers_take_whole_inputs_and_a_rerun_starts_none(tmp_path, weights, slides, reference,
+                                                                    one_torch_thread):
+    from cdal_fast.distributed.local import run_on_devices
+    from cdal_fast.distributed.worker import WorkerSpec
+
+    from .distributed_fixtures import small_opts
+
+    files = [slides / "s0.ome.tif", slides / "s3.ome.tif"]
+    spec = WorkerSpec(str(weights), "monuseg", None, None, "eager", "float32", "cpu", small_opts())
+    cpu = torch.device("cpu")
+    report, summary = run_on_devices(files, tmp_path, spec, [cpu, cpu], echo=lambda m: None, show_progress=False)
+    assert len(report.done) == 2 and summary["unit"] == "input"
+    assert sum(w["inputs"] for w in summary["per_worker"].values()) == 2
+    _same_bytes(reference, tmp_path, ["s0", "s3"])
+    report, summary = run_on_devices(files, tmp_path, spec, [cpu, cpu], echo=lambda m: None, show_progress=False)
+    assert len(report.skipped) == 2 and summary["unit"] is None and summary["per_worker"] == {}

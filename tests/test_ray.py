@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cdal_fast.distributed.ray_runner import RayOptions, run_on_ray, unit_slices
+from cdal_fast.distributed.ray_runner import ACTOR_ENV, RayOptions, actor_runtime_env, run_on_ray, unit_slices
 from cdal_fast.distributed.worker import WorkerSpec
 from cdal_fast.wsi.pipeline import SegmentOptions
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def local_ray():
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), **ACTOR_ENV}})
     yield ray
     ray.shutdown()
 
@@ -73,11 +73,36 @@ def test_many_slides_and_a_corrupt_file(local_ray, tmp_path, weights, slides, re
     assert len(report2.skipped) == 4 and not report2.done and summary2["ray"]["actors"] == 0
 
 
+def test_actors_run_at_nice_0_unless_the_job_already_does():
+    class Context:
+        def __init__(self, env):
+            self.runtime_env = {"env_vars": env}
+
+    class FakeRay:
+        def __init__(self, env):
+            self.env = env
+
+        def get_runtime_context(self):
+            return Context(self.env)
+
+    assert actor_runtime_env(FakeRay({"PYTHONPATH": "x", **ACTOR_ENV})) == {}  # pre-started workers fit
+    assert actor_runtime_env(FakeRay({"PYTHONPATH": "x"})) == {"runtime_env": {"env_vars": ACTOR_ENV}}
+
+
 def test_one_slide_split_over_two_actors(local_ray, tmp_path, weights, slides, reference):
     out = tmp_path / "out"
+    actors: list[dict] = []
+
+    def events(kind: str, data: dict) -> None:
+        if kind == "actors":
+            actors.extend(data["identities"])
+
     report, summary = run_on_ray([slides / "s1.ome.tif"], out, _spec(weights, _opts()),
-                                 RayOptions(actors=2, unit="band"), echo=lambda m: None, show_progress=False)
+                                 RayOptions(actors=2, unit="band", events=events), echo=lambda m: None,
+                                 show_progress=False)
     assert len(report.done) == 1, report.failed
+    # not Ray's default nice 15 for workers, and torch on exactly the actor's num_cpus (1)
+    assert [(a["nice"], a["threads"]) for a in actors] == [(0, 1), (0, 1)]
     assert summary["ray"]["unit"] == "band"
     assert len(summary["ray"]["per_actor"]) == 2  # both actors sampled part of the slide
     _same_bytes(reference, out, ["s1"])

@@ -21,7 +21,8 @@ def parse_devices(text: str, cuda_count: int) -> tuple[list[torch.device], str |
     """The devices of ``text`` and a warning when the request fell back to the CPU.
 
     ``all``: every CUDA device, else the CPU (with a warning); a comma list: exactly those devices,
-    each named at most once, every CUDA index below ``cuda_count``; one name: that device.
+    every CUDA index below ``cuda_count`` and named at most once (a GPU holds one worker), ``cpu`` as
+    often as wanted (each entry one CPU worker sharing this machine's cores); one name: that device.
     """
     text = text.strip()
     if text == ALL:
@@ -44,7 +45,7 @@ def parse_devices(text: str, cuda_count: int) -> tuple[list[torch.device], str |
             if dev.index >= cuda_count:
                 raise DeviceListError(f"--device {text!r}: {name} does not exist (this machine has {cuda_count} "
                                       f"CUDA device{'s' if cuda_count != 1 else ''}: cuda:0..cuda:{cuda_count - 1})")
-        if dev in devices:
+        if dev.type == "cuda" and dev in devices:
             raise DeviceListError(f"--device {text!r}: {name} is listed twice")
         devices.append(dev)
     return devices, None

@@ -1,8 +1,16 @@
-"""One node, several devices, no Ray: one :class:`SegmentWorker` per device, whole inputs from a queue.
+"""One node, several devices, no Ray: one :class:`SegmentWorker` per device.
 
-Each worker runs in a thread of this process (the sampler's kernels release the GIL; tile reading
-keeps its own ``--workers`` processes), through the same per-input path as every other runner, so
-outputs are the ones a single-device run writes on that device type.
+Each worker runs in a thread of this process (the sampler's kernels release the GIL), through the
+same per-input path as every other runner, so outputs are the ones a single-device run writes on
+that device type. Two ways to share the work, chosen like ``--ray-unit auto``:
+
+* at least as many pending inputs as devices: whole inputs from a queue, one at a time per worker;
+* fewer (one big slide on several GPUs): this thread plans, stitches in tile order and writes each
+  slide while the workers sample its units of whole batches (:mod:`.local_bands`).
+
+``cpu`` may be listed more than once (``--device cpu,cpu``): each entry is one CPU worker, and the
+torch threads are split between them (``threads // workers`` each; torch's thread count is one per
+process), which is also the thread count to give a single-process run to compare bytes with.
 """
 
 from __future__ import annotations
@@ -17,16 +25,38 @@ from typing import Any
 
 import torch
 
-from ..wsi.batch import InputOutcome, RunReport, error_text, run_summary_name
+from ..wsi.batch import TASKS, InputOutcome, RunReport, error_text, run_input, run_summary_name
 from ..wsi.outputs import output_names, write_summary
+from ..wsi.progress import NullProgress
+from .local_bands import LocalBandStream
+from .progress import POLL_SECONDS, ClusterProgress, TileCounter
 from .worker import SegmentWorker, WorkerSpec
 
-__all__ = ["run_on_devices"]
+__all__ = ["run_on_devices", "cpu_threads_per_worker"]
+
+
+def cpu_threads_per_worker(devices: list[torch.device], threads: int) -> int | None:
+    """Torch threads for each CPU worker when several share this process's cores (None: leave as is)."""
+    cpus = sum(d.type == "cpu" for d in devices)
+    return max(1, threads // cpus) if cpus > 1 else None
+
+
+def _pending(files: list[Path], out_dir: Path, spec: WorkerSpec, names: dict[Path, str],
+             report: RunReport, echo) -> list[Path]:
+    """The inputs not yet complete (the others are reported skipped now, before any worker starts)."""
+    _segment_fn, done_fn = TASKS[spec.task]
+    todo = []
+    for f in files:
+        if not spec.opts.overwrite and done_fn(out_dir / Path(names[f]).parent, f, spec.opts):
+            report.add(InputOutcome(str(f), "skipped"), echo)
+        else:
+            todo.append(f)
+    return todo
 
 
 def run_on_devices(files: list[Path], out_dir: Path, spec: WorkerSpec, devices: list[torch.device], echo=print,
                    shard: tuple[int, int] = (0, 1), names: dict[Path, str] | None = None,
-                   ) -> tuple[RunReport, dict[str, Any]]:
+                   show_progress: bool = True) -> tuple[RunReport, dict[str, Any]]:
     """Segment ``files`` with one worker per device; returns the report and the run summary (also written).
 
     ``names``: the output names (``outputs.output_names``; default: computed here, collisions raise).
@@ -35,43 +65,94 @@ def run_on_devices(files: list[Path], out_dir: Path, spec: WorkerSpec, devices: 
         names = output_names(files)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    workers = [SegmentWorker(replace(spec, device=str(d))) for d in devices]
-    todo: queue.Queue[Path] = queue.Queue()
-    for f in files:
-        todo.put(f)
-    outcomes: queue.Queue[tuple[InputOutcome, str, float]] = queue.Queue()
-
-    def drain(worker: SegmentWorker) -> None:
-        while True:
-            try:
-                f = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                outcomes.put(worker.run_input(str(f), str(out_dir), names[f]))
-            except Exception as exc:  # noqa: BLE001 - the driver waits for one outcome per input
-                outcomes.put((InputOutcome(str(f), "failed", error=error_text(exc),
-                                           traceback=traceback.format_exc()), worker.name, 0.0))
-
-    threads = [threading.Thread(target=drain, args=(w,), daemon=True) for w in workers]
-    for t in threads:
-        t.start()
     report = RunReport()
     per_worker: dict[str, dict[str, float]] = {}
+    unit = None
+    threads_before = torch.get_num_threads()
+    progress = ClusterProgress(len(files), show_progress)
     try:
-        for _ in files:
-            outcome, name, seconds = outcomes.get()
-            report.add(outcome, echo)
-            s = per_worker.setdefault(name, {"inputs": 0, "busy_seconds": 0.0})
-            s["inputs"] += 1
-            s["busy_seconds"] += seconds
-        for t in threads:
-            t.join()
+        todo = _pending(files, out_dir, spec, names, report, echo)
+        if todo:
+            threads = cpu_threads_per_worker(devices, threads_before)
+            workers = [SegmentWorker(replace(spec, device=str(d), threads=threads if d.type == "cpu" else None))
+                       for d in devices]
+            for i, w in enumerate(workers):  # one process: the device alone does not tell two CPU workers apart
+                w.name = f"{w.name}#{i}"
+            counter = TileCounter()
+            if spec.task == "monuseg" and len(workers) > 1 and len(todo) < len(workers):
+                unit = "band"
+                _run_bands(todo, out_dir, workers, counter, spec, names, report, progress, per_worker, echo)
+            else:
+                unit = "input"
+                _run_inputs(todo, out_dir, workers, counter, names, report, progress, per_worker, echo)
     except BaseException:
         report.interrupted = True
         raise
     finally:  # written however the run ends (also on Ctrl-C, with "interrupted": true)
+        torch.set_num_threads(threads_before)
+        progress.close()
         report.seconds = time.perf_counter() - t0
-        summary = report.to_dict() | {"devices": [str(d) for d in devices], "per_worker": per_worker}
+        summary = report.to_dict() | {"devices": [str(d) for d in devices], "unit": unit, "per_worker": per_worker}
         write_summary(out_dir / run_summary_name(*shard), summary)
     return report, summary
+
+
+def _run_bands(todo: list[Path], out_dir: Path, workers: list[SegmentWorker], counter: TileCounter,
+               spec: WorkerSpec, names: dict[Path, str], report: RunReport, progress: ClusterProgress,
+               per_worker: dict[str, dict[str, float]], echo) -> None:
+    """Each slide planned, stitched and written here, its units sampled by all workers."""
+    stream = LocalBandStream(workers, spec.opts.batch_size, counter, progress)
+    run = replace(workers[0].run, sample_stream=stream)
+    try:
+        for f in todo:
+            outcome = run_input(f, out_dir, run, NullProgress(), spec.task, names[f])
+            progress.finished(outcome.status)
+            report.add(outcome, echo)
+    finally:
+        stream.shutdown()
+        for name, s in stream.stats.items():
+            per_worker[name] = {"units": s.units, "tiles": s.tiles, "busy_seconds": s.seconds}
+
+
+def _run_inputs(todo: list[Path], out_dir: Path, workers: list[SegmentWorker], counter: TileCounter,
+                names: dict[Path, str], report: RunReport, progress: ClusterProgress,
+                per_worker: dict[str, dict[str, float]], echo) -> None:
+    """Whole inputs from a queue, one thread per worker; the bar is drawn here while they run."""
+    pending: queue.Queue[Path] = queue.Queue()
+    for f in todo:
+        pending.put(f)
+    outcomes: queue.Queue[tuple[InputOutcome, str, float, float]] = queue.Queue()
+
+    def drain(worker: SegmentWorker) -> None:
+        while True:
+            try:
+                f = pending.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                outcomes.put(worker.run_input(str(f), str(out_dir), names[f], counter))
+            except Exception as exc:  # noqa: BLE001 - the driver waits for one outcome per input
+                outcomes.put((InputOutcome(str(f), "failed", error=error_text(exc),
+                                           traceback=traceback.format_exc()), worker.name, 0.0, 0.0))
+
+    threads = [threading.Thread(target=drain, args=(w,), daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    received = 0
+    while received < len(todo):
+        try:
+            outcome, name, seconds, _cpu = outcomes.get(timeout=POLL_SECONDS)  # CPU: process-wide here
+        except queue.Empty:
+            progress.observe(counter.snapshot())
+            continue
+        received += 1
+        tiles = (outcome.summary or {}).get("tiles_sampled", 0)
+        if outcome.status == "done":
+            progress.settle(outcome.path, tiles, tiles)
+        progress.finished(outcome.status)
+        report.add(outcome, echo)
+        s = per_worker.setdefault(name, {"inputs": 0, "busy_seconds": 0.0})
+        s["inputs"] += 1
+        s["busy_seconds"] += seconds
+    for t in threads:
+        t.join()

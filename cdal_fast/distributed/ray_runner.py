@@ -35,13 +35,19 @@ from ..wsi.outputs import is_small_image, output_names, output_paths, slide_stem
 from ..wsi.pipeline import SlidePlan, TileResult
 from ..wsi.progress import NullProgress
 from ..wsi.readers import SlideError
+from .progress import POLL_SECONDS, ClusterProgress, TileCounter, unit_key
+from .units import WINDOW_PER_WORKER, unit_slices
 from .worker import SegmentWorker, UnitResult, WorkerSpec, light_plan
 
 __all__ = ["RAY_HINT", "require_ray", "RayOptions", "run_on_ray", "unit_slices"]
 
 RAY_HINT = "--ray needs Ray: pip install 'cdal-fast[ray]' (or pip install 'ray>=2.9')"
 DEFAULT_MAX_RETRIES = 2  # resubmissions of one unit after its actor died
-WINDOW_PER_ACTOR = 2  # units in flight per actor: one running, one queued
+# Ray starts worker processes at nice 15 so that they yield to its own daemons. Our actors do the
+# run's compute and the driver mostly waits on them: at nice 15 they lost up to a third of their
+# speed to the driver, the raylet and anything else of the same session on a loaded node.
+ACTOR_ENV = {"RAY_worker_niceness": "0"}
+DRIVER_THREADS = 1  # torch threads of a driver stitching a banded slide (per-pixel work: same bytes at any count)
 Event = Callable[[str, dict[str, Any]], None]
 
 
@@ -66,19 +72,27 @@ class RayOptions:
 
 
 def connect(ray, address: str) -> None:
-    """Join ``address`` unless Ray is already initialised (a test or a notebook did it)."""
+    """Join ``address`` unless Ray is already initialised (a test or a notebook did it).
+
+    The job's environment carries :data:`ACTOR_ENV`, so every worker process of the job, pre-started
+    ones included, runs at nice 0 and an actor can take a pre-started process.
+    """
     if ray.is_initialized():
         return
+    runtime_env = {"env_vars": dict(ACTOR_ENV)}
     if address == "local":
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, runtime_env=runtime_env)
     else:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env)
 
 
-def unit_slices(n_tiles: int, tiles_per_row: int, batch_size: int, band_rows: int) -> list[range]:
-    """Consecutive tile ranges made of whole batches (as the single-process loader cuts them), ~band_rows rows."""
-    per_unit = max(1, -(-tiles_per_row * band_rows // batch_size)) * batch_size
-    return [range(s, min(s + per_unit, n_tiles)) for s in range(0, n_tiles, per_unit)]
+def actor_runtime_env(ray) -> dict[str, Any]:
+    """Actor options that add :data:`ACTOR_ENV` when the job lacks it (Ray initialised by the caller);
+    an actor-level environment costs a fresh worker process per actor, so it is added only then."""
+    job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+    if all(job_env.get(k) == v for k, v in ACTOR_ENV.items()):
+        return {}
+    return {"runtime_env": {"env_vars": dict(ACTOR_ENV)}}
 
 
 @dataclass
@@ -86,6 +100,7 @@ class _Stats:
     units: int = 0
     tiles: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
 
 class ActorPool:
@@ -104,15 +119,20 @@ class ActorPool:
         if n < 1:
             raise BackendError(f"the Ray cluster has no room for an actor ({resources.get('CPU', 0):g} CPUs, "
                                f"{resources.get('GPU', 0):g} GPUs; --ray-cpus-per-actor {opts.cpus_per_actor})")
+        env = actor_runtime_env(ray)
         self.cls = ray.remote(SegmentWorker).options(
-            num_cpus=0 if gpu else opts.cpus_per_actor, num_gpus=1 if gpu else 0, max_restarts=0)
-        if not gpu:
+            num_cpus=0 if gpu else opts.cpus_per_actor, num_gpus=1 if gpu else 0, max_restarts=0, **env)
+        if not gpu:  # torch uses exactly the cores Ray reserved for the actor
             self.spec = replace(spec, threads=opts.cpus_per_actor)
+        # Work is submitted at once and queues on each actor while it starts and loads its model: the
+        # driver does not wait for the pool as a whole.
         self.actors = [self._start() for _ in range(n)]
-        self.names = {id(a): name for a, name in zip(self.actors, ray.get([a.identity.remote() for a in self.actors]))}
+        self.counter = ray.remote(TileCounter).options(num_cpus=0, **env).remote()
+        self.snapshot = None  # the counter's answer in flight (the driver never blocks on it)
         self.stats: dict[str, _Stats] = {}
         self.deaths = 0
-        self._emit("actors", {"identities": list(self.names.values())})
+        if opts.events is not None:  # tests: who the actors are (their pids), once they are up
+            self._emit("actors", {"identities": ray.get([a.identity.remote() for a in self.actors])})
 
     def _start(self):
         return self.cls.remote(self.spec)
@@ -126,21 +146,31 @@ class ActorPool:
         self.deaths += 1
         new = self._start()
         self.actors[self.actors.index(actor)] = new
-        self.names[id(new)] = self.ray.get(new.identity.remote())
         return new
 
-    def record(self, worker: str, tiles: int, seconds: float) -> None:
+    def poll(self, progress: ClusterProgress) -> None:
+        """Draw what the actors reported, as of the last answer of the counter; ask it again."""
+        if self.snapshot is not None:
+            ready, _ = self.ray.wait([self.snapshot], timeout=0)
+            if not ready:
+                return
+            progress.observe(self.ray.get(ready[0]))
+        self.snapshot = self.counter.snapshot.remote()
+
+    def record(self, worker: str, tiles: int, seconds: float, cpu_seconds: float) -> None:
         s = self.stats.setdefault(worker, _Stats())
         s.units, s.tiles, s.seconds = s.units + 1, s.tiles + tiles, s.seconds + seconds
+        s.cpu_seconds += cpu_seconds
         self._emit("unit", {"worker": worker, "tiles": tiles})
 
     def shutdown(self) -> None:
         """Free the actors' resources now (a following run on the same cluster needs them)."""
-        for a in self.actors:
+        for a in [*self.actors, self.counter]:
             self.ray.kill(a)
 
     def summary(self) -> list[dict[str, Any]]:
         return [{"worker": w, "units": s.units, "tiles": s.tiles, "busy_seconds": s.seconds,
+                 "cpu_seconds": s.cpu_seconds,
                  "tiles_per_second": s.tiles / s.seconds if s.seconds else 0.0} for w, s in sorted(self.stats.items())]
 
 
@@ -154,31 +184,6 @@ def _discard_partials(out_dir: Path, path: Path, layout: str, name: str) -> None
     shutil.rmtree(sub_out / f".{stem}.work", ignore_errors=True)
 
 
-class ClusterProgress:
-    """One driver bar over the tiles of all inputs, with inputs done/failed."""
-
-    def __init__(self, count: int, enabled: bool) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(desc=f"{count} inputs", unit="tile", disable=not enabled, dynamic_ncols=True)
-        self.done = self.failed = 0
-
-    def add_total(self, tiles: int) -> None:
-        self.bar.total = (self.bar.total or 0) + tiles
-        self.bar.refresh()
-
-    def tiles(self, n: int) -> None:
-        self.bar.update(n)
-
-    def finished(self, outcome: InputOutcome) -> None:
-        self.done += outcome.status == "done"
-        self.failed += outcome.status == "failed"
-        self.bar.set_postfix_str(f"done {self.done}, failed {self.failed}")
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def _run_inputs(ray, pool: ActorPool, files: list[Path], out_dir: Path, report: RunReport,
                 progress: ClusterProgress, echo: Callable[[str], None], names: dict[Path, str]) -> None:
     """Whole inputs, one task per idle actor; a unit lost with its actor goes to a fresh one."""
@@ -189,11 +194,14 @@ def _run_inputs(ray, pool: ActorPool, files: list[Path], out_dir: Path, report: 
     while pending or running:
         while pending and idle:
             f, actor = pending.popleft(), idle.pop()
-            running[actor.run_input.remote(str(f), str(out_dir), names[f])] = (f, actor)
-        ready, _ = ray.wait(list(running), num_returns=1)
+            running[actor.run_input.remote(str(f), str(out_dir), names[f], pool.counter)] = (f, actor)
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
+        if not ready:
+            pool.poll(progress)
+            continue
         f, actor = running.pop(ready[0])
         try:
-            outcome, worker, seconds = ray.get(ready[0])
+            outcome, worker, seconds, cpu_seconds = ray.get(ready[0])
         except ray.exceptions.RayActorError as exc:
             attempts[f] = attempts.get(f, 0) + 1
             idle.append(pool.replace_dead(actor))
@@ -210,10 +218,10 @@ def _run_inputs(ray, pool: ActorPool, files: list[Path], out_dir: Path, report: 
         else:
             idle.append(actor)
             tiles = (outcome.summary or {}).get("tiles_sampled", 0)
-            pool.record(worker, tiles, seconds)
-            progress.add_total(tiles)
-            progress.tiles(tiles)
-        progress.finished(outcome)
+            pool.record(worker, tiles, seconds, cpu_seconds)
+            if outcome.status == "done":
+                progress.settle(str(f), tiles, tiles)
+        progress.finished(outcome.status)
         report.add(outcome, echo)
 
 
@@ -225,11 +233,12 @@ class BandStream:
 
     def __call__(self, slide: SlidePlan, steps: int, votes: int) -> Iterator[TileResult]:
         ray, pool = self.ray, self.pool
-        self.progress.add_total(len(slide.tiles))
+        key = str(slide.path)
+        self.progress.expect(key, len(slide.tiles))
         per_row = slide.grid.cols
         units = unit_slices(len(slide.tiles), per_row, pool.spec.opts.batch_size, pool.opts.band_rows)
         plan_ref = ray.put(light_plan(slide))
-        window = WINDOW_PER_ACTOR * len(pool.actors)
+        window = WINDOW_PER_WORKER * len(pool.actors)
         attempts = [0] * len(units)
         running: dict[Any, tuple[int, Any]] = {}
         done: dict[int, UnitResult] = {}
@@ -240,7 +249,7 @@ class BandStream:
         def submit(u: int) -> None:
             actor = min(pool.actors, key=lambda a: load.get(id(a), 0))
             load[id(actor)] = load.get(id(actor), 0) + 1
-            running[actor.sample_unit.remote(plan_ref, list(units[u]))] = (u, actor)
+            running[actor.sample_unit.remote(plan_ref, list(units[u]), pool.counter, unit_key(key, u))] = (u, actor)
 
         while next_yield < len(units):
             while retry:
@@ -253,7 +262,10 @@ class BandStream:
                 next_yield += 1
             if next_yield >= len(units):
                 break
-            ready, _ = ray.wait(list(running), num_returns=1)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
+            if not ready:
+                pool.poll(self.progress)
+                continue
             u, actor = running.pop(ready[0])
             load[id(actor)] -= 1
             try:
@@ -276,8 +288,8 @@ class BandStream:
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.cause if exc.cause else exc
                 raise SlideError(str(cause)) from None
-            pool.record(result.worker, len(units[u]), result.seconds)
-            self.progress.tiles(len(units[u]))
+            pool.record(result.worker, len(units[u]), result.seconds, result.cpu_seconds)
+            self.progress.settle(unit_key(key, u), 0, len(units[u]))
             done[u] = result
 
 
@@ -320,10 +332,15 @@ def run_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, ray_opts: Ray
             shape, cfg = ray.get(pool.actors[0].shape.remote())
             run = TaskRun(shape, None, cfg, spec.opts, torch.device("cpu"), torch.float32,  # type: ignore[arg-type]
                           spec.model_info, sample_stream=BandStream(ray, pool, progress))
-            for f in todo:
-                outcome = run_input(f, out_dir, run, NullProgress(), spec.task, names[f])
-                progress.finished(outcome)
-                report.add(outcome, echo)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(DRIVER_THREADS)  # the cores are the actors': the driver only stitches and writes
+            try:
+                for f in todo:
+                    outcome = run_input(f, out_dir, run, NullProgress(), spec.task, names[f])
+                    progress.finished(outcome.status)
+                    report.add(outcome, echo)
+            finally:
+                torch.set_num_threads(threads)
         else:
             _run_inputs(ray, pool, todo, out_dir, report, progress, echo, names)
     except BaseException:

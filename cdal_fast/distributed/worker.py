@@ -22,6 +22,7 @@ from ..wsi.batch import InputOutcome, TaskRun, run_input
 from ..wsi.pipeline import SegmentOptions, SlidePlan, TileResult, read_tiles, sample_tiles
 from ..wsi.progress import NullProgress
 from ..wsi.readers import SlideError
+from .progress import CounterReporter, sender
 
 __all__ = ["WorkerSpec", "SamplerShape", "UnitResult", "SegmentWorker", "light_plan", "unreachable_input"]
 
@@ -57,6 +58,7 @@ class UnitResult:
     results: list[TileResult]
     worker: str
     seconds: float
+    cpu_seconds: float = 0.0  # CPU time of the worker's whole process meanwhile (Ray: its own threads too)
 
 
 def unreachable_input(path: Path) -> str:
@@ -96,29 +98,36 @@ class SegmentWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
 
     def identity(self) -> dict[str, Any]:
-        """Host, pid and device (the driver's summary and the fault-tolerance tests use the pid)."""
+        """Host, pid, device, niceness and torch threads (the fault-tolerance tests use the pid)."""
         return {"worker": self.name, "pid": os.getpid(), "host": socket.gethostname(),
-                "device": str(self.run.device)}
+                "device": str(self.run.device), "nice": os.nice(0), "threads": torch.get_num_threads()}
 
     def shape(self) -> tuple[SamplerShape, ModelConfig]:
         """Steps, votes and config: what a driver that stitches and writes needs, without a model."""
         return SamplerShape(int(self.run.sampler.num_steps), int(self.run.sampler.votes)), self.run.cfg
 
-    def run_input(self, path: str, out_dir: str, name: str | None = None) -> tuple[InputOutcome, str, float]:
+    def run_input(self, path: str, out_dir: str, name: str | None = None,
+                  counter: Any = None) -> tuple[InputOutcome, str, float, float]:
         """One whole input through the batch runner's per-input path (its lock, its output ``name``:
         the driver's unique names, so outputs land where a single-process run puts them);
-        (outcome, worker, seconds)."""
-        t0 = time.perf_counter()
+        (outcome, worker, seconds, CPU seconds of this process). ``counter``: a
+        :class:`~.progress.TileCounter` (or its Ray actor) that gets the input's tile total and, per
+        batch (throttled), the tiles sampled, under ``path``."""
+        t0, c0 = time.perf_counter(), time.process_time()
         p = Path(path)
+        progress = CounterReporter(sender(counter), path) if counter is not None else NullProgress()
         if not p.exists():
             outcome = InputOutcome(path, "failed", error=unreachable_input(p))
         else:
-            outcome = run_input(p, Path(out_dir), self.run, NullProgress(), self.spec.task, name)
-        return outcome, self.name, time.perf_counter() - t0
+            outcome = run_input(p, Path(out_dir), self.run, progress, self.spec.task, name)
+        return outcome, self.name, time.perf_counter() - t0, time.process_time() - c0
 
-    def sample_unit(self, slide: SlidePlan, indices: list[int]) -> UnitResult:
-        """Sample the tiles ``slide.tiles[indices]`` (consecutive, whole batches of the single-process run)."""
-        t0 = time.perf_counter()
+    def sample_unit(self, slide: SlidePlan, indices: list[int], counter: Any = None, key: str = "") -> UnitResult:
+        """Sample the tiles ``slide.tiles[indices]`` (consecutive, whole batches of the single-process run);
+        with a ``counter``, the tiles sampled are reported per batch (throttled) under ``key``."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        progress = CounterReporter(sender(counter), key) if counter is not None else NullProgress()
+        progress.set_total(0)  # the driver knows the slide's total; a retried unit restarts from zero
         if not slide.path.exists():
             raise SlideError(unreachable_input(slide.path))
         part = replace(slide, tiles=[slide.tiles[i] for i in indices])
@@ -129,4 +138,5 @@ class SegmentWorker:
             res = sample_tiles(self.run.sampler, batch, self.run.device, self.run.dtype)
             res.indices = [indices[i] for i in res.indices]
             results.append(res)
-        return UnitResult(results, self.name, time.perf_counter() - t0)
+            progress.update(len(res.indices))
+        return UnitResult(results, self.name, time.perf_counter() - t0, time.process_time() - c0)

@@ -31,6 +31,7 @@ import torch
 from .atomic import atomic_output
 from .generator import Generator
 from .onnx_groupnorm import GROUP_NORM_OPSET, group_normalization_export
+from .ort_options import tuned_session_options
 from .requires import BackendError, require_tensorrt
 from .sampler import SAMPLER_ATTRS, FixedStepSampler, draw_noise, generators_from_seed
 from .tensorrt_plan import MIN_PROFILE_BATCH, check_call, check_input_shape, network_flags, profile_shapes, torch_dtype
@@ -149,7 +150,9 @@ class OnnxSampler(torch.nn.Module):
     """onnxruntime session with the FixedStepSampler interface (CPU, or CUDA provider if present)."""
 
     def __init__(self, path: str | Path, generator: Generator | None = None, weights_sha256: str = "",
-                 providers: list[str] | None = None) -> None:
+                 providers: list[str] | None = None, session_options: object | None = None) -> None:
+        """``session_options``: an ``onnxruntime.SessionOptions``; default the tuned CPU settings of
+        :func:`cdal_fast.ort_options.tuned_session_options` (denormals flushed, one thread per core)."""
         super().__init__()
         try:
             import onnxruntime as ort
@@ -158,8 +161,10 @@ class OnnxSampler(torch.nn.Module):
         path = Path(path)
         if not path.is_file():
             raise BackendError(f"ONNX file not found: {path}")
+        options = session_options if session_options is not None else tuned_session_options()
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options,
+                                                providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:
             raise BackendError(f"{path}: not a valid ONNX model ({str(exc).splitlines()[0][:200]})") from None
         meta = _read_meta(dict(self.session.get_modelmeta().custom_metadata_map), path)

@@ -202,19 +202,25 @@ def run(args: argparse.Namespace) -> None:
                 probs.setdefault((name, ci), prob)
             print(f"round {r + 1}/{args.repeats} (load {loads[-1]:.2f}): "
                   + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
+            summarise(rows, times, probs, min(len(crops), r + 1))
+            write_table(list(rows.values()), loads, cfg, crops, args)  # after every round: a cut run keeps a table
+
+
+def summarise(rows: dict[str, dict], times: dict[str, list[float]], probs: dict[tuple[str, int], torch.Tensor],
+              crops_done: int) -> None:
+    """Per path: s/tile (median, min, max), ratio to the baseline within each round, Dice vs the reference."""
     for name, ts in times.items():
         med, lo, hi = _spread(ts)
         ratios = [b / t for b, t in zip(times[BASELINE], ts)]
         dices, diffs = [], []
-        for ci in range(min(len(crops), args.repeats)):
+        for ci in range(crops_done):
             ref, got = probs[(REFERENCE, ci)], probs[(name, ci)]
             dices.append(dice_iou(decode_mask(got) > 0, decode_mask(ref) > 0)[0])
             diffs.append(float((got - ref).abs().max()))
         rmed, rlo, rhi = _spread(ratios)
         rows[name].update({"s_per_tile": med, "s_min": lo, "s_max": hi, "spread_pct": 100 * (hi - lo) / med,
                            "x_vs_authors": rmed, "x_min": rlo, "x_max": rhi, "dice_min": min(dices),
-                           "max_abs_prob_diff": max(diffs), "times_s": ts})
-    write_table(list(rows.values()), loads, cfg, crops, args)
+                           "max_abs_prob_diff": max(diffs), "rounds": len(ts), "times_s": ts})
 
 
 def cpu_name() -> str:
@@ -240,7 +246,7 @@ def cpu_flags() -> str:
     return "unknown"
 
 
-COLUMNS = ["path", "what", "s_per_tile", "s_min", "s_max", "spread_pct", "x_vs_authors", "x_min", "x_max",
+COLUMNS = ["path", "what", "s_per_tile", "s_min", "s_max", "spread_pct", "rounds", "x_vs_authors", "x_min", "x_max",
            "dice_min", "max_abs_prob_diff", "build_s", "skipped"]
 
 

@@ -174,6 +174,16 @@ def _verified_tag(weights_sha256: str) -> str:
     return digest[:_HASH_TAG_CHARS]
 
 
+def _stale(path: Path) -> bool:
+    """A cached graph written by an older exporter (another graph format) or unreadable: export again."""
+    from .compiled import GRAPH_FORMAT, onnx_metadata
+
+    try:
+        return onnx_metadata(path).get("cdal_graph_format") != GRAPH_FORMAT
+    except Exception:  # a truncated or foreign file in the cache is replaced, not trusted
+        return True
+
+
 def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weights_sha256: str,
                 precision: str = "fp32") -> Path:
     """The sampler's ONNX graph for these weights, T and V, exported once into the cache.
@@ -197,6 +207,6 @@ def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weig
         path = folder / "unverified" / f"{_safe_name(cfg.name)}-pid{os.getpid()}-{shape}.onnx"
     if path.resolve().parent != (folder / ("" if tag else "unverified")).resolve():
         raise BackendError(f"ONNX cache file {path} would lie outside the cache folder {folder}")
-    if not tag or not path.is_file():
+    if not tag or not path.is_file() or _stale(path):
         export_onnx(generator, path, t, v, weights_sha256=weights_sha256 if tag else "", precision=precision)
     return path

@@ -152,3 +152,29 @@ def test_auto_sampler_is_deterministic_under_a_seed(tiny_gen, real_tile) -> None
     other, _ = sample(sampler, real_tile, seed=12)
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnx not installed")
+def test_float32_graph_uses_instance_norm_and_a_cached_graph_of_an_older_format_is_exported_again(tiny_gen) -> None:
+    import onnx
+
+    from cdal_fast.backends import cached_onnx
+    from cdal_fast.compiled import GRAPH_FORMAT
+
+    digest = "cd" * 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = cached_onnx(tiny_gen, 1, 1, digest)
+    model = onnx.load(str(path))
+    ops_used = {n.op_type for n in model.graph.node}
+    assert "InstanceNormalization" in ops_used and "GroupNormalization" not in ops_used
+    assert {p.key: p.value for p in model.metadata_props}["cdal_graph_format"] == GRAPH_FORMAT
+    for prop in model.metadata_props:  # what an older exporter wrote: no graph format
+        if prop.key == "cdal_graph_format":
+            prop.value = "1"
+    onnx.save(model, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = cached_onnx(tiny_gen, 1, 1, digest)
+    assert again == path
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}["cdal_graph_format"] == GRAPH_FORMAT

@@ -7,6 +7,7 @@
 * ``onnx``: the unrolled sampler as an ONNX graph run by onnxruntime (exported once, cached).
 * ``tensorrt``: a TensorRT engine built from that graph (cached; needs a GPU and TensorRT).
 * ``graphs``: eager (fused ops when built) replayed as CUDA graphs per static input shape (GPU only).
+* ``auto``: the fastest measured of these for the device and dtype (:mod:`cdal_fast.backend_choice`).
 
 Backends that need something missing fail at start with one message saying what to install.
 
@@ -20,18 +21,20 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from .backend_choice import AUTO, preference, resolve_backend
 from .compiled import DEFAULT_TRT_BATCH, OnnxSampler, TensorRTSampler, build_tensorrt_engine
 from .generator import Generator
 from .graphs import GraphedSampler
 from .requires import BackendError, require_cuda_device, require_ops, require_tensorrt
 from .sampler import FixedStepSampler, SamplerLike
 
-__all__ = ["BACKENDS", "BackendError", "build_sampler", "require_ops", "GraphedSampler"]
+__all__ = ["AUTO", "BACKENDS", "BACKEND_CHOICES", "BackendError", "build_sampler", "require_ops", "GraphedSampler"]
 
 Builder = Callable[[Generator, "int | None", "int | None", torch.device, torch.dtype, str, int], SamplerLike]
 DEFAULT_MAX_BATCH = DEFAULT_TRT_BATCH  # tiles per call a fixed-shape backend is built for when not told
@@ -110,6 +113,7 @@ BUILDERS: dict[str, Builder] = {
     "graphs": _build_graphs,
 }
 BACKENDS = tuple(BUILDERS)
+BACKEND_CHOICES = (AUTO, *BACKENDS)  # what --backend accepts: auto resolves to one of BACKENDS
 
 
 def build_sampler(generator: Generator, steps: int | None, votes: int | None, backend: str = "eager",
@@ -117,12 +121,37 @@ def build_sampler(generator: Generator, steps: int | None, votes: int | None, ba
                   weights_sha256: str = "", max_batch: int = DEFAULT_MAX_BATCH) -> SamplerLike:
     """The sampler of ``backend`` for ``generator`` (which is left unchanged).
 
+    ``auto`` (``segment``'s default) is the fastest measured backend for ``device`` and ``dtype`` whose pieces
+    are installed (:mod:`cdal_fast.backend_choice`), falling back along the measured order.
+
     ``max_batch`` is the most tiles one call will hold; backends with fixed shapes (TensorRT's
     optimisation profile) are built for 1..``max_batch``.
     """
+    dev = torch.device(device)
+    if backend == AUTO:
+        return _build_auto(generator, steps, votes, dev, dtype, weights_sha256, max_batch)
     if backend not in BUILDERS:
-        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return BUILDERS[backend](generator, steps, votes, torch.device(device), dtype, weights_sha256, max_batch)
+        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    return BUILDERS[backend](generator, steps, votes, dev, dtype, weights_sha256, max_batch)
+
+
+def _build_auto(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
+                dtype: torch.dtype, weights_sha256: str, max_batch: int) -> SamplerLike:
+    """The resolver's choice; when building it still fails (e.g. the ONNX export), the next candidate.
+
+    The candidates come from :func:`cdal_fast.backend_choice.resolve_backend`'s measured order, so a
+    failure costs speed, never the run; ``eager`` needs nothing and ends every chain.
+    """
+    order, _ = preference(device, dtype)
+    start = order.index(resolve_backend(device, dtype).backend)
+    errors = []
+    for name in dict.fromkeys((*order[start:], "eager")):
+        try:
+            return BUILDERS[name](generator, steps, votes, device, dtype, weights_sha256, max_batch)
+        except BackendError as exc:
+            errors.append(f"{name}: {exc}")
+            warnings.warn(f"--backend auto: {name} could not be built ({exc}); trying the next one", stacklevel=2)
+    raise BackendError("--backend auto: no backend could be built (" + "; ".join(errors) + ")")
 
 
 _SAFE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -143,6 +172,16 @@ def _verified_tag(weights_sha256: str) -> str:
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         return ""
     return digest[:_HASH_TAG_CHARS]
+
+
+def _stale(path: Path) -> bool:
+    """A cached graph written by an older exporter (another graph format) or unreadable: export again."""
+    from .compiled import GRAPH_FORMAT, onnx_metadata
+
+    try:
+        return onnx_metadata(path).get("cdal_graph_format") != GRAPH_FORMAT
+    except Exception:  # a truncated or foreign file in the cache is replaced, not trusted
+        return True
 
 
 def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weights_sha256: str,
@@ -168,6 +207,6 @@ def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weig
         path = folder / "unverified" / f"{_safe_name(cfg.name)}-pid{os.getpid()}-{shape}.onnx"
     if path.resolve().parent != (folder / ("" if tag else "unverified")).resolve():
         raise BackendError(f"ONNX cache file {path} would lie outside the cache folder {folder}")
-    if not tag or not path.is_file():
+    if not tag or not path.is_file() or _stale(path):
         export_onnx(generator, path, t, v, weights_sha256=weights_sha256 if tag else "", precision=precision)
     return path

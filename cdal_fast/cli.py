@@ -17,7 +17,7 @@ import click
 import torch
 
 from . import __version__
-from .backends import BACKENDS
+from .backends import AUTO, BACKEND_CHOICES
 from .cli_options import (
     ALLOW_UNTRAINED_STEPS_HELP,
     AREA_UM2,
@@ -77,6 +77,11 @@ def info() -> None:
     for task, stem in SHIPPED.items():
         p = MODEL_DIR / f"{stem}.safetensors"
         click.echo(f"model {task:12s} {'shipped' if p.is_file() else 'not shipped'}  {p if p.is_file() else ''}")
+    from .backend_choice import resolve_backend
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        click.echo(f"--backend auto on {dev}, float32: {resolve_backend(dev, torch.float32).describe()}")
 
 
 @main.command()
@@ -236,9 +241,11 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
                    "one slide's tile bands over all of them (cpu,cpu: two CPU workers sharing the cores).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Compute precision (bfloat16 is fastest on recent GPUs).")
-@click.option("--backend", type=click.Choice(list(BACKENDS)),
-              default="eager", show_default=True,
-              help="Sampler implementation; onnx/tensorrt export (and build) once into ~/.cache/cdal-fast.")
+@click.option("--backend", type=click.Choice(list(BACKEND_CHOICES)),
+              default=AUTO, show_default=True,
+              help="Sampler implementation. auto: the fastest measured one for the device and dtype that is "
+                   "installed (`cdal-fast info` says which); onnx/tensorrt export (and build) once into "
+                   "~/.cache/cdal-fast.")
 @click.option("--batch-size", type=BATCH, default=None,
               help="Tiles per sampler call (default: 8 on a GPU, 1 on a CPU, where big batches only cost memory).")
 @click.option("--workers", type=WORKERS, default=2, show_default=True, help="Background tile-reading processes.")
@@ -399,7 +406,8 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
                           nuclei_threshold=nuclei_threshold, nuclei_h_um=nuclei_h, nuclei_min_area_um2=nuclei_min_area,
                           max_pixels=max_pixels)
     info = {"weights": str(bundle.path), "sha256": bundle.sha256, "weights_verified": bundle.verified,
-            "preset": bundle.config.name, "backend": backend, "dtype": dtype, "device": str(dev),
+            "preset": bundle.config.name, "backend": _backend_used(sampler, backend), "dtype": dtype,
+            "device": str(dev),
             "steps": steps or bundle.config.num_steps, "trained_steps": bundle.config.num_steps,
             "untrained_steps": untrained}
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
@@ -426,6 +434,15 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
                f"({r['tiles_per_second']:.2f} tiles/s). Summary: {out_dir / summary_name}")
     if report.failed:
         sys.exit(1)
+
+
+def _backend_used(sampler: object, backend: str) -> str:
+    """The backend name for the run summary: ``auto`` is recorded with what it resolved to."""
+    if backend != AUTO or sampler is None:
+        return backend
+    from .compiled import OnnxSampler
+
+    return f"{AUTO} -> {'onnx' if isinstance(sampler, OnnxSampler) else 'eager'}"
 
 
 def _segment_on_ray(files: list[Path], out_dir: Path, task: str, weights: Path | None, steps: int | None,

@@ -24,6 +24,15 @@ def perturbed(gen: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch
     return gen
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_export_cache(tmp_path_factory):
+    """`segment`'s default backend (auto) exports ONNX graphs into the cache: keep the suite's out of
+    the user's ~/.cache (tests that need their own cache still set CDAL_FAST_CACHE themselves)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CDAL_FAST_CACHE", str(tmp_path_factory.mktemp("cdal_fast_cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Small networks gain nothing from threads; on a busy 2-core runner they lose up to 20x to

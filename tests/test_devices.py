@@ -43,7 +43,8 @@ def test_device_all_without_gpu_runs_on_the_cpu_with_identical_outputs(tmp_path,
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["segment", str(slides / "s2.ome.tif"), "--out", str(out), "--weights",
-                                    str(weights), "--device", "all", "--batch-size", "2", "--seed", "3",
+                                    str(weights), "--device", "all", "--backend", "eager", "--batch-size", "2",
+                                    "--seed", "3",
                                     "--tile-overlap", "16", "--workers", "0", "--no-tissue-mask", "--save-prob",
                                     "--save-uncertainty", "-q"])
     assert res.exit_code == 0, res.output

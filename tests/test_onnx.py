@@ -141,6 +141,7 @@ def _fake_export(calls: list):
 
 def test_onnx_cache_name_cannot_escape_and_only_verified_hashes_hit(tmp_path, monkeypatch):
     """A hostile preset name or claimed hash stays inside the cache; unverified weights always re-export."""
+    import cdal_fast.backends as backends
     import cdal_fast.compiled as compiled
     from cdal_fast.backends import cached_onnx
 
@@ -148,6 +149,7 @@ def test_onnx_cache_name_cannot_escape_and_only_verified_hashes_hit(tmp_path, mo
     monkeypatch.setenv("CDAL_FAST_CACHE", str(cache))
     calls: list = []
     monkeypatch.setattr(compiled, "export_onnx", _fake_export(calls))
+    monkeypatch.setattr(backends, "_stale", lambda path: False)  # the fake graphs hold no metadata
     gen = Generator(get_preset("tiny").replace(name="../../../x"))
     digest = "ab" * 32
     path = cached_onnx(gen, None, None, digest)

@@ -66,7 +66,8 @@ def test_two_concurrent_shard_jobs_do_each_slide_once(tmp_path, weights, slides,
     out = tmp_path / "out"
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # the reference's thread count
     args = [sys.executable, "-m", "cdal_fast.cli", "segment", str(slides), "--out", str(out), "--weights",
-            str(weights), "--batch-size", "2", "--seed", "3", "--tile-overlap", "16", "--workers", "0",
+            str(weights), "--backend", "eager", "--batch-size", "2", "--seed", "3", "--tile-overlap", "16",
+            "--workers", "0",
             "--no-tissue-mask", "--save-prob", "--save-uncertainty", "-q"]
     jobs = [subprocess.Popen([*args, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True) for i in range(2)]

@@ -9,6 +9,9 @@ reproducible and comparable with the PyTorch sampler on the same noise:
             post (T, V*B, C_mask, S, S)                              (B is dynamic)
     outputs prob (B, C_mask, S, S), std (B, C_mask, S, S)
 
+With test-time augmentation (``tta``) the per-vote dihedral transforms are part of the graph (plain
+``Transpose`` / ``Slice``), recorded as ``cdal_tta`` in the metadata; the graph stays square-only.
+
 The file's metadata records the weights hash, T, V, tile size and preset; loaders refuse a graph
 that does not match the model they are asked to run. TensorRT engines (10.x and 11.x, strongly
 typed) are built from a graph exported in the engine's precision and cached under a key of (graph
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_output
+from .config import INFERENCE_FIELDS
 from .generator import Generator
 from .onnx_groupnorm import GROUP_NORM_OPSET, group_normalization_export
 from .requires import BackendError, require_tensorrt
@@ -47,10 +51,11 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _meta(generator: Generator, steps: int, votes: int, size: int, weights_sha256: str) -> dict[str, str]:
+def _meta(generator: Generator, steps: int, votes: int, size: int, weights_sha256: str,
+          tta: bool = False) -> dict[str, str]:
     return {"cdal_preset": generator.cfg.name, "cdal_steps": str(steps), "cdal_votes": str(votes),
             "cdal_size": str(size), "cdal_weights_sha256": weights_sha256,
-            "cdal_model_config": generator.cfg.to_json()}
+            "cdal_model_config": generator.cfg.to_json(), "cdal_tta": str(int(tta))}
 
 
 ONNX_OPSET = GROUP_NORM_OPSET  # GroupNormalization (float32 statistics) instead of InstanceNormalization
@@ -79,25 +84,27 @@ class _TypedSampler(torch.nn.Module):
 
 
 def export_onnx(generator: Generator, out: str | Path, steps: int | None = None, votes: int | None = None,
-                size: int | None = None, batch: int = 1, weights_sha256: str = "", precision: str = "fp32") -> Path:
+                size: int | None = None, batch: int = 1, weights_sha256: str = "", precision: str = "fp32",
+                tta: bool = False) -> Path:
     """Write the unrolled sampler as ONNX (plain ops; the fused custom ops are not used).
 
     The graph is traced on the CPU from :func:`export_copy` (``precision`` sets its weights and
     activations; inputs and outputs stay float32, group-norm statistics float32), so ``generator``
-    may live on any device in any dtype and is left exactly as it was.
+    may live on any device in any dtype and is left exactly as it was. ``tta`` bakes test-time
+    augmentation into the graph.
     """
     import onnx
 
     if precision not in EXPORT_DTYPES:
         raise BackendError(f"ONNX export precision must be one of {', '.join(EXPORT_DTYPES)}, got {precision!r}")
-    sampler = FixedStepSampler(export_copy(generator), steps, votes).to(EXPORT_DTYPES[precision]).eval()
+    sampler = FixedStepSampler(export_copy(generator), steps, votes, tta=tta).to(EXPORT_DTYPES[precision]).eval()
     cfg = generator.cfg
     s = size or cfg.image_size
     n = draw_noise(sampler.num_steps, sampler.votes, cfg.mask_channels, cfg.nz, s, s, generators_from_seed(0, batch))
     image = torch.zeros(batch, cfg.img_channels, s, s)
     dyn = {"image": {0: "batch"}, "x_init": {0: "vb"}, "z": {1: "vb"}, "post": {1: "vb"},
            "prob": {0: "batch"}, "std": {0: "batch"}}
-    meta = _meta(generator, sampler.num_steps, sampler.votes, s, weights_sha256)
+    meta = _meta(generator, sampler.num_steps, sampler.votes, s, weights_sha256, tta)
     meta["cdal_precision"] = precision
     with atomic_output(out) as tmp:
         with torch.no_grad(), group_normalization_export(ONNX_OPSET):
@@ -133,12 +140,14 @@ def _set_sampler_attrs(module: torch.nn.Module, meta: dict[str, str]) -> None:
               "nz": cfg["nz"]}
     for name in SAMPLER_ATTRS:
         setattr(module, name, int(values[name]))
+    module.tta = meta.get("cdal_tta", "0") == "1"  # graphs from before TTA have no key: plain votes
 
 
 def _check_matches(meta: dict[str, str], generator: Generator | None, sha256: str, path: Path) -> None:
     if generator is None:
         return
-    if json.loads(meta["cdal_model_config"]) != json.loads(generator.cfg.to_json()):
+    exported = {k: v for k, v in json.loads(meta["cdal_model_config"]).items() if k not in INFERENCE_FIELDS}
+    if exported != json.loads(json.dumps(generator.cfg.architecture_dict())):
         raise BackendError(f"{path} was exported from a different model (preset {meta.get('cdal_preset')!r}); "
                            "re-export it from these weights")
     if sha256 and meta.get("cdal_weights_sha256") and meta["cdal_weights_sha256"] != sha256:

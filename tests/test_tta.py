@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -177,3 +178,28 @@ def test_eval_follows_the_model_default_and_the_flags(tmp_path):
         assert data["tta"] is (flag == "") and ("TTA on" in res.output) is (flag == "")
         dice[flag] = data["dice"]
     assert dice[""] != dice["--no-tta"]
+
+
+def test_segment_records_tta_and_stays_batch_size_invariant(tmp_path):
+    """The model's default (on) reaches segment's sampler; batch 1 and batch 4 give the same mask with it."""
+    from PIL import Image
+
+    gen = _gen(6)
+    tta_model = Generator(gen.cfg.replace(tta=True))
+    tta_model.load_state_dict(gen.state_dict())
+    save_weights(tmp_path / "w", tta_model, dtype=torch.float32)
+    rng = torch.Generator().manual_seed(1)
+    Image.fromarray(torch.randint(0, 256, (96, 128, 3), generator=rng, dtype=torch.uint8).numpy()).save(
+        tmp_path / "a.png")
+    masks, recorded = [], []
+    for bs, flag in ((1, ""), (4, "")):
+        out = tmp_path / f"o{bs}{flag}"
+        res = CliRunner().invoke(main, ["segment", str(tmp_path / "a.png"), "--out", str(out), "--weights",
+                                        str(tmp_path / "w.safetensors"), "--mpp", "0.5", "--workers", "0",
+                                        "--batch-size", str(bs), "--tile-overlap", "16", "--no-nuclei", "-q",
+                                        "--save-prob", *([flag] if flag else [])])
+        assert res.exit_code == 0, res.output
+        recorded.append(json.loads((out / "a.json").read_text())["model"]["tta"])
+        masks.append(np.asarray(Image.open(next(out.glob("a.prob*")))))
+    assert recorded == [True, True]
+    assert np.array_equal(masks[0], masks[1])

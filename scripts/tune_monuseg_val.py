@@ -35,7 +35,7 @@ from cdal_fast.preprocess import match_channels, to_chw_float
 from cdal_fast.sampler import FixedStepSampler
 
 VARIANTS = {"plain": False, "tta": True}  # cache folder -> test-time augmentation on
-THRESHOLDS = (0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65)
+THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
 FILL_HOLES = (0, 16, 64)  # largest hole filled, in work-grid pixels (0: off)
 MIN_OBJECTS = (0, 8, 16, 32, 64)  # smallest object kept, in work-grid pixels (0: off)
 BATCH = 4  # patches per sampler call (the eval default; results do not depend on it)
@@ -110,7 +110,32 @@ def sweep_stage(cache: Path, results: Path, names: list[str]) -> list[dict]:
                        + "\n".join(lines) + "\n")
     best = max(rows, key=lambda r: r["dice"])
     print("best:", {k: v for k, v in best.items() if k != "tile_dice"})
+    _write_summary(results, names, rows)
     return rows
+
+
+def _write_summary(results: Path, names: list[str], rows: list[dict]) -> None:
+    """Per-tile Dice of the plain protocol, TTA alone, and the best setting of each variant."""
+    def pick(tta: bool, **fixed: float) -> dict:
+        cands = [r for r in rows if r["tta"] is tta and all(r[k] == v for k, v in fixed.items())]
+        return max(cands, key=lambda r: r["dice"])
+
+    plain = {"threshold": 0.5, "fill_holes_px": 0, "min_object_px": 0}
+    chosen = {"protocol (no TTA, 0.5, no clean-up)": pick(False, **plain), "TTA only": pick(True, **plain),
+              "best threshold, no TTA, no clean-up": pick(False, fill_holes_px=0, min_object_px=0),
+              "best threshold, TTA, no clean-up": pick(True, fill_holes_px=0, min_object_px=0),
+              "best without TTA": pick(False), "best with TTA": pick(True)}
+    lines = [f"# Inference levers on validation ({len(names)} tiles)", "",
+             "| setting | TTA | threshold | fill holes | min object | Dice | IoU | " + " | ".join(names) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(names)]
+    for label, r in chosen.items():
+        lines.append(f"| {label} | {'on' if r['tta'] else 'off'} | {r['threshold']:.2f} | {r['fill_holes_px']} | "
+                     f"{r['min_object_px']} | {r['dice']:.4f} | {r['iou']:.4f} | "
+                     + " | ".join(f"{d:.4f}" for d in r["tile_dice"]) + " |")
+    with atomic_output(results / "summary.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    with atomic_output(results / "summary.json") as tmp:
+        tmp.write_text(json.dumps({"names": names, "settings": chosen}, indent=1) + "\n")
 
 
 def main() -> None:

@@ -68,14 +68,14 @@ def sample_stage(data: Path, cache: Path, seed: int, split: str) -> None:
             print(f"{variant} {name}: dice@0.5 {d:.4f}  {time.perf_counter() - t0:.1f} s", flush=True)
 
 
-def _score(maps: list[tuple[np.ndarray, np.ndarray]], post: PostProcess) -> tuple[float, float, list[float]]:
+def _score(maps: list[tuple[np.ndarray, np.ndarray]], post: PostProcess) -> tuple[list[float], list[float]]:
     dices, ious = [], []
     for prob, target in maps:
         mask = postprocess_mask(prob >= post.threshold, post)
         d, i = dice_iou(torch.from_numpy(mask), torch.from_numpy(target))
         dices.append(d)
         ious.append(i)
-    return float(np.mean(dices)), float(np.mean(ious)), dices
+    return dices, ious
 
 
 def sweep_stage(cache: Path, results: Path, names: list[str]) -> list[dict]:
@@ -95,9 +95,10 @@ def sweep_stage(cache: Path, results: Path, names: list[str]) -> list[dict]:
                 maps.append((z["prob"], z["target"].astype(bool)))
         for thr, holes, min_obj in itertools.product(THRESHOLDS, FILL_HOLES, MIN_OBJECTS):
             post = PostProcess(threshold=thr, fill_holes_px=holes, min_object_px=min_obj)
-            dice, iou, per_tile = _score(maps, post)
+            dices, ious = _score(maps, post)
             rows.append({"tta": VARIANTS[variant], "threshold": thr, "fill_holes_px": holes,
-                         "min_object_px": min_obj, "dice": dice, "iou": iou, "tile_dice": per_tile})
+                         "min_object_px": min_obj, "dice": float(np.mean(dices)), "iou": float(np.mean(ious)),
+                         "tile_dice": dices, "tile_iou": ious})
     results.mkdir(parents=True, exist_ok=True)
     with atomic_output(results / "sweep.json") as tmp:
         tmp.write_text(json.dumps({"names": names, "rows": rows}, indent=1) + "\n")
@@ -109,7 +110,7 @@ def sweep_stage(cache: Path, results: Path, names: list[str]) -> list[dict]:
         tmp.write_text(f"# Validation sweep (all settings, best first; {len(names)} tiles: {', '.join(names)})\n\n"
                        + "\n".join(lines) + "\n")
     best = max(rows, key=lambda r: r["dice"])
-    print("best:", {k: v for k, v in best.items() if k != "tile_dice"})
+    print("best:", {k: v for k, v in best.items() if not k.startswith("tile_")})
     _write_summary(results, names, rows)
     return rows
 

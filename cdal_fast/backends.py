@@ -36,7 +36,8 @@ from .sampler import FixedStepSampler, SamplerLike
 
 __all__ = ["AUTO", "BACKENDS", "BACKEND_CHOICES", "BackendError", "build_sampler", "require_ops", "GraphedSampler"]
 
-Builder = Callable[[Generator, "int | None", "int | None", torch.device, torch.dtype, str, int], SamplerLike]
+# builders also take a keyword-only ``tta`` flag (test-time augmentation)
+Builder = Callable[..., SamplerLike]
 DEFAULT_MAX_BATCH = DEFAULT_TRT_BATCH  # tiles per call a fixed-shape backend is built for when not told
 # --dtype -> TensorRT engine precision (float32 keeps the fp16 engine default; --dtype bfloat16 asks for bf16)
 TRT_PRECISION = {torch.float32: "fp16", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -57,49 +58,49 @@ def _sampler_generator(generator: Generator, fused: bool, device: torch.device, 
 
 
 def _eager(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-           dtype: torch.dtype, fused: bool = False) -> FixedStepSampler:
+           dtype: torch.dtype, fused: bool = False, tta: bool = False) -> FixedStepSampler:
     gen = _sampler_generator(generator, fused, device, dtype)
-    return FixedStepSampler(gen, steps, votes).to(device=device, dtype=dtype).eval()
+    return FixedStepSampler(gen, steps, votes, tta=tta).to(device=device, dtype=dtype).eval()
 
 
 def _build_eager(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                 dtype: torch.dtype, weights_sha256: str, max_batch: int) -> SamplerLike:
-    return _eager(generator, steps, votes, device, dtype)
+                 dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
+    return _eager(generator, steps, votes, device, dtype, tta=tta)
 
 
 def _build_torchscript(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                       dtype: torch.dtype, weights_sha256: str, max_batch: int) -> SamplerLike:
-    return torch.jit.script(_eager(generator, steps, votes, device, dtype))
+                       dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
+    return torch.jit.script(_eager(generator, steps, votes, device, dtype, tta=tta))
 
 
 def _build_fused(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                 dtype: torch.dtype, weights_sha256: str, max_batch: int) -> SamplerLike:
+                 dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
     require_ops()
-    return _eager(generator, steps, votes, device, dtype, fused=True)
+    return _eager(generator, steps, votes, device, dtype, fused=True, tta=tta)
 
 
 def _build_compile(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                   dtype: torch.dtype, weights_sha256: str, max_batch: int) -> SamplerLike:
-    return torch.compile(_eager(generator, steps, votes, device, dtype), dynamic=False)
+                   dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
+    return torch.compile(_eager(generator, steps, votes, device, dtype, tta=tta), dynamic=False)
 
 
 def _build_graphs(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                  dtype: torch.dtype, weights_sha256: str, max_batch: int) -> SamplerLike:
+                  dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
     require_cuda_device(device, "graphs", "CUDA graphs")
     # the custom ops when the library is built; set_fused keeps plain ops otherwise
-    return GraphedSampler(_eager(generator, steps, votes, device, dtype, fused=True))
+    return GraphedSampler(_eager(generator, steps, votes, device, dtype, fused=True, tta=tta))
 
 
 def _build_onnx(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                dtype: torch.dtype, weights_sha256: str, max_batch: int) -> SamplerLike:
-    return OnnxSampler(cached_onnx(generator, steps, votes, weights_sha256), generator, weights_sha256)
+                dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
+    return OnnxSampler(cached_onnx(generator, steps, votes, weights_sha256, tta=tta), generator, weights_sha256)
 
 
 def _build_tensorrt(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                    dtype: torch.dtype, weights_sha256: str, max_batch: int) -> SamplerLike:
+                    dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
     require_tensorrt()  # fail at start, before any export work
     precision = TRT_PRECISION[dtype]
-    path = cached_onnx(generator, steps, votes, weights_sha256, precision)
+    path = cached_onnx(generator, steps, votes, weights_sha256, precision, tta=tta)
     return TensorRTSampler(build_tensorrt_engine(path, precision, max_batch), path)
 
 
@@ -118,25 +119,28 @@ BACKEND_CHOICES = (AUTO, *BACKENDS)  # what --backend accepts: auto resolves to 
 
 def build_sampler(generator: Generator, steps: int | None, votes: int | None, backend: str = "eager",
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  weights_sha256: str = "", max_batch: int = DEFAULT_MAX_BATCH) -> SamplerLike:
+                  weights_sha256: str = "", max_batch: int = DEFAULT_MAX_BATCH, tta: bool = False) -> SamplerLike:
     """The sampler of ``backend`` for ``generator`` (which is left unchanged).
 
     ``auto`` (``segment``'s default) is the fastest measured backend for ``device`` and ``dtype`` whose pieces
     are installed (:mod:`cdal_fast.backend_choice`), falling back along the measured order.
+
+    ``tta`` turns on test-time augmentation (:mod:`cdal_fast.dihedral`); every backend supports it
+    (the ONNX graph and TensorRT engine are exported with it and cached under their own name).
 
     ``max_batch`` is the most tiles one call will hold; backends with fixed shapes (TensorRT's
     optimisation profile) are built for 1..``max_batch``.
     """
     dev = torch.device(device)
     if backend == AUTO:
-        return _build_auto(generator, steps, votes, dev, dtype, weights_sha256, max_batch)
+        return _build_auto(generator, steps, votes, dev, dtype, weights_sha256, max_batch, tta=tta)
     if backend not in BUILDERS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
-    return BUILDERS[backend](generator, steps, votes, dev, dtype, weights_sha256, max_batch)
+    return BUILDERS[backend](generator, steps, votes, dev, dtype, weights_sha256, max_batch, tta=tta)
 
 
 def _build_auto(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                dtype: torch.dtype, weights_sha256: str, max_batch: int) -> SamplerLike:
+                dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
     """The resolver's choice; when building it still fails (e.g. the ONNX export), the next candidate.
 
     The candidates come from :func:`cdal_fast.backend_choice.resolve_backend`'s measured order, so a
@@ -147,7 +151,7 @@ def _build_auto(generator: Generator, steps: int | None, votes: int | None, devi
     errors = []
     for name in dict.fromkeys((*order[start:], "eager")):
         try:
-            return BUILDERS[name](generator, steps, votes, device, dtype, weights_sha256, max_batch)
+            return BUILDERS[name](generator, steps, votes, device, dtype, weights_sha256, max_batch, tta=tta)
         except BackendError as exc:
             errors.append(f"{name}: {exc}")
             warnings.warn(f"--backend auto: {name} could not be built ({exc}); trying the next one", stacklevel=2)
@@ -185,14 +189,15 @@ def _stale(path: Path) -> bool:
 
 
 def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weights_sha256: str,
-                precision: str = "fp32") -> Path:
+                precision: str = "fp32", tta: bool = False) -> Path:
     """The sampler's ONNX graph for these weights, T and V, exported once into the cache.
 
     ``weights_sha256`` must be the hash ``load_weights`` verified (``ModelBundle.content_sha256``);
     only then is a cached graph reused. Without one (unverified weights, a bare generator) the
     graph is exported afresh into a file private to this process and never read from the cache.
     The file name holds nothing but a sanitised preset name, the hash, T, V, the tile size and a
-    precision suffix for reduced-precision graphs (TensorRT's strongly typed engines).
+    precision suffix for reduced-precision graphs (TensorRT's strongly typed engines) and ``-tta``
+    for a graph with test-time augmentation.
     """
     from .compiled import cache_dir, export_onnx
 
@@ -201,6 +206,7 @@ def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weig
     tag = _verified_tag(weights_sha256)
     folder = cache_dir() / "onnx"
     shape = f"T{int(t)}-V{int(v)}-S{int(cfg.image_size)}" + ("" if precision == "fp32" else f"-{precision}")
+    shape += "-tta" if tta else ""
     if tag:
         path = folder / f"{_safe_name(cfg.name)}-{tag}-{shape}.onnx"
     else:
@@ -208,5 +214,6 @@ def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weig
     if path.resolve().parent != (folder / ("" if tag else "unverified")).resolve():
         raise BackendError(f"ONNX cache file {path} would lie outside the cache folder {folder}")
     if not tag or not path.is_file() or _stale(path):
-        export_onnx(generator, path, t, v, weights_sha256=weights_sha256 if tag else "", precision=precision)
+        export_onnx(generator, path, t, v, weights_sha256=weights_sha256 if tag else "", precision=precision,
+                    tta=tta)
     return path

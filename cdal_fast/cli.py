@@ -32,6 +32,7 @@ from .cli_options import (
     SEED,
     STEPS,
     TILE_SIZE,
+    TTA_OPTION,
     VOTES,
     WORKERS,
     check_steps,
@@ -170,6 +171,7 @@ def _leave_process_group(finished: bool) -> None:
 @click.option("--steps", type=STEPS, default=None, help="Reverse steps T (default: the model's).")
 @click.option("--allow-untrained-steps", is_flag=True, help=ALLOW_UNTRAINED_STEPS_HELP)
 @click.option("--votes", type=VOTES, default=None, help="Votes V (default: the model's).")
+@TTA_OPTION
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--batch-size", type=BATCH, default=4, show_default=True, help="Patches per sampler call.")
 @click.option("--device", default="auto", show_default=True)
@@ -178,7 +180,7 @@ def _leave_process_group(finished: bool) -> None:
               help="Write means and per-image rows here.")
 def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, split_file: Path | None,
              names: str | None, steps: int | None, allow_untrained_steps: bool,
-             votes: int | None, seed: int, batch_size: int, device: str, limit: int | None,
+             votes: int | None, tta: bool | None, seed: int, batch_size: int, device: str, limit: int | None,
              json_out: Path | None) -> None:
     """Score a model on a labelled folder with the spec's section-8 protocol (Dice and IoU)."""
     from .evaluate import evaluate_task
@@ -194,7 +196,8 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
     except WeightsError as exc:
         raise click.ClickException(str(exc)) from None
     untrained = check_steps(steps, bundle.config.num_steps, allow_untrained_steps)
-    sampler = FixedStepSampler(bundle.generator, steps, votes).to(dev)
+    use_tta = bundle.config.tta if tta is None else tta
+    sampler = FixedStepSampler(bundle.generator, steps, votes, tta=use_tta).to(dev)
     runner = PatchRunner(sampler, dev, batch_size=batch_size, seed=seed)
     name_list = [n for n in names.split(",") if n] if names else None
     try:
@@ -206,13 +209,14 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
         inst = "".join(f"  {k} {r[k]:.4f}" for k in INSTANCE_KEYS if k in r)
         click.echo(f"{r['name']:40s} dice {_fmt(r['dice'])}  iou {_fmt(r['iou'])}{inst}")
     click.echo(f"{'MEAN':40s} dice {_fmt(res.dice)}  iou {_fmt(res.iou)}  (n={len(res.rows)}, T={res.steps}, "
-               f"V={res.votes})")
+               f"V={res.votes}, TTA {'on' if use_tta else 'off'})")
     inst_mean = mean_instance_scores(res.rows)
     if inst_mean is not None:
         click.echo(f"{'MEAN instance':40s} " + "  ".join(f"{k} {inst_mean[k]:.4f}" for k in INSTANCE_KEYS)
                    + f"  (n={inst_mean['n']} tiles with XML nuclei)")
     if json_out:
-        payload = res.to_dict() | {"weights": str(bundle.path), "seed": seed, "trained_steps": bundle.config.num_steps,
+        payload = res.to_dict() | {"weights": str(bundle.path), "seed": seed, "tta": use_tta,
+                                   "trained_steps": bundle.config.num_steps,
                                    "untrained_steps": untrained}
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(payload, indent=2) + "\n")
@@ -252,6 +256,7 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--steps", type=STEPS, default=None, help="Reverse steps T (default: the model's).")
 @click.option("--allow-untrained-steps", is_flag=True, help=ALLOW_UNTRAINED_STEPS_HELP)
 @click.option("--votes", type=VOTES, default=None, help="Votes V (default: the model's).")
+@TTA_OPTION
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Same seed, same mask.")
 @click.option("--tile-overlap", type=OVERLAP, default=None,
               help="Overlap of adjacent tiles in model pixels (default: a quarter of the tile, 64 for 256).")
@@ -311,7 +316,8 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
             pattern: str | None,
             mpp: float | None, max_pixels: float, device: str, dtype: str, backend: str, batch_size: int | None,
             workers: int,
-            steps: int | None, allow_untrained_steps: bool, votes: int | None, seed: int, tile_overlap: int | None,
+            steps: int | None, allow_untrained_steps: bool, votes: int | None, tta: bool | None,
+            seed: int, tile_overlap: int | None,
             no_tissue_mask: bool, tissue_threshold: float | None, tissue_min_area: float, save_tissue: bool,
             roi: Path | None, pyramid_layout: str, save_prob: bool, save_uncertainty: bool, no_nuclei: bool,
             no_nuclei_geojson: bool, nuclei_gzip: bool, no_nuclei_csv: bool, nuclei_threshold: float,
@@ -374,8 +380,10 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
             on_gpu = devices[0].type == "cuda" if devices else (
                 device.startswith("cuda") if ray_address is not None else dev.type == "cuda")
             batch_size = 8 if on_gpu else 1
+        use_tta = bundle.config.tta if tta is None else tta
         sampler = None if ray_address is not None or devices else build_sampler(
-            bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.content_sha256, max_batch=batch_size)
+            bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.content_sha256, max_batch=batch_size,
+            tta=use_tta)
     except (WeightsError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
     files = find_inputs(list(inputs), recursive, pattern)
@@ -404,11 +412,11 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
                           nuclei=not no_nuclei and not bundle.config.multiclass, nuclei_geojson=not no_nuclei_geojson,
                           nuclei_gzip=nuclei_gzip, nuclei_csv=not no_nuclei_csv, save_labels=save_labels,
                           nuclei_threshold=nuclei_threshold, nuclei_h_um=nuclei_h, nuclei_min_area_um2=nuclei_min_area,
-                          max_pixels=max_pixels)
+                          max_pixels=max_pixels, tta=use_tta)
     info = {"weights": str(bundle.path), "sha256": bundle.sha256, "weights_verified": bundle.verified,
             "preset": bundle.config.name, "backend": _backend_used(sampler, backend), "dtype": dtype,
             "device": str(dev),
-            "steps": steps or bundle.config.num_steps, "trained_steps": bundle.config.num_steps,
+            "steps": steps or bundle.config.num_steps, "trained_steps": bundle.config.num_steps, "tta": use_tta,
             "untrained_steps": untrained}
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     summary_name = run_summary_name(shard_index, shard_count)
@@ -473,6 +481,7 @@ def _segment_on_ray(files: list[Path], out_dir: Path, task: str, weights: Path |
               help="Reverse steps T fixed in the export (default: the model's).")
 @click.option("--allow-untrained-steps", is_flag=True, help=ALLOW_UNTRAINED_STEPS_HELP)
 @click.option("--votes", type=VOTES, default=None, help="Votes V fixed in the export (default: the model's).")
+@TTA_OPTION
 @click.option("--fused", is_flag=True, help="Call the cdal C++ ops (the C++ program must link libcdal_ops).")
 @click.option("--batch", type=BATCH, default=None,
               help="aoti: the fixed batch size (default 1); tensorrt: the largest batch the engine accepts "
@@ -481,7 +490,7 @@ def _segment_on_ray(files: list[Path], out_dir: Path, task: str, weights: Path |
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
               help="tensorrt: engine precision.")
 def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_untrained_steps: bool,
-           votes: int | None, fused: bool,
+           votes: int | None, tta: bool | None, fused: bool,
            batch: int | None, size: int | None, precision: str) -> None:
     """Export the whole fixed-step sampler for use without Python (see docs/cpp.md).
 
@@ -504,6 +513,7 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_u
             require_ops()
     except (WeightsError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
+    use_tta = bundle.config.tta if tta is None else tta
     if fmt in PLAIN_OP_FORMATS:
         import shutil
 
@@ -514,10 +524,11 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_u
             if fmt == "tensorrt":
                 require_tensorrt()  # say what is missing before exporting anything
             if fmt == "onnx":
-                path = export_onnx(bundle.generator, out, steps, votes, size, weights_sha256=bundle.sha256)
+                path = export_onnx(bundle.generator, out, steps, votes, size, weights_sha256=bundle.sha256,
+                                   tta=use_tta)
             else:
                 onnx_path = export_onnx(bundle.generator, out.with_suffix(".onnx"), steps, votes, size,
-                                        weights_sha256=bundle.sha256, precision=precision)
+                                        weights_sha256=bundle.sha256, precision=precision, tta=use_tta)
                 path = out
                 engine = build_tensorrt_engine(onnx_path, precision, batch or DEFAULT_TRT_BATCH)
                 with atomic_output(out) as tmp:
@@ -526,9 +537,9 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_u
             raise click.ClickException(str(exc)) from None
         click.echo(f"wrote {path}")
         return
-    module = ExportableSampler(bundle.generator.with_fused(fused), steps, votes).eval()
+    module = ExportableSampler(bundle.generator.with_fused(fused), steps, votes, tta=use_tta).eval()
     path = export_torchscript(module, out) if fmt == "torchscript" else export_aoti(module, out, batch or 1, size)
-    click.echo(f"wrote {path} (T={module.num_steps}, V={module.votes}, fused={fused})")
+    click.echo(f"wrote {path} (T={module.num_steps}, V={module.votes}, fused={fused}, tta={use_tta})")
 
 
 @main.command(name="import-checkpoint")

@@ -17,7 +17,8 @@ from .config_limits import INT_LIMITS, MAX_STEPS, MAX_VOTES
 from .wsi.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
 
 __all__ = ["STEPS", "VOTES", "BATCH", "WORKERS", "SEED", "COUNT", "MINUTES", "MPP", "MAX_PIXELS", "OVERLAP",
-           "TILE_SIZE", "PROBABILITY", "MARKER_H_UM", "AREA_UM2", "ALLOW_UNTRAINED_STEPS_HELP", "check_steps"]
+           "TILE_SIZE", "PROBABILITY", "MARKER_H_UM", "AREA_UM2", "ALLOW_UNTRAINED_STEPS_HELP", "TTA_OPTION",
+           "check_steps"]
 
 MAX_BATCH = 4096  # tiles per sampler call; far beyond any GPU's memory for the shipped models
 MAX_WORKERS = 64  # tile-reading processes
@@ -59,6 +60,13 @@ ALLOW_UNTRAINED_STEPS_HELP = (
     "the one the model learned, so masks are not those the model was validated for; the output "
     "records untrained_steps: true."
 )
+
+
+# --tta/--no-tta: None (neither given) means the model config's own ``tta`` default.
+TTA_OPTION = click.option(
+    "--tta/--no-tta", default=None,
+    help="Test-time augmentation: vote v sees the tile under the v-th of the 8 flips/rotations (mapped back "
+         "before averaging; same number of forwards). Default: the model's own setting (its JSON config).")
 
 
 def check_steps(steps: int | None, trained: int, allow: bool) -> bool:

@@ -9,6 +9,9 @@ reproducible and comparable with the PyTorch sampler on the same noise:
             post (T, V*B, C_mask, S, S)                              (B is dynamic)
     outputs prob (B, C_mask, S, S), std (B, C_mask, S, S)
 
+With test-time augmentation (``tta``) the per-vote dihedral transforms are part of the graph (plain
+``Transpose`` / ``Slice``), recorded as ``cdal_tta`` in the metadata; the graph stays square-only.
+
 The file's metadata records the weights hash, T, V, tile size and preset; loaders refuse a graph
 that does not match the model they are asked to run. TensorRT engines (10.x and 11.x, strongly
 typed) are built from a graph exported in the engine's precision and cached under a key of (graph
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_output
+from .config import INFERENCE_FIELDS
 from .generator import Generator
 from .onnx_groupnorm import GROUP_NORM_OPSET, group_normalization_export
 from .ort_options import tuned_session_options
@@ -49,10 +53,11 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _meta(generator: Generator, steps: int, votes: int, size: int, weights_sha256: str) -> dict[str, str]:
+def _meta(generator: Generator, steps: int, votes: int, size: int, weights_sha256: str,
+          tta: bool = False) -> dict[str, str]:
     return {"cdal_preset": generator.cfg.name, "cdal_steps": str(steps), "cdal_votes": str(votes),
             "cdal_size": str(size), "cdal_weights_sha256": weights_sha256,
-            "cdal_model_config": generator.cfg.to_json()}
+            "cdal_model_config": generator.cfg.to_json(), "cdal_tta": str(int(tta))}
 
 
 # Bumped whenever the exported graph changes for the same weights (2: float32 graphs use
@@ -84,12 +89,14 @@ class _TypedSampler(torch.nn.Module):
 
 
 def export_onnx(generator: Generator, out: str | Path, steps: int | None = None, votes: int | None = None,
-                size: int | None = None, batch: int = 1, weights_sha256: str = "", precision: str = "fp32") -> Path:
+                size: int | None = None, batch: int = 1, weights_sha256: str = "", precision: str = "fp32",
+                tta: bool = False) -> Path:
     """Write the unrolled sampler as ONNX (plain ops; the fused custom ops are not used).
 
     The graph is traced on the CPU from :func:`export_copy` (``precision`` sets its weights and
     activations; inputs and outputs stay float32, group-norm statistics float32), so ``generator``
-    may live on any device in any dtype and is left exactly as it was.
+    may live on any device in any dtype and is left exactly as it was. ``tta`` bakes test-time
+    augmentation into the graph.
 
     Group norms: reduced-precision graphs (TensorRT) get float32 ``GroupNormalization``
     (:mod:`cdal_fast.onnx_groupnorm`); float32 graphs keep the exporter's Reshape +
@@ -101,14 +108,14 @@ def export_onnx(generator: Generator, out: str | Path, steps: int | None = None,
 
     if precision not in EXPORT_DTYPES:
         raise BackendError(f"ONNX export precision must be one of {', '.join(EXPORT_DTYPES)}, got {precision!r}")
-    sampler = FixedStepSampler(export_copy(generator), steps, votes).to(EXPORT_DTYPES[precision]).eval()
+    sampler = FixedStepSampler(export_copy(generator), steps, votes, tta=tta).to(EXPORT_DTYPES[precision]).eval()
     cfg = generator.cfg
     s = size or cfg.image_size
     n = draw_noise(sampler.num_steps, sampler.votes, cfg.mask_channels, cfg.nz, s, s, generators_from_seed(0, batch))
     image = torch.zeros(batch, cfg.img_channels, s, s)
     dyn = {"image": {0: "batch"}, "x_init": {0: "vb"}, "z": {1: "vb"}, "post": {1: "vb"},
            "prob": {0: "batch"}, "std": {0: "batch"}}
-    meta = _meta(generator, sampler.num_steps, sampler.votes, s, weights_sha256)
+    meta = _meta(generator, sampler.num_steps, sampler.votes, s, weights_sha256, tta)
     meta["cdal_precision"] = precision
     meta["cdal_graph_format"] = GRAPH_FORMAT
     with atomic_output(out) as tmp:
@@ -146,12 +153,14 @@ def _set_sampler_attrs(module: torch.nn.Module, meta: dict[str, str]) -> None:
               "nz": cfg["nz"]}
     for name in SAMPLER_ATTRS:
         setattr(module, name, int(values[name]))
+    module.tta = meta.get("cdal_tta", "0") == "1"  # graphs from before TTA have no key: plain votes
 
 
 def _check_matches(meta: dict[str, str], generator: Generator | None, sha256: str, path: Path) -> None:
     if generator is None:
         return
-    if json.loads(meta["cdal_model_config"]) != json.loads(generator.cfg.to_json()):
+    exported = {k: v for k, v in json.loads(meta["cdal_model_config"]).items() if k not in INFERENCE_FIELDS}
+    if exported != json.loads(json.dumps(generator.cfg.architecture_dict())):
         raise BackendError(f"{path} was exported from a different model (preset {meta.get('cdal_preset')!r}); "
                            "re-export it from these weights")
     if sha256 and meta.get("cdal_weights_sha256") and meta["cdal_weights_sha256"] != sha256:

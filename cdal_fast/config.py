@@ -17,10 +17,13 @@ from typing import Any
 
 from .config_limits import ConfigError, check_model_config
 
-__all__ = ["ModelConfig", "PRESETS", "get_preset", "load_config", "ConfigError"]
+__all__ = ["ModelConfig", "PRESETS", "INFERENCE_FIELDS", "get_preset", "load_config", "ConfigError"]
 
 
 VOLUME_SCALINGS = ("zscore", "minmax")
+# Fields that change how a model is run, not what it is: exported graphs and caches compare
+# configs without them (a graph exported before a default changed is still the same network).
+INFERENCE_FIELDS = ("tta",)
 AXIS_CODES = "LRAPIS"  # nibabel's axis codes: the direction each array axis points to
 
 
@@ -62,6 +65,9 @@ class ModelConfig:
     volume_scaling: str = "zscore"  # 3D volumes: "zscore" (non-zero voxels) or "minmax" (to [-1, 1])
     mask_polarity: int = 1  # +1: the object is the network's +1 side; -1: the -1 side (authors' cxr)
     volume_orientation: str = "native"  # 3D volumes: "native" (as stored) or nibabel axis codes, e.g. "LPI"
+    # Inference defaults chosen on validation (never part of the architecture; see INFERENCE_FIELDS):
+    # test-time augmentation of the votes (cdal_fast.dihedral); `--tta/--no-tta` overrides it.
+    tta: bool = False
 
     def __post_init__(self) -> None:
         # Types and ranges first (config_limits): a config from a file is untrusted, and nothing
@@ -86,6 +92,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def architecture_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without :data:`INFERENCE_FIELDS`: what must match for weights or a graph to fit."""
+        return {k: v for k, v in self.to_dict().items() if k not in INFERENCE_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

@@ -115,6 +115,8 @@ def check_model_config(cfg: Any) -> None:
     if cfg.mpp is not None:
         _float("mpp", cfg.mpp, 0.0, MAX_MPP, low_open=True)
     _float("dropout", cfg.dropout, 0.0, 0.99)
+    if not isinstance(cfg.tta, bool):
+        raise ConfigError(f"model config field tta: {cfg.tta!r} is not a boolean (allowed: true or false)")
     _float("beta_min", cfg.beta_min, 0.0, MAX_BETA, low_open=True)
     _float("beta_max", cfg.beta_max, 0.0, MAX_BETA, low_open=True)
     if cfg.beta_max < cfg.beta_min:

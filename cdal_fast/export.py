@@ -12,6 +12,9 @@ normalisation statistics and the model resolution are fixed at export and stored
 * ``torchscript``: ``torch.jit.script`` of the module (fused ops called through ``torch.ops.cdal``
   when the op library is loaded at export time; the C++ program must then link ``cdal_ops``).
 * ``aoti``: ``torch.export`` + AOTInductor ``.pt2`` package for a fixed batch and tile size.
+
+``tta=True`` bakes test-time augmentation (:mod:`cdal_fast.dihedral`) into either export; the
+module's ``tta`` attribute records it (square tiles use all 8 transforms, others the 4 shape-keeping ones).
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ __all__ = ["ExportableSampler", "export_torchscript", "export_aoti"]
 
 
 class ExportableSampler(nn.Module):
-    def __init__(self, generator: Generator, steps: int | None = None, votes: int | None = None) -> None:
+    def __init__(self, generator: Generator, steps: int | None = None, votes: int | None = None,
+                 tta: bool = False) -> None:
         super().__init__()
         cfg = generator.cfg
-        self.sampler = FixedStepSampler(generator, steps, votes)
+        self.sampler = FixedStepSampler(generator, steps, votes, tta=tta)
+        self.tta = bool(tta)
         self.num_steps = self.sampler.num_steps
         self.votes = self.sampler.votes
         self.mask_channels = cfg.mask_channels

@@ -8,6 +8,12 @@ The sampler module takes its noise as explicit tensors, so that
 * a slide tiler can derive each tile's noise from the seed and the tile's position.
 
 Layout: votes are stacked vote-major, i.e. row ``v * B + b`` is vote ``v`` of image ``b``.
+
+Test-time augmentation (``tta=True``): vote ``v`` runs in the frame of dihedral transform ``d_v``
+(:mod:`cdal_fast.dihedral`): its condition image *and its noise* are transformed, its sample is
+mapped back by the inverse before the votes are averaged. The noise is still drawn in the tile's own
+frame (keyed by position, vote and step as without TTA), so results stay position-keyed and
+batch-size invariant, and a generator that is itself equivariant gives exactly the plain result.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import nn
 
 from .decode import MaskChannels, to_labels
 from .diffusion import make_schedule
+from .dihedral import apply_dihedral, invert_dihedral, vote_codes
 from .generator import Generator
 from .preprocess import object_sign
 
@@ -66,10 +73,16 @@ class SamplerNoise:
 
 
 class FixedStepSampler(nn.Module):
-    """T reverse steps x V votes; returns the vote-mean probability and the vote std."""
+    """T reverse steps x V votes; returns the vote-mean probability and the vote std.
 
-    def __init__(self, generator: Generator, num_steps: int | None = None, votes: int | None = None) -> None:
+    ``tta`` turns on test-time augmentation (module docstring): same number of denoising forwards,
+    the condition encoder runs once per vote instead of once per image.
+    """
+
+    def __init__(self, generator: Generator, num_steps: int | None = None, votes: int | None = None,
+                 tta: bool = False) -> None:
         super().__init__()
+        self.tta = bool(tta)
         cfg = generator.cfg
         self.generator = generator
         self.num_steps = int(num_steps if num_steps is not None else cfg.num_steps)
@@ -87,19 +100,36 @@ class FixedStepSampler(nn.Module):
         """image (B, C_img, H, W), already normalised -> (prob, std), each (B, C_mask, H, W)."""
         b = image.shape[0]
         v = self.votes
-        c = self.generator.encode(image)
-        c = c.repeat(v, 1, 1, 1)
-        x = x_init.to(c.dtype)
+        codes = vote_codes(v, image.shape[-2] == image.shape[-1]) if self.tta else [0]
+        if self.tta:
+            c = self.generator.encode(torch.cat([apply_dihedral(image, d) for d in codes], 0))
+        else:
+            c = self.generator.encode(image).repeat(v, 1, 1, 1)
+        x = _to_vote_frames(x_init.to(c.dtype), codes, b, False)
         for i in range(self.num_steps):
             step = self.num_steps - 1 - i
             k = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
             x0 = self.generator.denoise(x, k, c, z[i].to(c.dtype))
             x = self.c1[step].to(x.dtype) * x0 + self.c2[step].to(x.dtype) * x
             if step > 0:
-                x = x + self.post_std[step].to(x.dtype) * post_noise[i].to(x.dtype)
+                x = x + self.post_std[step].to(x.dtype) * _to_vote_frames(post_noise[i].to(x.dtype), codes, b, False)
+        x = _to_vote_frames(x, codes, b, True)
         p = torch.clamp((self.object_sign * x.float() + 1.0) * 0.5, 0.0, 1.0)
         p = p.reshape(v, b, p.shape[1], p.shape[2], p.shape[3])
         return p.mean(dim=0), p.std(dim=0, unbiased=False)
+
+
+def _to_vote_frames(x: torch.Tensor, codes: list[int], batch: int, inverse: bool) -> torch.Tensor:
+    """Vote-major rows (V*B, ...) with vote block ``v`` under transform ``codes[v]`` (or its inverse).
+
+    ``codes == [0]`` (no TTA) returns ``x`` itself, so the plain sampler does no extra work.
+    """
+    if len(codes) == 1 and codes[0] == 0:
+        return x
+    blocks = [x[j * batch:(j + 1) * batch] for j in range(len(codes))]
+    if inverse:
+        return torch.cat([invert_dihedral(blk, d) for blk, d in zip(blocks, codes)], 0)
+    return torch.cat([apply_dihedral(blk, d) for blk, d in zip(blocks, codes)], 0)
 
 
 def draw_image_noise(num_steps: int, votes: int, mask_channels: int, nz: int, height: int, width: int,

@@ -275,11 +275,12 @@ class Trainer:
 
         Why D starts fresh: shipped weights hold the generator only. Its loss is the reconstruction
         term, and D only shapes it through the attention map, so a new D re-learns that quickly.
-        The weights' model config must equal this run's preset, field by field.
+        The weights' model config must equal this run's preset, field by field, apart from the
+        inference defaults (``INFERENCE_FIELDS``, e.g. ``tta``) a shipped model may carry.
         """
         bundle = load_weights(path, device=self.device)
-        if bundle.config != self.cfg:
-            mine, theirs = self.cfg.to_dict(), bundle.config.to_dict()
+        mine, theirs = self.cfg.architecture_dict(), bundle.config.architecture_dict()
+        if mine != theirs:
             diff = sorted(k for k in mine if mine[k] != theirs.get(k))
             raise ValueError(f"init_weights {path}: model config differs from preset {self.tc.preset!r} "
                              f"in {', '.join(diff)}")

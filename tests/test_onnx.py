@@ -131,7 +131,7 @@ def test_tensorrt_engine_matches_pytorch(tmp_path, monkeypatch):
 
 
 def _fake_export(calls: list):
-    def export(generator, path, steps, votes, weights_sha256="", precision="fp32"):
+    def export(generator, path, steps, votes, weights_sha256="", precision="fp32", tta=False):
         calls.append((Path(path), weights_sha256))
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(b"graph")

@@ -90,7 +90,7 @@ class SegmentWorker:
         dtype = DTYPES[spec.dtype]
         bundle = load_model(spec.weights, task=spec.task, device=device)
         sampler = build_sampler(bundle.generator, spec.steps, spec.votes, spec.backend, device, dtype,
-                                bundle.content_sha256, max_batch=max(spec.opts.batch_size, 1))
+                                bundle.content_sha256, max_batch=max(spec.opts.batch_size, 1), tta=spec.opts.tta)
         runner = PatchRunner(sampler, device, dtype, batch_size=max(spec.opts.batch_size, 1), seed=spec.opts.seed)
         self.spec = spec
         self.run = TaskRun(sampler, runner, bundle.config, spec.opts, device, dtype,

@@ -111,6 +111,7 @@ class SegmentOptions:
     nuclei_h_um: float = nuclei_defaults.DEFAULT_MARKER_H_UM
     nuclei_min_area_um2: float = nuclei_defaults.DEFAULT_MIN_AREA_UM2
     max_pixels: float = DEFAULT_MAX_PIXELS  # bound on working pixels (the maps, the stitching band); --max-pixels
+    tta: bool = False  # test-time augmentation of the votes (--tta); workers build their sampler with it
 
 
 # -- planning ------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "monuseg"
 PROTOCOL_SIZE = 512  # MoNuSeg tiles are resized to 512 and cut into four 256 quarters (spec section 8)
 BASELINE = "authors"
 REFERENCE = "eager_fp32"
+REFERENCE_TTA = "eager_fp32_tta"
 QUICK_SKIP = ("compile_inductor", "onnx_int8_dynamic")  # minutes of compilation / quantisation
 TileFn = Callable[[torch.Tensor, SamplerNoise], torch.Tensor]
 
@@ -87,6 +88,7 @@ class BenchPath:
     label: str
     build: Callable[[], TileFn]
     flush_denormal: bool = True
+    tta: bool = False  # compared with the eager float32 sampler with the same test-time augmentation
 
 
 def _sampler_fn(sampler: Callable, memory_format: torch.memory_format | None = None,
@@ -110,6 +112,7 @@ def _quantised_onnx(src: Path, out_dir: Path) -> Path:
 def make_paths(bundle, work: Path) -> dict[str, BenchPath]:  # noqa: ANN001  (a ModelBundle)
     """Every CPU path, built lazily (a path whose pieces are missing is skipped, with the reason)."""
     gen, sha = bundle.generator.eval(), bundle.content_sha256
+    tta = bool(getattr(bundle.config, "tta", False))  # what segment does with the model by default
 
     def onnx_path() -> Path:
         return cached_onnx(gen, None, None, sha)
@@ -147,8 +150,11 @@ def make_paths(bundle, work: Path) -> dict[str, BenchPath]:  # noqa: ANN001  (a 
         "onnx_default": BenchPath("onnxruntime float32, default session", lambda: onnx("default")),
         "onnx_tuned": BenchPath("onnxruntime float32, tuned session", lambda: onnx("tuned")),
         "onnx_int8_dynamic": BenchPath("onnxruntime int8 dynamic quantisation", lambda: onnx("tuned", True)),
-        "auto": BenchPath(f"segment default: --backend auto -> {resolve_backend('cpu').backend}", lambda: _sampler_fn(
-            build_sampler(gen, None, None, "auto", weights_sha256=sha))),
+        REFERENCE_TTA: BenchPath("eager float32 with test-time augmentation (reference for TTA paths)",
+                                 lambda: _sampler_fn(build_sampler(gen, None, None, "eager", tta=True)), False, True),
+        "auto": BenchPath(f"segment default: --backend auto -> {resolve_backend('cpu').backend}"
+                          + (", TTA (the model's default)" if tta else ""), lambda: _sampler_fn(
+            build_sampler(gen, None, None, "auto", weights_sha256=sha, tta=tta)), tta=tta),
     }
 
 
@@ -165,9 +171,8 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         all_paths = make_paths(bundle, Path(tmp))
         names = [n for n in (args.paths or all_paths) if not (args.quick and not args.paths and n in QUICK_SKIP)]
-        for required in (REFERENCE, BASELINE):
-            if required not in names:
-                names.insert(0, required)
+        required = [BASELINE, REFERENCE] + ([REFERENCE_TTA] if any(all_paths[n].tta for n in names) else [])
+        names = [*required, *(n for n in names if n not in required)]
         fns: dict[str, TileFn] = {}
         rows: dict[str, dict] = {}
         for name in names:  # build + one warm-up call (compilation, export, session creation)
@@ -202,19 +207,21 @@ def run(args: argparse.Namespace) -> None:
                 probs.setdefault((name, ci), prob)
             print(f"round {r + 1}/{args.repeats} (load {loads[-1]:.2f}): "
                   + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
-            summarise(rows, times, probs, min(len(crops), r + 1))
+            summarise(rows, times, probs, min(len(crops), r + 1), {n for n in fns if all_paths[n].tta})
             write_table(list(rows.values()), loads, cfg, crops, args)  # after every round: a cut run keeps a table
 
 
 def summarise(rows: dict[str, dict], times: dict[str, list[float]], probs: dict[tuple[str, int], torch.Tensor],
-              crops_done: int) -> None:
-    """Per path: s/tile (median, min, max), ratio to the baseline within each round, Dice vs the reference."""
+                crops_done: int, tta_paths: set[str] = frozenset()) -> None:
+    """Per path: s/tile (median, min, max), ratio to the baseline within each round, Dice vs the reference
+    (eager float32 with the same test-time augmentation setting)."""
     for name, ts in times.items():
+        reference = REFERENCE_TTA if name in tta_paths else REFERENCE
         med, lo, hi = _spread(ts)
         ratios = [b / t for b, t in zip(times[BASELINE], ts)]
         dices, diffs = [], []
         for ci in range(crops_done):
-            ref, got = probs[(REFERENCE, ci)], probs[(name, ci)]
+            ref, got = probs[(reference, ci)], probs[(name, ci)]
             dices.append(dice_iou(decode_mask(got) > 0, decode_mask(ref) > 0)[0])
             diffs.append(float((got - ref).abs().max()))
         rmed, rlo, rhi = _spread(ratios)
@@ -256,7 +263,8 @@ def write_table(rows: list[dict], loads: list[float], cfg: ModelConfig, crops: l
             f"{cfg.image_size} tiles: {', '.join(n for n, _ in crops)}. {args.repeats} interleaved rounds; "
             f"1-min load average per round {min(loads):.2f}..{max(loads):.2f}. x_vs_authors: median over rounds "
             f"of the baseline's time in that round / the path's (x_min..x_max their range); dice_min: the lowest "
-            f"mask Dice vs eager_fp32 on the same tile and noise.")
+            f"mask Dice vs eager_fp32 (eager_fp32_tta for paths with test-time augmentation) on the same tile "
+            f"and noise.")
     write_results("cpu_tile", rows, COLUMNS, args.out, extra={"load_average_per_round": loads}, note=note)
 
 

@@ -189,3 +189,18 @@ def test_column_chunked_flush_gives_the_same_maps(monkeypatch):
         results.append((prob, std, stitcher.objects))
     assert (results[0][0] == results[1][0]).all() and (results[0][1] == results[1][1]).all()
     assert results[0][2] == results[1][2] > 0
+
+
+def test_map_bands_larger_than_one_system_call_are_read_and_written_whole(tmp_path, monkeypatch):
+    """Linux moves at most ~2 GiB per read: a coarse level's band of a 100000^2 map (2.5 GB) came back
+    short and failed to reshape. Reads and writes now loop; a tiny MAX_IO_BYTES exercises the loop."""
+    from cdal_fast.wsi import mapfile
+
+    monkeypatch.setattr(mapfile, "MAX_IO_BYTES", 1000)
+    rows = np.random.default_rng(0).integers(0, 256, (37, 101), dtype=np.uint8)
+    m = MapFile.create(tmp_path / "m.npy", (40, 101))
+    m[2:39] = rows
+    assert (m[2:39] == rows).all() and (m[np.array([0, 5])][1] == rows[3]).all()
+    assert (np.load(tmp_path / "m.npy")[2:39] == rows).all() and not m[39:40].any()
+    band = m[0:40]
+    band[0, 0] = 7  # a fresh, writable array (not a view of a read-only buffer)

@@ -26,7 +26,7 @@ from skimage.morphology import remove_small_objects
 from cdal_fast.decode import MaskChannels
 from cdal_fast.wsi import pipeline, tissue
 from cdal_fast.wsi.mapfile import MapFile
-from cdal_fast.wsi.nuclei_stage import extract_nuclei
+from cdal_fast.wsi.nuclei_stage import covered_columns, extract_nuclei
 from cdal_fast.wsi.pipeline import BandStitcher, Plan, SegmentOptions
 from cdal_fast.wsi.selection import tiles_touching
 from cdal_fast.wsi.tiling import Coverage, TileGrid
@@ -121,12 +121,13 @@ def test_writer_skips_uncovered_rows_and_writes_the_same_bytes(tmp_path):
 
 
 def test_nuclei_of_the_covered_columns_equal_the_whole_width(tmp_path):
-    height, width, tile = 256, 640, 64
+    height, width, tile = 256, 1000, 64
     grid = TileGrid(height, width, tile, 16)
-    tiles = [t for t in grid.iter_tiles() if t.col in (3, 4) and t.row in (1, 2)]
+    tiles = [t for t in grid.iter_tiles() if t.col in (10, 11) and t.row in (1, 2)]  # x 480-592, y 48-160
+    assert covered_columns(Coverage(height, width, tile, tiles)) == (320, 768)  # the crop moves the origin
     prob = np.zeros((height, width), np.uint8)
     yy, xx = np.mgrid[:height, :width]
-    for cy, cx in [(100, 170), (120, 200), (140, 230), (90, 215)]:  # blobs inside the sampled tiles
+    for cy, cx in [(100, 495), (120, 525), (140, 560), (90, 545)]:  # blobs inside the sampled tiles
         prob[(yy - cy) ** 2 + (xx - cx) ** 2 < 49] = 230
     work = tmp_path / "work"
     work.mkdir()

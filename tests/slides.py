@@ -93,11 +93,13 @@ def write_dicom_wsi(folder: Path, rgb: np.ndarray, mpp: float, levels: int = 2, 
 
 
 def write_sparse_pyramid(path: Path, size: int, mpp: float, fragments: list[tuple[int, int, int]],
-                         tile: int = 1024, min_side: int = 1024) -> Path:
+                         tile: int = 1024, min_side: int = 1024, texture: np.ndarray | None = None) -> Path:
     """A huge white pyramidal OME-TIFF with square tissue ``fragments`` (y, x, side) in level-0 px.
 
     Written tile by tile as pre-compressed bytes; tiles without tissue are empty (byte count 0, read
     as white), so neither memory nor disk grow with ``size``: a 100000 x 100000 slide is a few MB.
+    ``texture``: RGB level-0 pixels to fill the fragments with (their top-left part, subsampled on the
+    reduced levels), e.g. a MoNuSeg tile; default a random pink texture.
     """
     import zlib
 
@@ -124,8 +126,12 @@ def write_sparse_pyramid(path: Path, size: int, mpp: float, fragments: list[tupl
                     if y1 > y0 and x1 > x0:
                         if block is None:
                             block = np.full((tile, tile, 3), 240, dtype=np.uint8)
-                        pink = rng.integers(0, 40, (y1 - y0, x1 - x0, 1)) + np.array([170, 90, 160])
-                        block[y0 - ty * tile:y1 - ty * tile, x0 - tx * tile:x1 - tx * tile] = pink
+                        if texture is None:
+                            part = rng.integers(0, 40, (y1 - y0, x1 - x0, 1)) + np.array([170, 90, 160])
+                        else:
+                            part = texture[(y0 - y) * scale:(y1 - y) * scale:scale,
+                                           (x0 - x) * scale:(x1 - x) * scale:scale]
+                        block[y0 - ty * tile:y1 - ty * tile, x0 - tx * tile:x1 - tx * tile] = part
                 yield b"" if block is None else zlib.compress(block.tobytes(), 1)
 
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:

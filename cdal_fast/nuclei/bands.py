@@ -107,6 +107,21 @@ class BandLabeller:
             raise ValueError(f"BandLabeller.feed: {self._seen} rows fed, more than the declared height {self.height}")
         return self._emit(final=False)
 
+    def skip_background(self, rows: int) -> None:
+        """Advance over ``rows`` map rows known to be background (e.g. no sampled tile reached them)
+        without reading them. Exactly what feeding those rows as zeros does, and allowed only while the
+        buffer is empty: an unfinished component held now needs the real rows below it to be closed."""
+        if self._finished:
+            raise RuntimeError("BandLabeller.skip_background after finish()")
+        if self._prob.shape[0]:
+            raise ValueError(f"BandLabeller.skip_background: {self._prob.shape[0]} rows of unfinished components "
+                             "are held; feed the next rows instead")
+        if self.height is not None and self._seen + rows > self.height:
+            raise ValueError(f"BandLabeller.skip_background: {self._seen + rows} rows, more than the declared "
+                             f"height {self.height}")
+        self._seen += int(rows)
+        self._top = self._seen
+
     def finish(self) -> list[Nucleus]:
         """Emit everything still held (the slide's last rows); call once after the last band."""
         if self.height is not None and self._seen != self.height:

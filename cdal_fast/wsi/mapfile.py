@@ -15,7 +15,30 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MapFile"]
+__all__ = ["MapFile", "MAX_IO_BYTES"]
+
+# Linux moves at most 0x7ffff000 bytes per read/write call (short reads/writes beyond); larger bands
+# (a coarse pyramid level's rows of a 100000^2 map) are moved in pieces of at most this size.
+MAX_IO_BYTES = 1 << 30
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytearray:
+    """``size`` bytes at ``offset``, however many calls it takes (a hole reads as zeros)."""
+    out = bytearray(size)
+    view = memoryview(out)
+    done = 0
+    while done < size:
+        n = os.preadv(fd, [view[done:done + min(MAX_IO_BYTES, size - done)]], offset + done)
+        if n <= 0:
+            raise OSError(f"read past the end of the map: {done} of {size} bytes at offset {offset}")
+        done += n
+    return out
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:done + MAX_IO_BYTES], offset + done)
 
 
 class MapFile:
@@ -59,12 +82,12 @@ class MapFile:
         w = self.shape[1]
         if isinstance(key, slice):
             a, b = self._rows(key)
-            data = os.pread(self._fd, (b - a) * w, self._offset + a * w)
-            return np.frombuffer(data, np.uint8).reshape(b - a, w).copy()
+            data = _pread_exact(self._fd, (b - a) * w, self._offset + a * w)
+            return np.frombuffer(data, np.uint8).reshape(b - a, w)
         rows = np.asarray(key, dtype=np.int64)
         out = np.empty((len(rows), w), np.uint8)
         for i, r in enumerate(rows):
-            out[i] = np.frombuffer(os.pread(self._fd, w, self._offset + int(r) * w), np.uint8)
+            out[i] = np.frombuffer(_pread_exact(self._fd, w, self._offset + int(r) * w), np.uint8)
         return out
 
     def __setitem__(self, key: slice, rows: np.ndarray) -> None:
@@ -72,7 +95,7 @@ class MapFile:
         rows = np.ascontiguousarray(rows, dtype=np.uint8)
         if rows.shape != (b - a, self.shape[1]):
             raise ValueError(f"{self.path}: rows {a}:{b} need shape {(b - a, self.shape[1])}, got {rows.shape}")
-        os.pwrite(self._fd, rows.tobytes(), self._offset + a * self.shape[1])
+        _pwrite_all(self._fd, memoryview(rows).cast("B"), self._offset + a * self.shape[1])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         arr = self[0:self.shape[0]]

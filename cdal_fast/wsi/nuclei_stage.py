@@ -6,7 +6,10 @@ working scale) are read back band by band, ``grid.tile`` rows at a time, and fed
 :class:`cdal_fast.nuclei.BandLabeller`, whose buffer is the overlap margin between bands (each
 nucleus emitted once, whole, wherever the tile and band borders fall). Each finished nucleus goes
 straight to :class:`cdal_fast.nuclei.NucleiWriters` (streamed GeoJSON / CSV), so memory is one band
-plus the labeller's buffer, whatever the slide's size.
+plus the labeller's buffer, whatever the slide's size. Bands that no sampled tile reached
+(``SlidePlan.coverage``) are background: they are skipped unread while the labeller holds nothing,
+and only the columns the sampled tiles reach (plus a background margin) are labelled, so on a
+mostly-background slide the labeller's memory follows the tissue's width, not the slide's.
 
 Coordinates: the maps have ``work_mpp`` um per pixel and the tiles were read at
 ``work_mpp / mpp0`` level-0 pixels per map pixel, so ``Grid(work_mpp, work_mpp / mpp0)`` puts
@@ -30,10 +33,13 @@ from ..config import ModelConfig
 from ..decode import STD_TO_UNIT, U8_MAX
 from ..nuclei.params import NucleiParams
 from .mapfile import MapFile
+from .tiling import COVERAGE_BLOCK, Coverage
 
-__all__ = ["NucleiResult", "nuclei_enabled", "nuclei_params", "extract_nuclei", "tissue_area_um2"]
+__all__ = ["NucleiResult", "nuclei_enabled", "nuclei_params", "extract_nuclei", "tissue_area_um2",
+           "covered_columns", "CROP_MARGIN"]
 
 LABELS_DTYPE = np.uint32  # ids of the label raster (a slide can hold millions of nuclei)
+CROP_MARGIN = 2 * COVERAGE_BLOCK  # background columns kept on each side of the covered ones
 
 
 @dataclass
@@ -69,12 +75,25 @@ def tissue_area_um2(slide: Any) -> float:
     return full
 
 
+def covered_columns(coverage: Coverage, margin: int = CROP_MARGIN) -> tuple[int, int]:
+    """The working columns [c0, c1) that hold every covered cell, widened by ``margin`` background
+    columns on each side (within the map); (0, 0) when nothing is covered."""
+    cols = np.flatnonzero(coverage.columns(0, coverage.height))
+    if cols.size == 0:
+        return 0, 0
+    return (max(0, int(cols[0]) * coverage.block - margin),
+            min(coverage.width, (int(cols[-1]) + 1) * coverage.block + margin))
+
+
 def extract_nuclei(slide: Any, prob_path: Path, std_path: Path, opts: Any,
-                   band_rows: int | None = None) -> NucleiResult:
+                   band_rows: int | None = None, coverage: Coverage | None = None) -> NucleiResult:
     """Label the slide's stitched maps band by band and stream the nuclei to their files.
 
     ``slide`` is the pipeline's ``SlidePlan``; ``band_rows`` defaults to one tile height (the
     result does not depend on it). Files are written only for the outputs ``opts`` asks for.
+    ``coverage`` (default ``slide.coverage()``: the sampled tiles) limits the labelling to the
+    columns the tiles reach, plus a background margin, and skips uncovered bands; the nuclei are the
+    same as from the whole width, since outside the coverage the maps are background.
     """
     from ..nuclei.bands import BandLabeller
     from ..nuclei.measure import Grid
@@ -89,15 +108,24 @@ def extract_nuclei(slide: Any, prob_path: Path, std_path: Path, opts: Any,
     labels_map = None
     if labels_path is not None:
         labels_map = np.lib.format.open_memmap(labels_path, mode="w+", dtype=LABELS_DTYPE, shape=prob_map.shape)
-    labeller = BandLabeller(params, plan.work_w, grid, plan.work_h, labels_out=labels_map)
+    coverage = slide.coverage() if coverage is None else coverage
+    c0, c1 = covered_columns(coverage)
+    c1 = max(c1, c0 + 1)  # a labeller needs one column even when nothing was sampled
+    grid = Grid(plan.work_mpp, grid.scale, x0=c0 * grid.scale)
+    labeller = BandLabeller(params, c1 - c0, grid, plan.work_h,
+                            labels_out=labels_map[:, c0:c1] if labels_map is not None else None)
     rows = max(1, int(band_rows or slide.grid.tile))
     std_scale = 1.0 / (U8_MAX * STD_TO_UNIT)
     writers = NucleiWriters(slide.out_dir, slide.stem, geojson=opts.nuclei_geojson, csv_table=opts.nuclei_csv,
                             gzip_geojson=opts.nuclei_gzip)
     with writers:
         for y in range(0, plan.work_h, rows):
-            prob = np.asarray(prob_map[y:y + rows], np.float32) / U8_MAX
-            std = np.asarray(std_map[y:y + rows], np.float32) * std_scale
+            n = min(rows, plan.work_h - y)
+            if labeller.buffer_rows == 0 and not coverage.any(y, y + n):
+                labeller.skip_background(n)  # no sampled tile reached these rows: nothing to read or label
+                continue
+            prob = np.asarray(prob_map[y:y + rows][:, c0:c1], np.float32) / U8_MAX
+            std = np.asarray(std_map[y:y + rows][:, c0:c1], np.float32) * std_scale
             writers.write(labeller.feed(prob, std, y))
         writers.write(labeller.finish())
     if labels_map is not None:

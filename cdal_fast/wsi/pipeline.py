@@ -63,7 +63,7 @@ from .progress import NullProgress, TileProgress
 from .readers import SlideError, SlideReader, SmallImage, open_slide
 from .roi import Roi, roi_for_slide
 from .selection import clear_outside_roi, roi_planning_mask, tiles_touching
-from .tiling import Tile, TileGrid, blend_window
+from .tiling import Coverage, Tile, TileGrid, blend_window
 from .tissue import DEFAULT_MIN_AREA_UM2, TissueDetection, detect_tissue
 from .writer import write_pyramid
 
@@ -80,6 +80,7 @@ OVERLAY_ALPHA = 0.5
 OVERLAY_RGB = (0, 255, 0)
 LEVEL_SLACK = 1.05  # read a pyramid level up to 5 % coarser than the working scale
 PREFETCH_BATCHES = 4  # per loader worker
+FLUSH_COLUMNS = 4096  # working columns per step when a finished band is encoded (bounds its float temporaries)
 
 
 @dataclass
@@ -291,15 +292,25 @@ class BandStitcher:
         if n <= 0:
             return
         m = min(n, self.wsum.shape[0])
-        wsum = self.wsum[:m]
-        valid = wsum > 0
-        prob = torch.where(valid, self.acc[:, :m] / wsum.clamp(min=1e-12), torch.zeros(()))
-        std = torch.where(valid, self.acc_std[:m] / wsum.clamp(min=1e-12), torch.zeros(()))
-        encoded = prob_to_u8(prob, self.kind)
-        self.objects += object_pixels(encoded, self.kind)
-        self.prob_map[self.band_y:self.band_y + m] = encoded.numpy()
-        std_u8 = (std * STD_TO_UNIT).clamp(0, 1).mul(U8_MAX).round().to(torch.uint8)
-        self.std_map[self.band_y:self.band_y + m] = std_u8.numpy()
+        prob_rows = np.zeros((m, self.grid.width), dtype=np.uint8)
+        std_rows = np.zeros((m, self.grid.width), dtype=np.uint8)
+        reached = False
+        for c0 in range(0, self.grid.width, FLUSH_COLUMNS):  # column chunks: the float temporaries stay small
+            cols = slice(c0, c0 + FLUSH_COLUMNS)
+            wsum = self.wsum[:m, cols]
+            valid = wsum > 0
+            if not valid.any():
+                continue  # no tile reached these columns: background, already zero
+            reached = True
+            prob = torch.where(valid, self.acc[:, :m, cols] / wsum.clamp(min=1e-12), torch.zeros(()))
+            std = torch.where(valid, self.acc_std[:m, cols] / wsum.clamp(min=1e-12), torch.zeros(()))
+            encoded = prob_to_u8(prob, self.kind)
+            self.objects += object_pixels(encoded, self.kind)
+            prob_rows[:, cols] = encoded.numpy()
+            std_rows[:, cols] = (std * STD_TO_UNIT).clamp(0, 1).mul(U8_MAX).round().to(torch.uint8).numpy()
+        if reached:  # rows are written once; the maps start as zeros (sparse files), so empty rows need no write
+            self.prob_map[self.band_y:self.band_y + m] = prob_rows
+            self.std_map[self.band_y:self.band_y + m] = std_rows
         for buf in (self.acc, self.acc_std, self.wsum):
             if m < buf.shape[-2]:
                 buf[..., :-m, :] = buf[..., m:, :].clone()
@@ -349,6 +360,10 @@ class SlidePlan:
         """Hidden folder of the stitched maps while the slide is in progress."""
         return self.out_dir / f".{self.stem}.work"
 
+    def coverage(self) -> Coverage:
+        """Where the stitched maps may hold anything but background: the sampled tiles' footprints."""
+        return Coverage(self.plan.work_h, self.plan.work_w, self.grid.tile, self.tiles)
+
 
 def plan_slide(path: Path, out_dir: Path, cfg: ModelConfig, opts: SegmentOptions) -> SlidePlan:
     """Stage 1: working scale, level, tile grid and the tiles worth sampling."""
@@ -357,14 +372,13 @@ def plan_slide(path: Path, out_dir: Path, cfg: ModelConfig, opts: SegmentOptions
         small = isinstance(reader, SmallImage)
         plan = make_plan(reader, cfg, opts.mpp, opts.max_pixels)
         grid = TileGrid(plan.work_h, plan.work_w, cfg.image_size, opts.tile_overlap)
-        all_tiles = grid.tiles()
         tissue: TissueDetection | None = None
         if opts.tissue and not small:
             tiles, tissue = tissue_tiles(reader, plan, grid, opts.thumbnail_side, opts.tissue_threshold,
                                          opts.tissue_min_area_um2)
             tissue_fraction, thumb = float(tissue.mask.mean()), tissue.thumb
         else:
-            tiles, tissue_fraction = all_tiles, 1.0
+            tiles, tissue_fraction = grid.tiles(), 1.0  # every tile is sampled: the list is the work
             thumb, _ = reader.thumbnail(opts.thumbnail_side)
         roi = roi_for_slide(Path(opts.roi), stem, plan.slide_w, plan.slide_h) if opts.roi else None
         if roi is not None:
@@ -374,7 +388,7 @@ def plan_slide(path: Path, out_dir: Path, cfg: ModelConfig, opts: SegmentOptions
             tiles = tiles_touching(plan_mask, plan_down, plan.work_mpp / plan.mpp0, grid)
         warnings = _input_warnings(plan, tissue, roi, tiles)
     paths = output_paths(out_dir, stem, small, opts.pyramid_layout)
-    return SlidePlan(path, out_dir, stem, small, paths, plan, grid, tiles, len(all_tiles), tissue_fraction, thumb,
+    return SlidePlan(path, out_dir, stem, small, paths, plan, grid, tiles, grid.count, tissue_fraction, thumb,
                      tissue, roi, warnings)
 
 
@@ -507,16 +521,18 @@ def write_outputs(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig, opts: 
             outs.append(("prob", prob_map, lambda a: a))
         if opts.save_uncertainty:
             outs.append(("uncertainty", std_map, lambda a: a))
+        coverage = slide.coverage()  # background tiles are neither read nor compressed again
         for key, src, fn in outs:
             with atomic_output(paths[key]) as tmp:
                 write_pyramid(tmp, src, plan.slide_h, plan.slide_w, plan.mpp0, transform=fn, description=desc,
-                              layout=opts.pyramid_layout, uuid=_output_uuid(slide, key, opts))
+                              layout=opts.pyramid_layout, uuid=_output_uuid(slide, key, opts), coverage=coverage)
     if maps.labels_path is not None:
         labels = np.load(maps.labels_path, mmap_mode="r")
         with atomic_output(paths["labels"]) as tmp:
             write_pyramid(tmp, labels, plan.slide_h, plan.slide_w, plan.mpp0, dtype=LABELS_DTYPE,
                           description=json.dumps({"cdal_fast": "nucleus labels", "source": slide.path.name}),
-                          layout=opts.pyramid_layout, uuid=_output_uuid(slide, "labels", opts))
+                          layout=opts.pyramid_layout, uuid=_output_uuid(slide, "labels", opts),
+                          coverage=slide.coverage())
     write_png(paths["overlay"], _overlay(slide.thumbnail, prob_map, cfg))
     if slide.tissue is not None and opts.save_tissue:
         write_png(paths["tissue"], slide.tissue.mask.astype(np.uint8) * U8_MAX)

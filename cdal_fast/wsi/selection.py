@@ -24,23 +24,29 @@ CLEAR_BAND_ROWS = 1024  # working rows per band when clearing outside the ROI
 def tiles_touching(mask: np.ndarray, downsample: float, work_to_level0: float, grid: TileGrid) -> list[Tile]:
     """Tiles whose footprint touches ``mask`` (bool, ``downsample`` level-0 px per mask px), with a
     one-pixel margin so rounding at the mask's coarse scale never drops an edge tile.
-    ``work_to_level0``: level-0 pixels per working pixel."""
+    ``work_to_level0``: level-0 pixels per working pixel.
+
+    Works one tile row at a time (the mask rows it spans, reduced to one flag per mask column, and a
+    1-D prefix sum), so memory is a few mask rows and the kept tiles, not the whole grid.
+    """
     f = work_to_level0 / downsample  # working px -> mask px
-    tiles = grid.tiles()
-    if not tiles:
-        return []
     h, w = mask.shape
-    ys = np.array([t.y for t in tiles], dtype=np.float64)
-    xs = np.array([t.x for t in tiles], dtype=np.float64)
-    y0 = np.clip((ys * f).astype(np.int64) - 1, 0, h)
+    xs = np.asarray(grid.xs, dtype=np.float64)
     x0 = np.clip((xs * f).astype(np.int64) - 1, 0, w)
-    y1 = np.clip(np.ceil((ys + grid.tile) * f).astype(np.int64) + 1, 0, h)
     x1 = np.clip(np.ceil((xs + grid.tile) * f).astype(np.int64) + 1, 0, w)
-    # an integral image answers "any mask pixel in this box" for every tile at once
-    integral = np.zeros((h + 1, w + 1), dtype=np.int64)
-    integral[1:, 1:] = mask.cumsum(0, dtype=np.int64).cumsum(1)
-    count = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return [t for t, c in zip(tiles, count) if c > 0]
+    kept: list[Tile] = []
+    for row, y in enumerate(grid.ys):
+        y0 = min(max(int(y * f) - 1, 0), h)
+        y1 = min(max(math.ceil((y + grid.tile) * f) + 1, 0), h)
+        if y1 <= y0:
+            continue
+        prefix = np.zeros(w + 1, dtype=np.int64)
+        np.cumsum(mask[y0:y1].any(axis=0), out=prefix[1:])
+        hit = np.flatnonzero(prefix[x1] - prefix[x0] > 0)
+        if hit.size:
+            tiles = grid.row_tiles(row)
+            kept.extend(tiles[c] for c in hit)
+    return kept
 
 
 def roi_planning_mask(roi: Roi, tissue_mask: np.ndarray | None, tissue_downsample: float, slide_h: int,

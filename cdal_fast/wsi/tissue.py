@@ -30,6 +30,10 @@ MIN_OBJECT_PIXELS = 25  # an object of the minimum area spans >= 5 x 5 px, so it
 FALLBACK_OBJECT_FRACTION = 1e-3  # size filter when the resolution is unknown: a fraction of the image
 OPEN_SIDE = 3  # opening footprint (square): removes dust and isolated saturated pixels
 CLOSE_SIDE = 9  # closing footprint (square) = the two 5 x 5 closings of the original detector
+SATURATION_ROWS = 256  # thumbnail rows per step of the saturation computation
+# Component labels are int32 (4 bytes per thumbnail pixel, not scikit-image's 8): the labelling of a
+# 6250^2 thumbnail (a 100000^2 slide at 0.25 um/px) was the run's largest allocation.
+LABEL_DTYPE = np.int32
 
 
 def max_detection_mpp(min_area_um2: float) -> float:
@@ -38,10 +42,15 @@ def max_detection_mpp(min_area_um2: float) -> float:
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation of an RGB uint8 image, as uint8 0..255."""
-    mx, mn = rgb.max(axis=2), rgb.min(axis=2)
-    spread = (mx - mn).astype(np.uint16) * 255  # 0 where mx == 0, so the division below needs no mask
-    return (spread // np.maximum(mx, 1)).astype(np.uint8)
+    """HSV saturation of an RGB uint8 image, as uint8 0..255 (computed SATURATION_ROWS rows at a time,
+    so the uint16 temporaries of a 40 Mpx thumbnail never exist whole)."""
+    out = np.empty(rgb.shape[:2], dtype=np.uint8)
+    for r in range(0, rgb.shape[0], SATURATION_ROWS):
+        part = rgb[r:r + SATURATION_ROWS]
+        mx, mn = part.max(axis=2), part.min(axis=2)
+        spread = (mx - mn).astype(np.uint16) * 255  # 0 where mx == 0, so the division below needs no mask
+        out[r:r + SATURATION_ROWS] = spread // np.maximum(mx, 1)
+    return out
 
 
 def otsu_threshold(values: np.ndarray) -> float:
@@ -50,8 +59,20 @@ def otsu_threshold(values: np.ndarray) -> float:
         return float(values.min()) if values.size else 0.0
     from skimage.filters import threshold_otsu  # scikit-image is imported lazily: the CLI imports this module
 
-    hist = np.bincount(values.ravel().astype(np.int64), minlength=256)
+    hist = _counts(values, 256)
     return float(threshold_otsu(hist=(hist, np.arange(hist.size))))
+
+
+def _counts(values: np.ndarray, minlength: int) -> np.ndarray:
+    """``np.bincount`` of a 2-D integer image, SATURATION_ROWS rows at a time: bincount converts its
+    input to int64, which for a whole 40 Mpx thumbnail is a 300 MB copy."""
+    counts = np.zeros(minlength, dtype=np.int64)
+    for r in range(0, values.shape[0], SATURATION_ROWS):
+        part = np.bincount(values[r:r + SATURATION_ROWS].ravel(), minlength=minlength)
+        if part.size > counts.size:
+            counts = np.concatenate([counts, np.zeros(part.size - counts.size, dtype=np.int64)])
+        counts[:part.size] += part
+    return counts
 
 
 def tissue_mask(rgb: np.ndarray, threshold: float | None = None, min_object_px: float | None = None) -> np.ndarray:
@@ -61,7 +82,7 @@ def tissue_mask(rgb: np.ndarray, threshold: float | None = None, min_object_px: 
     least MIN_SATURATION. ``min_object_px``: smallest kept object in thumbnail pixels; None = a
     FALLBACK_OBJECT_FRACTION of the image (used only when the resolution is unknown).
     """
-    from skimage.morphology import closing, footprint_rectangle, opening, remove_small_objects
+    from skimage.morphology import closing, footprint_rectangle, opening
 
     sat = saturation(rgb)
     thr = max(otsu_threshold(sat), float(MIN_SATURATION)) if threshold is None else float(threshold)
@@ -73,18 +94,36 @@ def tissue_mask(rgb: np.ndarray, threshold: float | None = None, min_object_px: 
     if min_object_px is None:
         min_object_px = FALLBACK_OBJECT_FRACTION * mask.size
     smallest = max(1, math.ceil(min_object_px))
-    return remove_small_objects(mask, max_size=smallest - 1, connectivity=1) if smallest > 1 else mask
+    return _keep_large(mask, smallest) if smallest > 1 else mask
 
+
+def _labels(mask: np.ndarray) -> np.ndarray:
+    """4-connected component labels of ``mask`` as LABEL_DTYPE (0 = not in ``mask``)."""
+    from scipy import ndimage as ndi
+
+    labels = np.empty(mask.shape, dtype=LABEL_DTYPE)
+    ndi.label(mask, output=labels)  # the default structure of a 2-D image is the 4-connected cross
+    return labels
+
+
+def _keep_large(mask: np.ndarray, smallest: int) -> np.ndarray:
+    """``mask`` without its 4-connected objects of fewer than ``smallest`` pixels (what scikit-image's
+    ``remove_small_objects(max_size=smallest - 1, connectivity=1)`` does, with int32 labels)."""
+    labels = _labels(mask)
+    keep = _counts(labels, int(labels.max()) + 1) >= smallest
+    keep[0] = False
+    return keep[labels]
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill background regions not connected (4-connectivity) to the image border, as
     ``scipy.ndimage.binary_fill_holes`` does, by one labelling pass instead of iterated dilations."""
-    from skimage.measure import label
-
-    background = label(~mask, connectivity=1)
+    background = _labels(~mask)
     edge = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
-    return ~np.isin(background, edge[edge > 0])
+    hole = np.ones(int(background.max()) + 1, dtype=bool)  # per background label: enclosed by tissue?
+    hole[edge] = False
+    hole[0] = True  # label 0 is the tissue itself
+    return hole[background]
 
 
 @dataclass

@@ -93,7 +93,7 @@ def test_auto_falls_back_to_eager_without_onnxruntime(tiny_gen, monkeypatch) -> 
 
 
 def test_auto_falls_back_when_the_chosen_backend_fails_to_build(tiny_gen, monkeypatch) -> None:
-    def broken(*args: object) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
         raise BackendError("export failed: disk full")
 
     monkeypatch.setitem(backend_choice.PIECES, "onnx", lambda: None)

@@ -86,7 +86,8 @@ def test_one_slide_spread_over_two_cpu_workers_is_byte_identical(tmp_path, weigh
     monkeypatch.setattr(local, "ClusterProgress", Recorded)
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["segment", str(slides / "s1.ome.tif"), "--out", str(out), "--weights",
-                                    str(weights), "--device", "cpu,cpu", "--batch-size", "2", "--seed", "3",
+                                    str(weights), "--device", "cpu,cpu", "--backend", "eager", "--batch-size", "2",
+                                    "--seed", "3",
                                     "--tile-overlap", "16", "--workers", "0", "--no-tissue-mask", "--save-prob",
                                     "--save-uncertainty", "-q"])
     assert res.exit_code == 0, res.output

@@ -192,6 +192,12 @@ class OnnxSampler(torch.nn.Module):
         _check_matches(meta, generator, weights_sha256, path)
         _set_sampler_attrs(self, meta)
         self.size = int(meta["cdal_size"])
+        # The exporter drops inputs the graph never reads (``post`` when no step adds posterior
+        # noise, e.g. T = 1), and onnxruntime refuses feeds it does not declare: feed what it has.
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        unknown = set(self.input_names) - set(INPUTS)
+        if unknown:
+            raise BackendError(f"{path}: unexpected graph inputs {sorted(unknown)} (expected a subset of {INPUTS})")
 
     def forward(self, image: torch.Tensor, x_init: torch.Tensor, z: torch.Tensor,
                 post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +205,7 @@ class OnnxSampler(torch.nn.Module):
             raise BackendError(f"ONNX sampler was exported for {self.size}x{self.size} tiles, got "
                                f"{tuple(image.shape[-2:])}")
         feeds = {k: np.ascontiguousarray(t.detach().float().cpu().numpy())
-                 for k, t in zip(INPUTS, (image, x_init, z, post))}
+                 for k, t in zip(INPUTS, (image, x_init, z, post)) if k in self.input_names}
         prob, std = self.session.run(OUTPUTS, feeds)
         return torch.from_numpy(prob).to(image.device), torch.from_numpy(std).to(image.device)
 

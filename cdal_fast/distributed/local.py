@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
-from ..wsi.batch import TASKS, InputOutcome, RunReport, error_text, run_input, run_summary_name
+from ..wsi.batch import InputOutcome, RunReport, error_text, run_input, run_summary_name
 from ..wsi.outputs import output_names, write_summary
 from ..wsi.progress import NullProgress
 from .local_bands import LocalBandStream
 from .progress import POLL_SECONDS, ClusterProgress, TileCounter
+from .units import pending_inputs
 from .worker import SegmentWorker, WorkerSpec
 
 __all__ = ["run_on_devices", "cpu_threads_per_worker"]
@@ -39,19 +40,6 @@ def cpu_threads_per_worker(devices: list[torch.device], threads: int) -> int | N
     """Torch threads for each CPU worker when several share this process's cores (None: leave as is)."""
     cpus = sum(d.type == "cpu" for d in devices)
     return max(1, threads // cpus) if cpus > 1 else None
-
-
-def _pending(files: list[Path], out_dir: Path, spec: WorkerSpec, names: dict[Path, str],
-             report: RunReport, echo) -> list[Path]:
-    """The inputs not yet complete (the others are reported skipped now, before any worker starts)."""
-    _segment_fn, done_fn = TASKS[spec.task]
-    todo = []
-    for f in files:
-        if not spec.opts.overwrite and done_fn(out_dir / Path(names[f]).parent, f, spec.opts):
-            report.add(InputOutcome(str(f), "skipped"), echo)
-        else:
-            todo.append(f)
-    return todo
 
 
 def run_on_devices(files: list[Path], out_dir: Path, spec: WorkerSpec, devices: list[torch.device], echo=print,
@@ -71,7 +59,7 @@ def run_on_devices(files: list[Path], out_dir: Path, spec: WorkerSpec, devices: 
     threads_before = torch.get_num_threads()
     progress = ClusterProgress(len(files), show_progress)
     try:
-        todo = _pending(files, out_dir, spec, names, report, echo)
+        todo = pending_inputs(files, out_dir, spec.task, spec.opts, names, report, echo)
         if todo:
             threads = cpu_threads_per_worker(devices, threads_before)
             workers = [SegmentWorker(replace(spec, device=str(d), threads=threads if d.type == "cpu" else None))

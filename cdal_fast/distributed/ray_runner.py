@@ -30,13 +30,13 @@ from typing import Any
 
 from ..atomic import partial_path
 from ..requires import BackendError
-from ..wsi.batch import TASKS, InputOutcome, RunReport, TaskRun, error_text, run_input, run_summary_name
+from ..wsi.batch import InputOutcome, RunReport, TaskRun, error_text, run_input, run_summary_name
 from ..wsi.outputs import is_small_image, output_names, output_paths, slide_stem, write_summary
 from ..wsi.pipeline import SlidePlan, TileResult
 from ..wsi.progress import NullProgress
 from ..wsi.readers import SlideError
 from .progress import POLL_SECONDS, ClusterProgress, TileCounter, unit_key
-from .units import WINDOW_PER_WORKER, unit_slices
+from .units import WINDOW_PER_WORKER, pending_inputs, unit_slices
 from .worker import SegmentWorker, UnitResult, WorkerSpec, light_plan
 
 __all__ = ["RAY_HINT", "require_ray", "RayOptions", "run_on_ray", "unit_slices"]
@@ -307,14 +307,8 @@ def run_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, ray_opts: Ray
     connect(ray, ray_opts.address)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    _segment_fn, done_fn = TASKS[spec.task]
     report = RunReport()
-    todo = []
-    for f in files:
-        if not spec.opts.overwrite and done_fn(out_dir / Path(names[f]).parent, f, spec.opts):
-            report.add(InputOutcome(str(f), "skipped"), echo)
-        else:
-            todo.append(f)
+    todo = pending_inputs(files, out_dir, spec.task, spec.opts, names, report, echo)
     if not todo:  # a rerun after everything finished: no actors to start
         report.seconds = time.perf_counter() - t0
         summary = report.to_dict() | {"ray": {"unit": None, "actors": 0, "actor_deaths": 0, "per_actor": []}}

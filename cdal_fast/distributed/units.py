@@ -8,7 +8,12 @@ worker in flight and stitches results in tile order, which bounds its memory by 
 
 from __future__ import annotations
 
-__all__ = ["WINDOW_PER_WORKER", "unit_slices"]
+from collections.abc import Callable
+from pathlib import Path
+
+from ..wsi.batch import TASKS, InputOutcome, RunReport
+
+__all__ = ["WINDOW_PER_WORKER", "pending_inputs", "unit_slices"]
 
 WINDOW_PER_WORKER = 2  # units in flight per worker: one running, one queued behind it
 
@@ -17,3 +22,17 @@ def unit_slices(n_tiles: int, tiles_per_row: int, batch_size: int, band_rows: in
     """Consecutive tile ranges made of whole batches (as the single-process loader cuts them), ~band_rows rows."""
     per_unit = max(1, -(-tiles_per_row * band_rows // batch_size)) * batch_size
     return [range(s, min(s + per_unit, n_tiles)) for s in range(0, n_tiles, per_unit)]
+
+
+def pending_inputs(files: list[Path], out_dir: Path, task: str, opts, names: dict[Path, str],  # noqa: ANN001
+                   report: RunReport, echo: Callable[[str], None]) -> list[Path]:
+    """The inputs not yet complete; the others are reported skipped now, before any worker starts
+    (a rerun after everything finished starts no worker at all)."""
+    _segment_fn, done_fn = TASKS[task]
+    todo = []
+    for f in files:
+        if not opts.overwrite and done_fn(out_dir / Path(names[f]).parent, f, opts):
+            report.add(InputOutcome(str(f), "skipped"), echo)
+        else:
+            todo.append(f)
+    return todo

@@ -15,7 +15,8 @@ One tile = one 256x256 crop of a real MoNuSeg validation tile (``--data``, the s
   PyTorch variants, each with denormals flushed.
 * ``onnx_default`` / ``onnx_tuned``: the sampler graph in onnxruntime with its default session and
   with :func:`cdal_fast.ort_options.tuned_session_options`; ``onnx_int8_dynamic``: that graph with
-  dynamically quantised int8 convolutions and matmuls.
+  dynamically quantised int8 convolutions and matmuls; ``onnx_int8_static``: statically quantised
+  (QDQ) int8 convolutions, activation ranges calibrated on 3 training crops.
 * ``auto``: ``build_sampler(..., "auto")``, i.e. what ``cdal-fast segment`` runs with no speed flags.
 
 The paths are interleaved (authors, A, B, ..., authors, A, B, ...), one tile per path per round,
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cdal_fast.backend_choice import resolve_backend
@@ -61,16 +63,18 @@ PROTOCOL_SIZE = 512  # MoNuSeg tiles are resized to 512 and cut into four 256 qu
 BASELINE = "authors"
 REFERENCE = "eager_fp32"
 REFERENCE_TTA = "eager_fp32_tta"
-QUICK_SKIP = ("compile_inductor", "onnx_int8_dynamic")  # minutes of compilation / quantisation
+QUICK_SKIP = ("compile_inductor", "onnx_int8_dynamic", "onnx_int8_static")  # minutes of compiling / quantising
+CALIBRATION_CROPS = 3  # static int8: train crops whose activation ranges set the quantisation scales
+CALIBRATION_SEED = 100  # their noise, apart from the measured crops' seeds 0..tiles-1
 TileFn = Callable[[torch.Tensor, SamplerNoise], torch.Tensor]
 
 
-def monuseg_val_crops(data: Path, cfg: ModelConfig, count: int) -> list[tuple[str, torch.Tensor]]:
-    """``count`` normalised (1, 3, 256, 256) crops: quarter ``i % 4`` of the i-th validation tile at 512."""
+def monuseg_val_crops(data: Path, cfg: ModelConfig, count: int, split: str = "val") -> list[tuple[str, torch.Tensor]]:
+    """``count`` normalised (1, 3, 256, 256) crops: quarter ``i % 4`` of the i-th tile of ``split`` at 512."""
     root = resolve_2d_root(data)
-    pairs = find_pairs(root, read_split(root, "val"))
+    pairs = find_pairs(root, read_split(root, split))
     if count > len(pairs):
-        raise ValueError(f"{root}: {count} crops asked for, the validation split has {len(pairs)} tiles")
+        raise ValueError(f"{root}: {count} crops asked for, the {split} split has {len(pairs)} tiles")
     size = cfg.image_size
     crops = []
     for i, (name, image_path, _) in enumerate(pairs[:count]):
@@ -109,7 +113,39 @@ def _quantised_onnx(src: Path, out_dir: Path) -> Path:
     return out
 
 
-def make_paths(bundle, work: Path) -> dict[str, BenchPath]:  # noqa: ANN001  (a ModelBundle)
+def _static_quantised_onnx(src: Path, out_dir: Path, calibration: list[dict[str, np.ndarray]]) -> Path:
+    """Static int8 (QDQ): per-channel int8 convolution weights, uint8 activations whose ranges come
+    from running the float32 graph on ``calibration`` feeds (training crops, not the measured ones)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    prepared, out = out_dir / f"{src.stem}-prepared.onnx", out_dir / f"{src.stem}-int8-static.onnx"
+    if not out.is_file():
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(out), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"])
+    return out
+
+
+def calibration_feeds(data: Path, cfg: ModelConfig, count: int = CALIBRATION_CROPS) -> list[dict[str, np.ndarray]]:
+    """Sampler-graph inputs for static quantisation: ``count`` crops of the *train* split, own noise."""
+    feeds = []
+    for i, (_, crop) in enumerate(monuseg_val_crops(data, cfg, count, split="train")):
+        n = draw_noise(cfg.num_steps, cfg.votes, cfg.mask_channels, cfg.nz, cfg.image_size, cfg.image_size,
+                       generators_from_seed(CALIBRATION_SEED + i, 1))
+        feeds.append({k: t.float().numpy() for k, t in
+                      (("image", crop), ("x_init", n.x_init), ("z", n.z), ("post", n.post))})
+    return feeds
+
+
+def make_paths(bundle, work: Path, data: Path = DEFAULT_DATA) -> dict[str, BenchPath]:  # noqa: ANN001  (a ModelBundle)
     """Every CPU path, built lazily (a path whose pieces are missing is skipped, with the reason)."""
     gen, sha = bundle.generator.eval(), bundle.content_sha256
     tta = bool(getattr(bundle.config, "tta", False))  # what segment does with the model by default
@@ -117,11 +153,14 @@ def make_paths(bundle, work: Path) -> dict[str, BenchPath]:  # noqa: ANN001  (a 
     def onnx_path() -> Path:
         return cached_onnx(gen, None, None, sha)
 
-    def onnx(options: str, quantised: bool = False) -> TileFn:
+    def onnx(options: str, quantised: str = "") -> TileFn:
         from cdal_fast.compiled import OnnxSampler
         from cdal_fast.ort_options import default_session_options, tuned_session_options
 
-        path = _quantised_onnx(onnx_path(), work) if quantised else onnx_path()
+        if quantised == "static":
+            path = _static_quantised_onnx(onnx_path(), work, calibration_feeds(data, bundle.config))
+        else:
+            path = _quantised_onnx(onnx_path(), work) if quantised else onnx_path()
         so = default_session_options() if options == "default" else tuned_session_options()
         return _sampler_fn(OnnxSampler(path, gen if not quantised else None, sha, session_options=so))
 
@@ -149,7 +188,9 @@ def make_paths(bundle, work: Path) -> dict[str, BenchPath]:  # noqa: ANN001  (a 
         "compile_inductor": BenchPath("torch.compile inductor, freezing", compiled),
         "onnx_default": BenchPath("onnxruntime float32, default session", lambda: onnx("default")),
         "onnx_tuned": BenchPath("onnxruntime float32, tuned session", lambda: onnx("tuned")),
-        "onnx_int8_dynamic": BenchPath("onnxruntime int8 dynamic quantisation", lambda: onnx("tuned", True)),
+        "onnx_int8_dynamic": BenchPath("onnxruntime int8 dynamic quantisation", lambda: onnx("tuned", "dynamic")),
+        "onnx_int8_static": BenchPath("onnxruntime int8 static quantisation (QDQ, calibrated on 3 train crops)",
+                                      lambda: onnx("tuned", "static")),
         REFERENCE_TTA: BenchPath("eager float32 with test-time augmentation (reference for TTA paths)",
                                  lambda: _sampler_fn(build_sampler(gen, None, None, "eager", tta=True)), False, True),
         "auto": BenchPath(f"segment default: --backend auto -> {resolve_backend('cpu').backend}"
@@ -169,7 +210,7 @@ def run(args: argparse.Namespace) -> None:
     noises = [draw_noise(cfg.num_steps, cfg.votes, cfg.mask_channels, cfg.nz, cfg.image_size, cfg.image_size,
                          generators_from_seed(i, 1)) for i in range(len(crops))]
     with tempfile.TemporaryDirectory() as tmp:
-        all_paths = make_paths(bundle, Path(tmp))
+        all_paths = make_paths(bundle, Path(tmp), args.data)
         names = [n for n in (args.paths or all_paths) if not (args.quick and not args.paths and n in QUICK_SKIP)]
         required = [BASELINE, REFERENCE] + ([REFERENCE_TTA] if any(all_paths[n].tta for n in names) else [])
         names = [*required, *(n for n in names if n not in required)]

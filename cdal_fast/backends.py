@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -188,13 +189,39 @@ def _stale(path: Path) -> bool:
         return True
 
 
+UNVERIFIED_PID = re.compile(r"-pid(\d+)-")  # the owner of a private (unverified-weights) graph file
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_orphaned_graphs(folder: Path) -> list[Path]:
+    """Delete the private graphs of processes that have ended (each unverified run exports its own,
+    ~30 MB for the shipped model, and cannot delete it while its session may still read it)."""
+    removed = []
+    for path in folder.glob("*-pid*-*.onnx*") if folder.is_dir() else ():
+        match = UNVERIFIED_PID.search(path.name)
+        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weights_sha256: str,
                 precision: str = "fp32", tta: bool = False) -> Path:
     """The sampler's ONNX graph for these weights, T and V, exported once into the cache.
 
     ``weights_sha256`` must be the hash ``load_weights`` verified (``ModelBundle.content_sha256``);
     only then is a cached graph reused. Without one (unverified weights, a bare generator) the
-    graph is exported afresh into a file private to this process and never read from the cache.
+    graph is exported afresh into a file private to this process and never read from the cache;
+    such files left by processes that have ended are deleted on the way.
     The file name holds nothing but a sanitised preset name, the hash, T, V, the tile size and a
     precision suffix for reduced-precision graphs (TensorRT's strongly typed engines) and ``-tta``
     for a graph with test-time augmentation.
@@ -213,6 +240,8 @@ def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weig
         path = folder / "unverified" / f"{_safe_name(cfg.name)}-pid{os.getpid()}-{shape}.onnx"
     if path.resolve().parent != (folder / ("" if tag else "unverified")).resolve():
         raise BackendError(f"ONNX cache file {path} would lie outside the cache folder {folder}")
+    if not tag:
+        remove_orphaned_graphs(path.parent)
     if not tag or not path.is_file() or _stale(path):
         export_onnx(generator, path, t, v, weights_sha256=weights_sha256 if tag else "", precision=precision,
                     tta=tta)

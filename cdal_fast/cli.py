@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import torch
@@ -31,6 +33,7 @@ from .cli_options import (
     PROBABILITY,
     SEED,
     STEPS,
+    THRESHOLD_OPTION,
     TILE_SIZE,
     TTA_OPTION,
     VOTES,
@@ -42,6 +45,9 @@ from .nuclei import params as nuclei_defaults
 from .wsi.limits import DEFAULT_MAX_PIXELS
 from .wsi.tissue import DEFAULT_MIN_AREA_UM2
 from .wsi.writer import PYRAMID_LAYOUTS
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 TASKS = ("monuseg", "cxr", "hippocampus")
 PLAIN_OP_FORMATS = ("onnx", "tensorrt")  # export formats that cannot call the cdal custom ops
@@ -172,6 +178,7 @@ def _leave_process_group(finished: bool) -> None:
 @click.option("--allow-untrained-steps", is_flag=True, help=ALLOW_UNTRAINED_STEPS_HELP)
 @click.option("--votes", type=VOTES, default=None, help="Votes V (default: the model's).")
 @TTA_OPTION
+@THRESHOLD_OPTION
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--batch-size", type=BATCH, default=4, show_default=True, help="Patches per sampler call.")
 @click.option("--device", default="auto", show_default=True)
@@ -180,8 +187,8 @@ def _leave_process_group(finished: bool) -> None:
               help="Write means and per-image rows here.")
 def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, split_file: Path | None,
              names: str | None, steps: int | None, allow_untrained_steps: bool,
-             votes: int | None, tta: bool | None, seed: int, batch_size: int, device: str, limit: int | None,
-             json_out: Path | None) -> None:
+             votes: int | None, tta: bool | None, threshold: float | None, seed: int, batch_size: int, device: str,
+             limit: int | None, json_out: Path | None) -> None:
     """Score a model on a labelled folder with the spec's section-8 protocol (Dice and IoU)."""
     from .evaluate import evaluate_task
     from .inference import PatchRunner
@@ -197,11 +204,12 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
         raise click.ClickException(str(exc)) from None
     untrained = check_steps(steps, bundle.config.num_steps, allow_untrained_steps)
     use_tta = bundle.config.tta if tta is None else tta
+    cfg = bundle.config if threshold is None else replace(bundle.config, threshold=threshold)
     sampler = FixedStepSampler(bundle.generator, steps, votes, tta=use_tta).to(dev)
     runner = PatchRunner(sampler, dev, batch_size=batch_size, seed=seed)
     name_list = [n for n in names.split(",") if n] if names else None
     try:
-        res = evaluate_task(task, data, bundle.config, runner, split=split, names=name_list, limit=limit,
+        res = evaluate_task(task, data, cfg, runner, split=split, names=name_list, limit=limit,
                             split_file=split_file)
     except (FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -209,13 +217,14 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
         inst = "".join(f"  {k} {r[k]:.4f}" for k in INSTANCE_KEYS if k in r)
         click.echo(f"{r['name']:40s} dice {_fmt(r['dice'])}  iou {_fmt(r['iou'])}{inst}")
     click.echo(f"{'MEAN':40s} dice {_fmt(res.dice)}  iou {_fmt(res.iou)}  (n={len(res.rows)}, T={res.steps}, "
-               f"V={res.votes}, TTA {'on' if use_tta else 'off'})")
+               f"V={res.votes}, TTA {'on' if use_tta else 'off'}{_threshold_note(cfg)})")
     inst_mean = mean_instance_scores(res.rows)
     if inst_mean is not None:
         click.echo(f"{'MEAN instance':40s} " + "  ".join(f"{k} {inst_mean[k]:.4f}" for k in INSTANCE_KEYS)
                    + f"  (n={inst_mean['n']} tiles with XML nuclei)")
     if json_out:
         payload = res.to_dict() | {"weights": str(bundle.path), "seed": seed, "tta": use_tta,
+                                   "threshold": None if cfg.multiclass else cfg.threshold,
                                    "trained_steps": bundle.config.num_steps,
                                    "untrained_steps": untrained}
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -257,6 +266,7 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--allow-untrained-steps", is_flag=True, help=ALLOW_UNTRAINED_STEPS_HELP)
 @click.option("--votes", type=VOTES, default=None, help="Votes V (default: the model's).")
 @TTA_OPTION
+@THRESHOLD_OPTION
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Same seed, same mask.")
 @click.option("--tile-overlap", type=OVERLAP, default=None,
               help="Overlap of adjacent tiles in model pixels (default: a quarter of the tile, 64 for 256).")
@@ -283,8 +293,8 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--no-nuclei-geojson", is_flag=True, help="Do not write NAME.nuclei.geojson (QuPath detections).")
 @click.option("--nuclei-gzip", is_flag=True, help="Write the GeoJSON gzip-compressed, as NAME.nuclei.geojson.gz.")
 @click.option("--no-nuclei-csv", is_flag=True, help="Do not write NAME.nuclei.csv (one row per nucleus).")
-@click.option("--nuclei-threshold", type=PROBABILITY, default=nuclei_defaults.DEFAULT_PROB_THRESHOLD,
-              show_default=True, help="Nucleus foreground where the vote-mean probability is >= this.")
+@click.option("--nuclei-threshold", type=PROBABILITY, default=None,
+              help="Nucleus foreground where the vote-mean probability is >= this (default: the mask's threshold).")
 @click.option("--nuclei-h", "nuclei_h", type=MARKER_H_UM, default=nuclei_defaults.DEFAULT_MARKER_H_UM,
               show_default=True,
               help="Marker h in um: touching nuclei are split where the distance-to-background saddle between "
@@ -317,10 +327,10 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
             mpp: float | None, max_pixels: float, device: str, dtype: str, backend: str, batch_size: int | None,
             workers: int,
             steps: int | None, allow_untrained_steps: bool, votes: int | None, tta: bool | None,
-            seed: int, tile_overlap: int | None,
+            threshold: float | None, seed: int, tile_overlap: int | None,
             no_tissue_mask: bool, tissue_threshold: float | None, tissue_min_area: float, save_tissue: bool,
             roi: Path | None, pyramid_layout: str, save_prob: bool, save_uncertainty: bool, no_nuclei: bool,
-            no_nuclei_geojson: bool, nuclei_gzip: bool, no_nuclei_csv: bool, nuclei_threshold: float,
+            no_nuclei_geojson: bool, nuclei_gzip: bool, no_nuclei_csv: bool, nuclei_threshold: float | None,
             nuclei_h: float, nuclei_min_area: float, save_labels: bool, overwrite: bool,
             shard: str | None, ray_address: str | None, ray_cpus_per_actor: int, ray_actors: int | None,
             ray_max_retries: int, ray_unit: str, quiet: bool) -> None:
@@ -381,6 +391,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
                 device.startswith("cuda") if ray_address is not None else dev.type == "cuda")
             batch_size = 8 if on_gpu else 1
         use_tta = bundle.config.tta if tta is None else tta
+        use_threshold = bundle.config.threshold if threshold is None else threshold
         sampler = None if ray_address is not None or devices else build_sampler(
             bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.content_sha256, max_batch=batch_size,
             tta=use_tta)
@@ -412,12 +423,12 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
                           nuclei=not no_nuclei and not bundle.config.multiclass, nuclei_geojson=not no_nuclei_geojson,
                           nuclei_gzip=nuclei_gzip, nuclei_csv=not no_nuclei_csv, save_labels=save_labels,
                           nuclei_threshold=nuclei_threshold, nuclei_h_um=nuclei_h, nuclei_min_area_um2=nuclei_min_area,
-                          max_pixels=max_pixels, tta=use_tta)
+                          max_pixels=max_pixels, tta=use_tta, threshold=use_threshold)
     info = {"weights": str(bundle.path), "sha256": bundle.sha256, "weights_verified": bundle.verified,
             "preset": bundle.config.name, "backend": _backend_used(sampler, backend), "dtype": dtype,
             "device": str(dev),
             "steps": steps or bundle.config.num_steps, "trained_steps": bundle.config.num_steps, "tta": use_tta,
-            "untrained_steps": untrained}
+            "threshold": None if bundle.config.multiclass else use_threshold, "untrained_steps": untrained}
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     summary_name = run_summary_name(shard_index, shard_count)
     if ray_address is not None:
@@ -568,6 +579,11 @@ def import_checkpoint_cmd(checkpoint: Path, args_path: Path, out: Path, task: st
     except AuthorsCheckpointError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {st_path} and {cfg_path}")
+
+
+def _threshold_note(cfg: ModelConfig) -> str:
+    """", threshold T" for a binary model (what turned probabilities into the scored masks)."""
+    return "" if cfg.multiclass else f", threshold {cfg.threshold:g}"
 
 
 def _fmt(v: float | list[float]) -> str:

@@ -51,7 +51,7 @@ MPP = FiniteFloatRange(MIN_PLAUSIBLE_MPP, MAX_PLAUSIBLE_MPP)  # the plausibility
 MAX_PIXELS = FiniteFloatRange(1, min_open=False)  # --max-pixels: working pixels per slide
 OVERLAP = click.IntRange(0, INT_LIMITS["image_size"][1])  # and below the model's tile, checked later
 TILE_SIZE = click.IntRange(*INT_LIMITS["image_size"])
-PROBABILITY = FiniteFloatRange(0, 1, min_open=True, max_open=True)  # nucleus threshold
+PROBABILITY = FiniteFloatRange(0, 1, min_open=True, max_open=True)  # mask and nucleus thresholds
 MARKER_H_UM = FiniteFloatRange(0, MAX_MARKER_H_UM, min_open=True)
 AREA_UM2 = FiniteFloatRange(0, MAX_AREA_UM2)
 
@@ -67,6 +67,13 @@ TTA_OPTION = click.option(
     "--tta/--no-tta", default=None,
     help="Test-time augmentation: vote v sees the tile under the v-th of the 8 flips/rotations (mapped back "
          "before averaging; same number of forwards). Default: the model's own setting (its JSON config).")
+
+
+# --threshold: None (not given) means the model config's own ``threshold`` (chosen on validation).
+THRESHOLD_OPTION = click.option(
+    "--threshold", type=PROBABILITY, default=None,
+    help="Binary models: a pixel is object where the vote-mean probability is >= this. Default: the model's own "
+         "(its JSON config and model card; 0.5 unless a threshold was chosen on validation).")
 
 
 def check_steps(steps: int | None, trained: int, allow: bool) -> bool:

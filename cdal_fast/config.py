@@ -23,7 +23,7 @@ __all__ = ["ModelConfig", "PRESETS", "INFERENCE_FIELDS", "get_preset", "load_con
 VOLUME_SCALINGS = ("zscore", "minmax")
 # Fields that change how a model is run, not what it is: exported graphs and caches compare
 # configs without them (a graph exported before a default changed is still the same network).
-INFERENCE_FIELDS = ("tta",)
+INFERENCE_FIELDS = ("tta", "threshold")
 AXIS_CODES = "LRAPIS"  # nibabel's axis codes: the direction each array axis points to
 
 
@@ -68,6 +68,9 @@ class ModelConfig:
     # Inference defaults chosen on validation (never part of the architecture; see INFERENCE_FIELDS):
     # test-time augmentation of the votes (cdal_fast.dihedral); `--tta/--no-tta` overrides it.
     tta: bool = False
+    # binary models: a pixel is object where the vote-mean P(object) >= threshold (cdal_fast.decode);
+    # `--threshold` overrides it. Multi-class models take the argmax and ignore it.
+    threshold: float = 0.5
 
     def __post_init__(self) -> None:
         # Types and ranges first (config_limits): a config from a file is untrusted, and nothing

@@ -117,6 +117,10 @@ def check_model_config(cfg: Any) -> None:
     _float("dropout", cfg.dropout, 0.0, 0.99)
     if not isinstance(cfg.tta, bool):
         raise ConfigError(f"model config field tta: {cfg.tta!r} is not a boolean (allowed: true or false)")
+    _float("threshold", cfg.threshold, 0.0, 1.0, low_open=True)
+    if cfg.threshold == 1.0:
+        raise ConfigError("model config field threshold: 1.0 is out of range (allowed: (0.0, 1.0), a vote mean "
+                          "never exceeds 1)")
     _float("beta_min", cfg.beta_min, 0.0, MAX_BETA, low_open=True)
     _float("beta_max", cfg.beta_max, 0.0, MAX_BETA, low_open=True)
     if cfg.beta_max < cfg.beta_min:

@@ -47,6 +47,7 @@ class ExportableSampler(nn.Module):
         self.image_size = cfg.image_size
         self.size_multiple = 2 ** (len(cfg.ch_mult) - 1)
         self.mpp = float(cfg.mpp or 0.0)  # 0.0: the model has no physical resolution
+        self.threshold = float(cfg.threshold)  # binary models: object where prob >= threshold (its config's)
         self.register_buffer("norm_mean", torch.tensor(cfg.norm_mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("norm_std", torch.tensor(cfg.norm_std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -83,7 +84,8 @@ def export_aoti(module: ExportableSampler, out: str | Path, batch: int = 1, size
         ep = torch.export.export(module.eval(), example)
         # AOTInductor does not check input shapes at run time: the C++ app checks them against this.
         meta = {"cdal_input_shape": ",".join(str(v) for v in example[0].shape),
-                "cdal_steps": str(module.num_steps), "cdal_votes": str(module.votes), "cdal_mpp": str(module.mpp)}
+                "cdal_steps": str(module.num_steps), "cdal_votes": str(module.votes), "cdal_mpp": str(module.mpp),
+                "cdal_threshold": str(module.threshold)}
         torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp),
                                                  inductor_configs={"aot_inductor.metadata": meta})
     return Path(out)

@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .decode import MaskChannels, to_labels
+from .decode import MaskChannels, MaskKind, to_labels
 from .diffusion import make_schedule
 from .dihedral import apply_dihedral, invert_dihedral, vote_codes
 from .generator import Generator
@@ -175,10 +175,11 @@ def position_generator(seed: int, *key: int) -> torch.Generator:
     return torch.Generator().manual_seed(h)
 
 
-def decode_mask(prob: torch.Tensor) -> torch.Tensor:
-    """Labels of a batch (B, C, H, W) for callers without a config: :func:`cdal_fast.decode.to_labels`
-    with the mask channel count read from ``prob`` (binary 0/1 at P >= 0.5, else the argmax class)."""
-    return to_labels(prob, MaskChannels(prob.shape[1]))
+def decode_mask(prob: torch.Tensor, cfg: MaskKind | None = None) -> torch.Tensor:
+    """Labels of a batch (B, C, H, W): :func:`cdal_fast.decode.to_labels` with ``cfg`` (a model's
+    config: its own threshold), or for callers without one with the mask channel count read from
+    ``prob`` (binary 0/1 at P >= 0.5, else the argmax class)."""
+    return to_labels(prob, cfg if cfg is not None else MaskChannels(prob.shape[1]))
 
 
 @torch.no_grad()

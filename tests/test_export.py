@@ -37,12 +37,15 @@ def test_counter_rng():
                        counter_normal([7, 3], torch.tensor(9), 2))
 
 
+EXPORT_THRESHOLD = 0.49  # not 0.5: the C++ example must take the model's threshold, not a constant
+
+
 @pytest.fixture(scope="module")
 def artefacts(tmp_path_factory):
     """tiny weights, their TorchScript and AOTInductor exports via the CLI, a TIFF tile, eager results."""
     d = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
-    gen = perturbed(Generator(get_preset("tiny"))).eval()
+    gen = perturbed(Generator(get_preset("tiny", threshold=EXPORT_THRESHOLD))).eval()
     save_weights(d / "tiny", gen, dtype=torch.float32)
     for fmt, name in (("torchscript", "tiny.pt"), ("aoti", "tiny.pt2")):
         res = CliRunner().invoke(main, ["export", "--format", fmt, "--weights", str(d / "tiny.safetensors"),
@@ -60,6 +63,7 @@ def artefacts(tmp_path_factory):
 def test_torchscript_matches_eager(artefacts):
     m = torch.jit.load(str(artefacts["dir"] / "tiny.pt"))
     assert m.num_steps == 2 and m.votes == 2 and m.mpp == 0.5 and m.img_channels == 3
+    assert m.threshold == EXPORT_THRESHOLD
     with torch.no_grad():
         prob, std = m(artefacts["image"], torch.tensor(5))
     torch.testing.assert_close(prob, artefacts["prob"], rtol=1e-5, atol=1e-6)
@@ -113,7 +117,8 @@ def test_cpp_example_runs_both_artefacts(tmp_path, artefacts):
     assert bld.returncode == 0, bld.stdout[-3000:] + bld.stderr[-2000:]
     exe = str(build / "cdal_segment")
     d = artefacts["dir"]
-    expected_mask = ((artefacts["prob"][0, 0] >= 0.5).numpy() * 255).astype(np.uint8)
+    expected_mask = ((artefacts["prob"][0, 0] >= EXPORT_THRESHOLD).numpy() * 255).astype(np.uint8)
+    assert not np.array_equal(expected_mask, ((artefacts["prob"][0, 0] >= 0.5).numpy() * 255).astype(np.uint8))
     for name in ("tiny.pt", "tiny.pt2"):
         out = tmp_path / f"{name}.mask.tif"
         run = subprocess.run([exe, str(d / name), str(d / "tile.tif"), str(out), "--seed", "5"],

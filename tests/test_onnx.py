@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +194,35 @@ def test_export_copies_to_cpu_float32_and_keeps_norm_statistics_in_float32(tmp_p
     p16, _ = OnnxSampler(path, gen, "abc")(image, n.x_init, n.z, n.post)
     # bf16 caller weights (8-bit mantissa) exported as fp16, run in fp16: a few 1e-2 at most
     assert (p16 - p_ref).abs().max().item() <= 5e-2
+
+
+def test_private_graphs_of_ended_processes_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    """Every unverified run exports its own ~30 MB graph; the next unverified export deletes those of
+    processes that have ended, never a running process's (it may still be reading it)."""
+    import subprocess
+    import sys
+
+    import cdal_fast.backends as backends
+    import cdal_fast.compiled as compiled
+    from cdal_fast.backends import cached_onnx
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CDAL_FAST_CACHE", str(cache))
+    monkeypatch.setattr(compiled, "export_onnx", _fake_export([]))
+    monkeypatch.setattr(backends, "_stale", lambda path: False)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    folder = cache / "onnx" / "unverified"
+    folder.mkdir(parents=True)
+    dead = folder / f"tiny-pid{int(ended.stdout)}-T2-V2-S64.onnx"
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as alive_proc:
+        try:
+            alive = folder / f"tiny-pid{alive_proc.pid}-T2-V2-S64.onnx"
+            unrelated = folder / "notes.txt"
+            for f in (dead, alive, unrelated):
+                f.write_bytes(b"x")
+            own = cached_onnx(Generator(get_preset("tiny")), None, None, "")
+            assert own.parent == folder and own.name == f"tiny-pid{os.getpid()}-T2-V2-S64.onnx"
+            assert not dead.exists() and alive.exists() and unrelated.exists()
+        finally:
+            alive_proc.kill()

@@ -136,6 +136,11 @@ class TaskRun:
     model_info: dict[str, Any]
     sample_stream: SampleStream | None = None  # slides only: where tiles are sampled (None = here, on `sampler`)
 
+    def __post_init__(self) -> None:
+        # --threshold is a decoding choice: every stage that decodes reads it from the config.
+        if self.opts.threshold is not None and self.opts.threshold != self.cfg.threshold:
+            self.cfg = replace(self.cfg, threshold=self.opts.threshold)
+
 
 SegmentFn = Callable[[Path, Path, TaskRun, TileProgress], dict[str, Any]]
 DoneFn = Callable[[Path, Path, SegmentOptions], bool]  # (out_dir, input, options) -> already complete

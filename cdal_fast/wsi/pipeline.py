@@ -108,11 +108,12 @@ class SegmentOptions:
     nuclei_gzip: bool = False  # ... as NAME.nuclei.geojson.gz
     nuclei_csv: bool = True  # NAME.nuclei.csv (one row per nucleus)
     save_labels: bool = False  # NAME.labels.ome.tif (uint32 instance ids on the slide's grid)
-    nuclei_threshold: float = nuclei_defaults.DEFAULT_PROB_THRESHOLD
+    nuclei_threshold: float | None = None  # None: the mask's threshold (below)
     nuclei_h_um: float = nuclei_defaults.DEFAULT_MARKER_H_UM
     nuclei_min_area_um2: float = nuclei_defaults.DEFAULT_MIN_AREA_UM2
     max_pixels: float = DEFAULT_MAX_PIXELS  # bound on working pixels (the maps, the stitching band); --max-pixels
     tta: bool = False  # test-time augmentation of the votes (--tta); workers build their sampler with it
+    threshold: float | None = None  # binary masks: P(object) cut (--threshold); None: the model config's
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -486,6 +487,8 @@ def post_process(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig,
         std_map.flush()
         maps = replace(maps, object_pixels=objects)
     if opts is not None and nuclei_enabled(cfg, opts):
+        if opts.nuclei_threshold is None:  # nuclei follow the mask unless told otherwise
+            opts = replace(opts, nuclei_threshold=cfg.threshold)
         found = extract_nuclei(slide, maps.prob_path, maps.std_path, opts)
         maps = replace(maps, nuclei=found.summary, labels_path=found.labels_path)
     return maps

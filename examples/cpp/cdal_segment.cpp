@@ -94,6 +94,7 @@ int main(int argc, char** argv) {
     std::unique_ptr<torch::jit::Module> script;
     std::unique_ptr<torch::inductor::AOTIModelPackageLoader> package;
     int64_t channels = 3;
+    double threshold = 0.5;  // binary models: the model's own (exports before thresholds were settable: 0.5)
     std::vector<int64_t> fixed_shape;  // AOTInductor packages are compiled for one input shape
     if (aoti) {
       package = std::make_unique<torch::inductor::AOTIModelPackageLoader>(model_path);
@@ -108,10 +109,13 @@ int main(int argc, char** argv) {
         pos = comma == std::string::npos ? s.size() : comma + 1;
       }
       channels = fixed_shape.at(1);
+      const auto thr = meta.find("cdal_threshold");
+      if (thr != meta.end()) threshold = std::stod(thr->second);
     } else {
       script = std::make_unique<torch::jit::Module>(torch::jit::load(model_path));
       script->eval();
       channels = script->attr("img_channels").toInt();
+      if (script->hasattr("threshold")) threshold = script->attr("threshold").toDouble();
     }
 
     const Image img = read_tiff(in_path);
@@ -141,8 +145,8 @@ int main(int argc, char** argv) {
     } else {
       prob = script->forward({image, seed_t}).toTuple()->elements().at(0).toTensor();
     }
-    // binary: probability >= 0.5; several classes: argmax label
-    at::Tensor mask = prob.size(1) == 1 ? (prob[0][0] >= 0.5).to(torch::kUInt8) * 255
+    // binary: probability >= the model's threshold; several classes: argmax label
+    at::Tensor mask = prob.size(1) == 1 ? (prob[0][0] >= threshold).to(torch::kUInt8) * 255
                                         : prob[0].argmax(0).to(torch::kUInt8);
     write_mask(out_path, mask);
     std::printf("wrote %s (%dx%d) mean_probability=%.6f object_fraction=%.6f\n", out_path.c_str(), img.width,

@@ -48,6 +48,7 @@ from .wsi.writer import PYRAMID_LAYOUTS
 
 if TYPE_CHECKING:
     from .config import ModelConfig
+    from .distributed.worker import WorkerSpec
 
 TASKS = ("monuseg", "cxr", "hippocampus")
 PLAIN_OP_FORMATS = ("onnx", "tensorrt")  # export formats that cannot call the cdal custom ops
@@ -431,15 +432,18 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
             "threshold": None if bundle.config.multiclass else use_threshold, "untrained_steps": untrained}
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     summary_name = run_summary_name(shard_index, shard_count)
-    if ray_address is not None:
-        report = _segment_on_ray(files, out_dir, task, weights, steps, votes, backend, dtype, device, opts, info,
-                                 ray_address, ray_cpus_per_actor, ray_actors, ray_max_retries, ray_unit, echo, quiet,
-                                 (shard_index, shard_count), names)
-    elif devices:
-        from .distributed.local import run_on_devices
+    if ray_address is not None or devices:
         from .distributed.worker import WorkerSpec
 
-        spec = WorkerSpec(str(weights) if weights else None, task, steps, votes, backend, dtype, device, opts, info)
+        # what every worker (a Ray actor or one per listed device) needs to build the same sampler
+        spec = WorkerSpec(str(weights) if weights else None, task, steps, votes, backend, dtype, device, opts,
+                          info | ({"ray": ray_address} if ray_address is not None else {}))
+    if ray_address is not None:
+        report = _segment_on_ray(files, out_dir, spec, ray_address, ray_cpus_per_actor, ray_actors,
+                                 ray_max_retries, ray_unit, echo, quiet, (shard_index, shard_count), names)
+    elif devices:
+        from .distributed.local import run_on_devices
+
         report, _summary = run_on_devices(files, out_dir, spec, devices, echo=echo, shard=(shard_index, shard_count),
                                           names=names, show_progress=not quiet)
     else:
@@ -464,16 +468,12 @@ def _backend_used(sampler: object, backend: str) -> str:
     return f"{AUTO} -> {'onnx' if isinstance(sampler, OnnxSampler) else 'eager'}"
 
 
-def _segment_on_ray(files: list[Path], out_dir: Path, task: str, weights: Path | None, steps: int | None,
-                    votes: int | None, backend: str, dtype: str, device: str, opts, info: dict, address: str,
+def _segment_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, address: str,
                     cpus_per_actor: int, actors: int | None, max_retries: int, unit: str, echo, quiet: bool,
                     shard: tuple[int, int], names: dict[Path, str]):
-    """The --ray branch of `segment`: the same options, handed to the actors as a WorkerSpec."""
+    """The --ray branch of `segment`: the run's WorkerSpec handed to the actors."""
     from .distributed.ray_runner import RayOptions, run_on_ray
-    from .distributed.worker import WorkerSpec
 
-    spec = WorkerSpec(str(weights) if weights else None, task, steps, votes, backend, dtype, device, opts,
-                      info | {"ray": address})
     ray_opts = RayOptions(address=address, cpus_per_actor=cpus_per_actor, actors=actors, max_retries=max_retries,
                           unit=unit)
     report, _summary = run_on_ray(files, out_dir, spec, ray_opts, echo=echo, show_progress=not quiet, shard=shard,

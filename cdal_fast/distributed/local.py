@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..wsi.batch import InputOutcome, RunReport, error_text, run_input, run_summary_name
-from ..wsi.outputs import output_names, write_summary
+from ..wsi.outputs import output_names
 from ..wsi.progress import NullProgress
 from .local_bands import LocalBandStream
 from .progress import POLL_SECONDS, ClusterProgress, TileCounter
@@ -79,9 +79,8 @@ def run_on_devices(files: list[Path], out_dir: Path, spec: WorkerSpec, devices: 
     finally:  # written however the run ends (also on Ctrl-C, with "interrupted": true)
         torch.set_num_threads(threads_before)
         progress.close()
-        report.seconds = time.perf_counter() - t0
-        summary = report.to_dict() | {"devices": [str(d) for d in devices], "unit": unit, "per_worker": per_worker}
-        write_summary(out_dir / run_summary_name(*shard), summary)
+        summary = report.finish(t0, out_dir / run_summary_name(*shard),
+                                {"devices": [str(d) for d in devices], "unit": unit, "per_worker": per_worker})
     return report, summary
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from ..atomic import partial_path
 from ..requires import BackendError
 from ..wsi.batch import InputOutcome, RunReport, TaskRun, error_text, run_input, run_summary_name
-from ..wsi.outputs import is_small_image, output_names, output_paths, slide_stem, write_summary
+from ..wsi.outputs import is_small_image, output_names, output_paths, slide_stem
 from ..wsi.pipeline import SlidePlan, TileResult
 from ..wsi.progress import NullProgress
 from ..wsi.readers import SlideError
@@ -310,9 +310,8 @@ def run_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, ray_opts: Ray
     report = RunReport()
     todo = pending_inputs(files, out_dir, spec.task, spec.opts, names, report, echo)
     if not todo:  # a rerun after everything finished: no actors to start
-        report.seconds = time.perf_counter() - t0
-        summary = report.to_dict() | {"ray": {"unit": None, "actors": 0, "actor_deaths": 0, "per_actor": []}}
-        write_summary(out_dir / run_summary_name(*shard), summary)
+        summary = report.finish(t0, out_dir / run_summary_name(*shard),
+                                {"ray": {"unit": None, "actors": 0, "actor_deaths": 0, "per_actor": []}})
         return report, summary
     pool = ActorPool(ray, spec, ray_opts)
     progress = ClusterProgress(len(files), show_progress)
@@ -345,7 +344,5 @@ def run_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, ray_opts: Ray
         extra = {"ray": {"unit": "band" if use_bands else "input", "actors": len(pool.actors),
                          "actor_deaths": pool.deaths, "per_actor": pool.summary()}}
         pool.shutdown()
-        report.seconds = time.perf_counter() - t0
-        summary = report.to_dict() | extra
-        write_summary(out_dir / run_summary_name(*shard), summary)
+        summary = report.finish(t0, out_dir / run_summary_name(*shard), extra)
     return report, summary

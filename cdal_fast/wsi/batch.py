@@ -94,6 +94,14 @@ class RunReport:
     seconds: float = 0.0
     interrupted: bool = False
 
+    def finish(self, started: float, path: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Stop the clock (``started``: ``time.perf_counter()`` at the start) and write the run summary
+        to ``path`` with ``extra`` runner details; every runner calls this however its run ends."""
+        self.seconds = time.perf_counter() - started
+        summary = self.to_dict() | (extra or {})
+        write_summary(path, summary)
+        return summary
+
     def add(self, outcome: InputOutcome, echo: Callable[[str], None] = print) -> None:
         """Record one input's outcome and echo its line (``skip``, ``FAIL``, ``warn``, ``done``)."""
         f = outcome.path
@@ -257,6 +265,5 @@ def segment_all(files: list[Path], out_dir: Path, sampler: SamplerLike, cfg: Mod
         report.interrupted = True
         raise
     finally:
-        report.seconds = time.perf_counter() - t0
-        write_summary(out_dir / summary_name, report.to_dict())
+        report.finish(t0, out_dir / summary_name)
     return report

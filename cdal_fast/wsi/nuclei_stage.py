@@ -102,7 +102,7 @@ def extract_nuclei(slide: Any, prob_path: Path, std_path: Path, opts: Any,
     t0 = time.perf_counter()
     plan = slide.plan
     params = nuclei_params(opts)
-    grid = Grid(plan.work_mpp, plan.work_mpp / plan.mpp0)
+    grid = Grid(plan.work_mpp, plan.work_to_level0)
     prob_map, std_map = MapFile.open(prob_path), MapFile.open(std_path)  # row bands, not memory maps
     labels_path = slide.work_dir / "labels.npy" if opts.save_labels else None
     labels_map = None

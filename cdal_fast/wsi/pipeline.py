@@ -130,6 +130,11 @@ class Plan:
     work_mpp: float
     mpp_warning: str | None = None  # the resolution came from a convention (objective power)
 
+    @property
+    def work_to_level0(self) -> float:
+        """Level-0 pixels per working pixel (maps, tiles and masks live on the working grid)."""
+        return self.work_mpp / self.mpp0
+
 
 def tile_region(tile: Tile, size: int, scale: float, level_w: int, level_h: int) -> tuple[int, int, int]:
     """(x, y, side) of the level region a working tile covers: ``size`` working px x ``scale`` level px,
@@ -176,7 +181,7 @@ def tissue_tiles(reader: SlideReader, plan: Plan, grid: TileGrid, side: int, thr
                  min_area_um2: float = DEFAULT_MIN_AREA_UM2) -> tuple[list[Tile], TissueDetection]:
     """Tiles whose footprint touches tissue, and the detection (mask, thumbnail, scale)."""
     det = detect_tissue(reader, plan.mpp0, side, threshold, min_area_um2)
-    return tiles_touching(det.mask, det.downsample, plan.work_mpp / plan.mpp0, grid), det
+    return tiles_touching(det.mask, det.downsample, plan.work_to_level0, grid), det
 
 
 def _input_warnings(plan: Plan, tissue: TissueDetection | None, roi: Roi | None, tiles: list[Tile]) -> list[str]:
@@ -385,8 +390,8 @@ def plan_slide(path: Path, out_dir: Path, cfg: ModelConfig, opts: SegmentOptions
         if roi is not None:
             plan_mask, plan_down = roi_planning_mask(
                 roi, tissue.mask if tissue else None, tissue.downsample if tissue else 1.0, plan.slide_h,
-                plan.slide_w, plan.work_mpp / plan.mpp0, grid.tile)
-            tiles = tiles_touching(plan_mask, plan_down, plan.work_mpp / plan.mpp0, grid)
+                plan.slide_w, plan.work_to_level0, grid.tile)
+            tiles = tiles_touching(plan_mask, plan_down, plan.work_to_level0, grid)
         warnings = _input_warnings(plan, tissue, roi, tiles)
     paths = output_paths(out_dir, stem, small, opts.pyramid_layout)
     return SlidePlan(path, out_dir, stem, small, paths, plan, grid, tiles, grid.count, tissue_fraction, thumb,
@@ -482,7 +487,7 @@ def post_process(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig,
     then (nucleus model, ``opts.nuclei``) nuclei are labelled and streamed to their files."""
     if slide.roi is not None:
         prob_map, std_map = maps.open()
-        objects = clear_outside_roi(slide.roi, slide.plan.work_mpp / slide.plan.mpp0, [prob_map, std_map], cfg)
+        objects = clear_outside_roi(slide.roi, slide.plan.work_to_level0, [prob_map, std_map], cfg)
         prob_map.flush()
         std_map.flush()
         maps = replace(maps, object_pixels=objects)

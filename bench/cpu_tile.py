@@ -248,14 +248,14 @@ def run(args: argparse.Namespace) -> None:
                 probs.setdefault((name, ci), prob)
             print(f"round {r + 1}/{args.repeats} (load {loads[-1]:.2f}): "
                   + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
-            summarise(rows, times, probs, min(len(crops), r + 1), {n for n in fns if all_paths[n].tta})
+            summarise(rows, times, probs, min(len(crops), r + 1), {n for n in fns if all_paths[n].tta}, cfg)
             write_table(list(rows.values()), loads, cfg, crops, args)  # after every round: a cut run keeps a table
 
 
 def summarise(rows: dict[str, dict], times: dict[str, list[float]], probs: dict[tuple[str, int], torch.Tensor],
-                crops_done: int, tta_paths: set[str] = frozenset()) -> None:
+              crops_done: int, tta_paths: set[str] = frozenset(), cfg: ModelConfig | None = None) -> None:
     """Per path: s/tile (median, min, max), ratio to the baseline within each round, Dice vs the reference
-    (eager float32 with the same test-time augmentation setting)."""
+    (eager float32 with the same test-time augmentation setting) of the masks at ``cfg``'s threshold."""
     for name, ts in times.items():
         reference = REFERENCE_TTA if name in tta_paths else REFERENCE
         med, lo, hi = _spread(ts)
@@ -263,7 +263,7 @@ def summarise(rows: dict[str, dict], times: dict[str, list[float]], probs: dict[
         dices, diffs = [], []
         for ci in range(crops_done):
             ref, got = probs[(reference, ci)], probs[(name, ci)]
-            dices.append(dice_iou(decode_mask(got) > 0, decode_mask(ref) > 0)[0])
+            dices.append(dice_iou(decode_mask(got, cfg) > 0, decode_mask(ref, cfg) > 0)[0])  # at the model's threshold
             diffs.append(float((got - ref).abs().max()))
         rmed, rlo, rhi = _spread(ratios)
         rows[name].update({"s_per_tile": med, "s_min": lo, "s_max": hi, "spread_pct": 100 * (hi - lo) / med,

@@ -77,7 +77,7 @@ def measure_backend(name: str, gen: Generator, image: torch.Tensor, noise, dev: 
             prob, _ = sampler(img, n.x_init, n.z, n.post)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:  # one failing backend must not end the table
         return {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}, None
-    mask = decode_mask(prob.float().cpu())
+    mask = decode_mask(prob.float().cpu(), gen.cfg)  # at the model's threshold
     dice, _ = dice_iou(mask > 0, (ref_mask if ref_mask is not None else mask) > 0)
     b = image.shape[0]
     forwards = b * gen.cfg.votes * gen.cfg.num_steps  # build_sampler(None, None): the preset's T and V

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import socket
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -189,7 +190,9 @@ def _stale(path: Path) -> bool:
         return True
 
 
-UNVERIFIED_PID = re.compile(r"-pid(\d+)-")  # the owner of a private (unverified-weights) graph file
+# The owner of a private (unverified-weights) graph file: the last "-pidN-T..." of its name (a preset
+# name, which comes from a JSON file, may hold "-pid" itself).
+UNVERIFIED_PID = re.compile(r".*-pid(\d+)-T\d+-V\d+-S\d+")
 
 
 def _process_alive(pid: int) -> bool:
@@ -203,11 +206,13 @@ def _process_alive(pid: int) -> bool:
 
 
 def remove_orphaned_graphs(folder: Path) -> list[Path]:
-    """Delete the private graphs of processes that have ended (each unverified run exports its own,
-    ~30 MB for the shipped model, and cannot delete it while its session may still read it)."""
+    """Delete the private graphs of this host's processes that have ended (each unverified run exports
+    its own, ~30 MB for the shipped model, and cannot delete it while its session may still read it).
+    ``folder`` is this host's own (a cache on a shared filesystem is seen by processes of other
+    machines, whose pids mean nothing here)."""
     removed = []
     for path in folder.glob("*-pid*-*.onnx*") if folder.is_dir() else ():
-        match = UNVERIFIED_PID.search(path.name)
+        match = UNVERIFIED_PID.match(path.name)
         if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
@@ -220,8 +225,9 @@ def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weig
 
     ``weights_sha256`` must be the hash ``load_weights`` verified (``ModelBundle.content_sha256``);
     only then is a cached graph reused. Without one (unverified weights, a bare generator) the
-    graph is exported afresh into a file private to this process and never read from the cache;
-    such files left by processes that have ended are deleted on the way.
+    graph is exported afresh into a file private to this process (under ``unverified/HOST/``) and
+    never read from the cache; such files left by this host's processes that have ended are deleted
+    on the way.
     The file name holds nothing but a sanitised preset name, the hash, T, V, the tile size and a
     precision suffix for reduced-precision graphs (TensorRT's strongly typed engines) and ``-tta``
     for a graph with test-time augmentation.
@@ -237,8 +243,9 @@ def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weig
     if tag:
         path = folder / f"{_safe_name(cfg.name)}-{tag}-{shape}.onnx"
     else:
-        path = folder / "unverified" / f"{_safe_name(cfg.name)}-pid{os.getpid()}-{shape}.onnx"
-    if path.resolve().parent != (folder / ("" if tag else "unverified")).resolve():
+        host = _safe_name(socket.gethostname())
+        path = folder / "unverified" / host / f"{_safe_name(cfg.name)}-pid{os.getpid()}-{shape}.onnx"
+    if path.resolve().parent != (folder / ("" if tag else f"unverified/{host}")).resolve():
         raise BackendError(f"ONNX cache file {path} would lie outside the cache folder {folder}")
     if not tag:
         remove_orphaned_graphs(path.parent)

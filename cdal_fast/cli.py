@@ -294,8 +294,10 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--no-nuclei-geojson", is_flag=True, help="Do not write NAME.nuclei.geojson (QuPath detections).")
 @click.option("--nuclei-gzip", is_flag=True, help="Write the GeoJSON gzip-compressed, as NAME.nuclei.geojson.gz.")
 @click.option("--no-nuclei-csv", is_flag=True, help="Do not write NAME.nuclei.csv (one row per nucleus).")
-@click.option("--nuclei-threshold", type=PROBABILITY, default=None,
-              help="Nucleus foreground where the vote-mean probability is >= this (default: the mask's threshold).")
+@click.option("--nuclei-threshold", type=PROBABILITY, default=nuclei_defaults.DEFAULT_PROB_THRESHOLD,
+              show_default=True,
+              help="Nucleus foreground where the vote-mean probability is >= this. Tuned for object scores (AJI) "
+                   "apart from the mask's --threshold, which is tuned for Dice.")
 @click.option("--nuclei-h", "nuclei_h", type=MARKER_H_UM, default=nuclei_defaults.DEFAULT_MARKER_H_UM,
               show_default=True,
               help="Marker h in um: touching nuclei are split where the distance-to-background saddle between "
@@ -331,7 +333,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
             threshold: float | None, seed: int, tile_overlap: int | None,
             no_tissue_mask: bool, tissue_threshold: float | None, tissue_min_area: float, save_tissue: bool,
             roi: Path | None, pyramid_layout: str, save_prob: bool, save_uncertainty: bool, no_nuclei: bool,
-            no_nuclei_geojson: bool, nuclei_gzip: bool, no_nuclei_csv: bool, nuclei_threshold: float | None,
+            no_nuclei_geojson: bool, nuclei_gzip: bool, no_nuclei_csv: bool, nuclei_threshold: float,
             nuclei_h: float, nuclei_min_area: float, save_labels: bool, overwrite: bool,
             shard: str | None, ray_address: str | None, ray_cpus_per_actor: int, ray_actors: int | None,
             ray_max_retries: int, ray_unit: str, quiet: bool) -> None:

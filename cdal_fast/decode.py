@@ -74,13 +74,15 @@ def prob_to_u8(prob: torch.Tensor, cfg: MaskKind) -> torch.Tensor:
 
 
 def u8_cutoff(threshold: float) -> int:
-    """The stored-plane value a binary threshold becomes: the ``q`` whose rounding edge ``q - 0.5`` is
-    nearest to ``255 t`` (a stored ``round(255 P) >= q`` means ``255 P >= q - 0.5``), i.e.
-    ``round(255 t + 0.5)``: 0.5 -> 128, exactly the rule of :func:`to_labels`; at least 1, so that a
-    zero plane is never object."""
+    """The stored-plane value a binary threshold becomes: the smallest ``q`` with ``q / 255 >= t`` in
+    float32, i.e. the stored probability reaches ``t`` (0.5 -> 128, exactly the rule of
+    :func:`to_labels`; within half a quantum of ``P >= t`` otherwise). The nucleus labelling compares
+    ``u8 / 255`` with its own threshold the same way, so equal thresholds give equal foregrounds.
+    At least 1, so that a zero plane is never object."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"a binary threshold must be strictly between 0 and 1, got {threshold}")
-    return max(1, int(np.round(U8_MAX * threshold + 0.5)))
+    levels = np.arange(U8_MAX + 1, dtype=np.float32) / np.float32(U8_MAX)
+    return max(1, int(np.argmax(levels >= np.float32(threshold))))
 
 
 def u8_to_mask(plane: np.ndarray, cfg: MaskKind) -> np.ndarray:

@@ -159,7 +159,7 @@ def test_onnx_cache_name_cannot_escape_and_only_verified_hashes_hit(tmp_path, mo
     assert calls[0][1] == digest
     for claim in ("", "../../../../etc/x", "not-a-hash"):
         p = cached_onnx(gen, None, None, claim)
-        assert p.parent == cache / "onnx" / "unverified"
+        assert p.parent == cache / "onnx" / "unverified" / _host()
         assert calls[-1] == (p, "")  # exported afresh, and no claimed hash written into the graph
     assert len(calls) == 4
     assert sorted(f.name for f in tmp_path.rglob("*") if f.is_file()) == sorted(
@@ -196,6 +196,14 @@ def test_export_copies_to_cpu_float32_and_keeps_norm_statistics_in_float32(tmp_p
     assert (p16 - p_ref).abs().max().item() <= 5e-2
 
 
+def _host() -> str:
+    import socket
+
+    from cdal_fast.backends import _safe_name
+
+    return _safe_name(socket.gethostname())
+
+
 def test_private_graphs_of_ended_processes_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
     """Every unverified run exports its own ~30 MB graph; the next unverified export deletes those of
     processes that have ended, never a running process's (it may still be reading it)."""
@@ -212,17 +220,23 @@ def test_private_graphs_of_ended_processes_are_removed_and_live_ones_kept(tmp_pa
     monkeypatch.setattr(backends, "_stale", lambda path: False)
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                            text=True, check=True)
-    folder = cache / "onnx" / "unverified"
+    folder = cache / "onnx" / "unverified" / _host()
     folder.mkdir(parents=True)
+    other_host = cache / "onnx" / "unverified" / "another-node"  # a shared cache: its pids mean nothing here
+    other_host.mkdir()
+    foreign = other_host / f"tiny-pid{int(ended.stdout)}-T2-V2-S64.onnx"
+    foreign.write_bytes(b"x")
+    tricky = folder / f"x-pid{int(ended.stdout)}-y-pid{os.getpid()}-T2-V2-S64.onnx"  # owner: the last -pidN-T
     dead = folder / f"tiny-pid{int(ended.stdout)}-T2-V2-S64.onnx"
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as alive_proc:
         try:
             alive = folder / f"tiny-pid{alive_proc.pid}-T2-V2-S64.onnx"
             unrelated = folder / "notes.txt"
-            for f in (dead, alive, unrelated):
+            for f in (dead, alive, unrelated, tricky):
                 f.write_bytes(b"x")
             own = cached_onnx(Generator(get_preset("tiny")), None, None, "")
             assert own.parent == folder and own.name == f"tiny-pid{os.getpid()}-T2-V2-S64.onnx"
             assert not dead.exists() and alive.exists() and unrelated.exists()
+            assert foreign.exists() and tricky.exists()
         finally:
             alive_proc.kill()

@@ -47,6 +47,18 @@ def test_stored_plane_cutoff_is_within_half_a_quantum_of_the_threshold():
             u8_cutoff(bad)
 
 
+@pytest.mark.parametrize("t", [0.2, 0.4, 0.5, 0.6, 0.77])
+def test_mask_cutoff_equals_the_nucleus_rule_on_the_stored_plane(t):
+    """Slide masks (u8 >= u8_cutoff) and nucleus foregrounds (float32 u8 / 255 >= t) agree at equal thresholds."""
+    from cdal_fast.nuclei.params import NucleiParams
+    from cdal_fast.nuclei.separate import foreground
+
+    plane = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    mask = u8_to_mask(plane, MaskChannels(1, t)) > 0
+    nuclei = foreground(plane.astype(np.float32) / 255, NucleiParams(prob_threshold=t))
+    assert np.array_equal(mask, nuclei)
+
+
 @pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, -0.2, math.nan, "0.4", True])
 def test_config_refuses_a_threshold_outside_the_open_unit_interval(bad):
     with pytest.raises(ConfigError, match="field threshold"):
@@ -93,9 +105,8 @@ def test_segment_decodes_at_the_model_threshold_unless_told_otherwise(tmp_path):
     assert info_hi["model"]["threshold"] == 0.55
     assert np.array_equal(mask_hi > 0, prob >= u8_cutoff(0.55))
     assert (mask > 0).sum() > (mask_hi > 0).sum() > 0  # the tiny model's map straddles both thresholds
-    # nuclei follow the mask's threshold unless --nuclei-threshold says otherwise
-    assert info["nuclei"]["params"]["prob_threshold"] == 0.45
-    assert info_hi["nuclei"]["params"]["prob_threshold"] == 0.55
+    # nuclei keep their own threshold (tuned for AJI), whatever the mask's
+    assert info["nuclei"]["params"]["prob_threshold"] == info_hi["nuclei"]["params"]["prob_threshold"] == 0.5
     _, _, info_own = _segment(image, weights, tmp_path / "own", "--threshold", "0.55", "--nuclei-threshold", "0.3")
     assert info_own["nuclei"]["params"]["prob_threshold"] == 0.3
 

@@ -22,7 +22,7 @@ from .dicom import is_dicom_folder
 from .locks import describe_owner, try_lock
 from .other_tasks import VOLUME_SUFFIXES, radiograph_done, segment_radiograph, segment_volume, volume_done
 from .outputs import is_complete, is_small_image, output_names, required_outputs, slide_stem, write_summary
-from .pipeline import SampleStream, SegmentOptions, segment_slide
+from .pipeline import SampleStream, SegmentOptions, decoding_config, segment_slide
 from .progress import TileProgress, TqdmProgress
 from .readers import DICOM_SUFFIXES, SLIDE_SUFFIXES
 
@@ -145,9 +145,7 @@ class TaskRun:
     sample_stream: SampleStream | None = None  # slides only: where tiles are sampled (None = here, on `sampler`)
 
     def __post_init__(self) -> None:
-        # --threshold is a decoding choice: every stage that decodes reads it from the config.
-        if self.opts.threshold is not None and self.opts.threshold != self.cfg.threshold:
-            self.cfg = replace(self.cfg, threshold=self.opts.threshold)
+        self.cfg = decoding_config(self.cfg, self.opts)  # radiographs and volumes decode with run.cfg too
 
 
 SegmentFn = Callable[[Path, Path, TaskRun, TileProgress], dict[str, Any]]

@@ -17,7 +17,8 @@ outlines and centroids in level-0 pixels of the slide (image pixels for PNG/TIFF
 and lengths come out in um from the map's own pixel size.
 
 The stored probability is ``round(255 * P)``: the threshold is applied to ``u8 / 255`` (so 0.5
-means ``u8 >= 128``, the same rule as the mask), the std to ``u8 / (255 * STD_TO_UNIT)``.
+means ``u8 >= 128``; the mask applies its own threshold by the same rule,
+:func:`cdal_fast.decode.u8_cutoff`), the std to ``u8 / (255 * STD_TO_UNIT)``.
 """
 
 from __future__ import annotations

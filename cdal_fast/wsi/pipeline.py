@@ -108,12 +108,20 @@ class SegmentOptions:
     nuclei_gzip: bool = False  # ... as NAME.nuclei.geojson.gz
     nuclei_csv: bool = True  # NAME.nuclei.csv (one row per nucleus)
     save_labels: bool = False  # NAME.labels.ome.tif (uint32 instance ids on the slide's grid)
-    nuclei_threshold: float | None = None  # None: the mask's threshold (below)
+    nuclei_threshold: float = nuclei_defaults.DEFAULT_PROB_THRESHOLD  # tuned for AJI, apart from `threshold`
     nuclei_h_um: float = nuclei_defaults.DEFAULT_MARKER_H_UM
     nuclei_min_area_um2: float = nuclei_defaults.DEFAULT_MIN_AREA_UM2
     max_pixels: float = DEFAULT_MAX_PIXELS  # bound on working pixels (the maps, the stitching band); --max-pixels
     tta: bool = False  # test-time augmentation of the votes (--tta); workers build their sampler with it
     threshold: float | None = None  # binary masks: P(object) cut (--threshold); None: the model config's
+
+
+def decoding_config(cfg: ModelConfig, opts: SegmentOptions) -> ModelConfig:
+    """``cfg`` with ``opts.threshold`` (``--threshold``) in place of the model's own, if one was given:
+    every stage that turns probabilities into masks reads the threshold from the config."""
+    if opts.threshold is None or opts.threshold == cfg.threshold:
+        return cfg
+    return replace(cfg, threshold=opts.threshold)
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -492,16 +500,16 @@ def post_process(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig,
         std_map.flush()
         maps = replace(maps, object_pixels=objects)
     if opts is not None and nuclei_enabled(cfg, opts):
-        if opts.nuclei_threshold is None:  # nuclei follow the mask unless told otherwise
-            opts = replace(opts, nuclei_threshold=cfg.threshold)
         found = extract_nuclei(slide, maps.prob_path, maps.std_path, opts)
         maps = replace(maps, nuclei=found.summary, labels_path=found.labels_path)
     return maps
 
 
-def _output_uuid(slide: SlidePlan, key: str, opts: SegmentOptions) -> str:
-    """The OME UUID of one output, a function of the job only: same job, same bytes (any runner, any rerun)."""
+def _output_uuid(slide: SlidePlan, key: str, opts: SegmentOptions, cfg: ModelConfig) -> str:
+    """The OME UUID of one output, a function of the job only: same job, same bytes (any runner, any rerun).
+    The threshold enters as the one decoded with (``cfg``'s), whether it came from the model or the options."""
     job = {k: v for k, v in asdict(opts).items() if k not in ("overwrite", "workers", "batch_size")}
+    job["threshold"] = cfg.threshold
     return str(uuid.uuid5(uuid.NAMESPACE_URL, json.dumps([slide.path.name, key, job], sort_keys=True)))
 
 
@@ -533,13 +541,13 @@ def write_outputs(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig, opts: 
         for key, src, fn in outs:
             with atomic_output(paths[key]) as tmp:
                 write_pyramid(tmp, src, plan.slide_h, plan.slide_w, plan.mpp0, transform=fn, description=desc,
-                              layout=opts.pyramid_layout, uuid=_output_uuid(slide, key, opts), coverage=coverage)
+                              layout=opts.pyramid_layout, uuid=_output_uuid(slide, key, opts, cfg), coverage=coverage)
     if maps.labels_path is not None:
         labels = np.load(maps.labels_path, mmap_mode="r")
         with atomic_output(paths["labels"]) as tmp:
             write_pyramid(tmp, labels, plan.slide_h, plan.slide_w, plan.mpp0, dtype=LABELS_DTYPE,
                           description=json.dumps({"cdal_fast": "nucleus labels", "source": slide.path.name}),
-                          layout=opts.pyramid_layout, uuid=_output_uuid(slide, "labels", opts),
+                          layout=opts.pyramid_layout, uuid=_output_uuid(slide, "labels", opts, cfg),
                           coverage=slide.coverage())
     write_png(paths["overlay"], _overlay(slide.thumbnail, prob_map, cfg))
     if slide.tissue is not None and opts.save_tissue:
@@ -598,6 +606,7 @@ def segment_slide(path: Path, out_dir: Path, sampler: SamplerLike, cfg: ModelCon
     """
     t0 = time.perf_counter()
     progress = progress or NullProgress()
+    cfg = decoding_config(cfg, opts)
     steps, votes = int(sampler.num_steps), int(sampler.votes)
     slide = plan_slide(path, out_dir, cfg, opts)
     progress.set_total(len(slide.tiles))

@@ -14,6 +14,7 @@ quantum (1/510) of it for other thresholds.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,13 +22,10 @@ import numpy as np
 import torch
 
 __all__ = ["MaskKind", "MaskChannels", "to_labels", "prob_to_u8", "u8_to_mask", "labels_to_mask",
-           "object_pixels", "u8_cutoff", "BINARY_THRESHOLD", "U8_MAX", "U8_OBJECT", "STD_TO_UNIT"]
+           "object_pixels", "u8_cutoff", "BINARY_THRESHOLD", "U8_MAX", "STD_TO_UNIT"]
 
 BINARY_THRESHOLD = 0.5
 U8_MAX = 255  # a stored probability of 1.0, and the "object" value of a binary mask image
-# round(255 * 0.5) = round(127.5) = 128 (half to even), so ">= 128" on the stored plane is
-# "P >= 0.5" on the probability, the same threshold as to_labels (u8_cutoff(0.5)).
-U8_OBJECT = 128
 # The vote std of values in [0, 1] is at most 0.5: the stored uncertainty plane is 255 * 2 * std.
 STD_TO_UNIT = 2.0
 CHANNEL_AXIS = -3
@@ -73,12 +71,14 @@ def prob_to_u8(prob: torch.Tensor, cfg: MaskKind) -> torch.Tensor:
     return prob.select(CHANNEL_AXIS, 0).clamp(0, 1).mul(U8_MAX).round().to(torch.uint8)
 
 
+@functools.lru_cache(maxsize=64)  # called per stitched tile and per written tile with the same one or two thresholds
 def u8_cutoff(threshold: float) -> int:
     """The stored-plane value a binary threshold becomes: the smallest ``q`` with ``q / 255 >= t`` in
     float32, i.e. the stored probability reaches ``t`` (0.5 -> 128, exactly the rule of
     :func:`to_labels`; within half a quantum of ``P >= t`` otherwise). The nucleus labelling compares
     ``u8 / 255`` with its own threshold the same way, so equal thresholds give equal foregrounds.
-    At least 1, so that a zero plane is never object."""
+    At least 1, so that a zero plane is never object. (round(255 * 0.5) = 128 by rounding half to even,
+    so ``>= 128`` on the plane is ``P >= 0.5`` exactly.)"""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"a binary threshold must be strictly between 0 and 1, got {threshold}")
     levels = np.arange(U8_MAX + 1, dtype=np.float32) / np.float32(U8_MAX)

@@ -7,7 +7,8 @@ target as ``CACHE/{plain,tta}/NAME.npz``. Sampling is the slow part (about 10 mi
 2-core CPU), so it is done once; tiles already cached are skipped.
 
 Stage ``sweep`` then scores, offline, every combination of decision threshold, hole filling and
-minimum object size (:mod:`cdal_fast.postprocess`, the same code ``segment`` and ``eval`` run) and
+minimum object size (:mod:`cdal_fast.postprocess`; ``segment`` and ``eval`` apply the chosen threshold
+through :mod:`cdal_fast.decode`, the clean-up was not adopted) and
 writes the table of validation Dice/IoU per setting as JSON and Markdown into ``--results``.
 
     nice -n 19 env PYTHONPATH=$PWD python scripts/tune_monuseg_val.py --data ../shared/data/monuseg

@@ -306,7 +306,9 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
               help="Smallest nucleus kept, in um^2.")
 @click.option("--save-labels", is_flag=True,
               help="Also write NAME.labels.ome.tif: uint32 nucleus ids (= the CSV's id) on the slide's pixel grid.")
-@click.option("--overwrite", is_flag=True, help="Redo slides whose outputs are already complete.")
+@click.option("--overwrite", is_flag=True,
+              help="Redo inputs whose outputs are already complete (needed to replace outputs made with "
+                   "other settings).")
 @click.option("--shard", default=None, metavar="I/N",
               help="Process only shard I of N (0-based) of the inputs, chosen by a hash of each input's path "
                    "relative to its folder argument: N jobs over the same inputs (a Slurm array, "
@@ -349,7 +351,10 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     masks and the same nucleus files in image pixel coordinates.
     With --model cxr, PNG/JPEG radiographs give NAME.mask.png (255 = lung); with --model
     hippocampus, NIfTI volumes give NAME.labels.nii.gz with the input's affine.
-    Finished slides are skipped on a rerun; unreadable files are reported and the exit code is 1.
+    A rerun into the same --out resumes: inputs finished with the same settings are skipped; inputs
+    finished with other settings (weights, steps, votes, TTA, threshold, seed, tile overlap, mpp,
+    tissue, ROI, nucleus parameters) are reported as failed and kept, and --overwrite redoes them.
+    Unreadable files are reported and skipped; any failure makes the exit code 1.
 
     Example: cdal-fast segment slides/ --out masks/ --device cuda --dtype bfloat16
     """
@@ -430,7 +435,8 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     info = {"weights": str(bundle.path), "sha256": bundle.sha256, "weights_verified": bundle.verified,
             "preset": bundle.config.name, "backend": _backend_used(sampler, backend), "dtype": dtype,
             "device": str(dev),
-            "steps": steps or bundle.config.num_steps, "trained_steps": bundle.config.num_steps, "tta": use_tta,
+            "steps": steps or bundle.config.num_steps, "trained_steps": bundle.config.num_steps,
+            "votes": votes or bundle.config.votes, "tta": use_tta,
             "threshold": None if bundle.config.multiclass else use_threshold, "untrained_steps": untrained}
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     summary_name = run_summary_name(shard_index, shard_count)

@@ -9,8 +9,7 @@ one setting means the same physical size in ``eval`` and ``segment``.
 The defaults (0.5, 0, 0) are the plain decoding of :func:`cdal_fast.decode.to_labels`. Only the
 threshold became a model default (``ModelConfig.threshold``, decoded by :mod:`cdal_fast.decode` in
 ``segment`` and ``eval``); the clean-up sizes added <= 0.0008 validation Dice and are used only by the
-offline sweep (``scripts/tune_monuseg_val.py``), so no config carries them (:func:`from_config`
-reads them when present).
+offline sweep (``scripts/tune_monuseg_val.py``), so no config carries them.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from scipy import ndimage
 
 from .decode import BINARY_THRESHOLD
 
-__all__ = ["PostProcess", "postprocess_mask", "from_config", "is_plain"]
+__all__ = ["PostProcess", "postprocess_mask"]
 
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 EIGHT_CONNECTED = ndimage.generate_binary_structure(2, 2)
@@ -35,17 +34,6 @@ class PostProcess:
     threshold: float = BINARY_THRESHOLD
     fill_holes_px: int = 0
     min_object_px: int = 0
-
-
-def from_config(cfg: object) -> PostProcess:
-    """The post-processing a model config asks for (the plain decoding for configs without the fields)."""
-    return PostProcess(float(getattr(cfg, "threshold", BINARY_THRESHOLD)), int(getattr(cfg, "fill_holes_px", 0)),
-                       int(getattr(cfg, "min_object_px", 0)))
-
-
-def is_plain(post: PostProcess) -> bool:
-    """True when ``post`` is exactly the plain decoding (threshold 0.5, no clean-up)."""
-    return post == PostProcess()
 
 
 def _component_sizes(mask: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

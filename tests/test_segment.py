@@ -101,11 +101,19 @@ def test_segment_slide_outputs(tmp_path, slide, tiny_weights):
     tissue_mm2 = summary["nuclei"]["tissue_area_um2"] / 1e6
     assert summary["nuclei_per_mm2_tissue"] == pytest.approx(summary["nuclei_count"] / tissue_mm2, rel=1e-3)
 
-    # rerun resumes: nothing is redone
+    # rerun resumes: nothing is redone (batch size and loader workers do not change the outputs)
     mtime = (out / "mosaic.mask.ome.tif").stat().st_mtime_ns
-    code, output = run([str(slide), "--out", str(out), "--weights", str(tiny_weights)])
+    code, output = run([str(slide), "--out", str(out), "--weights", str(tiny_weights), "--tile-overlap", "16"])
     assert code == 0 and "already complete" in output
     assert (out / "mosaic.mask.ome.tif").stat().st_mtime_ns == mtime
+    # a rerun with other settings neither skips nor overwrites the finished outputs: it says what differs
+    code, output = run([str(slide), "--out", str(out), "--weights", str(tiny_weights), "--threshold", "0.3"])
+    assert code == 1 and "OutputsFromOtherSettings" in output
+    assert "threshold 0.5 -> 0.3" in output and "tile_overlap 16 -> 64" in output
+    assert (out / "mosaic.mask.ome.tif").stat().st_mtime_ns == mtime
+    code, output = run([str(slide), "--out", str(out), "--weights", str(tiny_weights), "--tile-overlap", "16",
+                        "--threshold", "0.3", "--overwrite"])
+    assert code == 0 and json.loads((out / "mosaic.json").read_text())["model"]["threshold"] == 0.3
     code, output = run([str(slide), "--out", str(out), "--weights", str(tiny_weights), "--nuclei-threshold", "1"])
     assert code == 2 and "--nuclei-threshold" in output  # a threshold of 1 would find nothing
 

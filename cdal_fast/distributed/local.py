@@ -59,7 +59,7 @@ def run_on_devices(files: list[Path], out_dir: Path, spec: WorkerSpec, devices: 
     threads_before = torch.get_num_threads()
     progress = ClusterProgress(len(files), show_progress)
     try:
-        todo = pending_inputs(files, out_dir, spec.task, spec.opts, names, report, echo)
+        todo = pending_inputs(files, out_dir, spec.task, spec.opts, names, report, echo, spec.model_info)
         if todo:
             threads = cpu_threads_per_worker(devices, threads_before)
             workers = [SegmentWorker(replace(spec, device=str(d), threads=threads if d.type == "cpu" else None))

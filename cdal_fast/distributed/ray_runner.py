@@ -308,7 +308,7 @@ def run_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, ray_opts: Ray
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     report = RunReport()
-    todo = pending_inputs(files, out_dir, spec.task, spec.opts, names, report, echo)
+    todo = pending_inputs(files, out_dir, spec.task, spec.opts, names, report, echo, spec.model_info)
     if not todo:  # a rerun after everything finished: no actors to start
         summary = report.finish(t0, out_dir / run_summary_name(*shard),
                                 {"ray": {"unit": None, "actors": 0, "actor_deaths": 0, "per_actor": []}})

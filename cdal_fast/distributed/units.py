@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from ..wsi.batch import TASKS, InputOutcome, RunReport
+from ..wsi.batch import RunReport, finished_outcome
 
 __all__ = ["WINDOW_PER_WORKER", "pending_inputs", "unit_slices"]
 
@@ -25,14 +26,15 @@ def unit_slices(n_tiles: int, tiles_per_row: int, batch_size: int, band_rows: in
 
 
 def pending_inputs(files: list[Path], out_dir: Path, task: str, opts, names: dict[Path, str],  # noqa: ANN001
-                   report: RunReport, echo: Callable[[str], None]) -> list[Path]:
-    """The inputs not yet complete; the others are reported skipped now, before any worker starts
-    (a rerun after everything finished starts no worker at all)."""
-    _segment_fn, done_fn = TASKS[task]
+                   report: RunReport, echo: Callable[[str], None], model_info: dict[str, Any]) -> list[Path]:
+    """The inputs not yet complete; the others are reported now, before any worker starts (a rerun
+    after everything finished starts no worker at all): skipped, or failed when their outputs were
+    made with other settings (:func:`cdal_fast.wsi.batch.finished_outcome`)."""
     todo = []
     for f in files:
-        if not opts.overwrite and done_fn(out_dir / Path(names[f]).parent, f, opts):
-            report.add(InputOutcome(str(f), "skipped"), echo)
-        else:
+        finished = finished_outcome(task, out_dir / Path(names[f]).parent, f, opts, model_info)
+        if finished is None:
             todo.append(f)
+        else:
+            report.add(finished, echo)
     return todo

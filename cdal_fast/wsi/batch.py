@@ -21,10 +21,19 @@ from ..sampler import SamplerLike
 from .dicom import is_dicom_folder
 from .locks import describe_owner, try_lock
 from .other_tasks import VOLUME_SUFFIXES, radiograph_done, segment_radiograph, segment_volume, volume_done
-from .outputs import is_complete, is_small_image, output_names, required_outputs, slide_stem, write_summary
+from .outputs import (
+    is_complete,
+    is_small_image,
+    output_names,
+    output_paths,
+    required_outputs,
+    slide_stem,
+    write_summary,
+)
 from .pipeline import SampleStream, SegmentOptions, decoding_config, segment_slide
 from .progress import TileProgress, TqdmProgress
 from .readers import DICOM_SUFFIXES, SLIDE_SUFFIXES
+from .resume import changed_settings
 
 RUN_SUMMARY = "run_summary.json"
 
@@ -35,7 +44,7 @@ def run_summary_name(shard_index: int = 0, shard_count: int = 1) -> str:
 
 
 __all__ = ["RUN_SUMMARY", "run_summary_name", "find_inputs", "RunReport", "TaskRun", "TASKS", "InputOutcome",
-           "run_input", "segment_all"]
+           "finished_outcome", "run_input", "segment_all"]
 
 
 def _listed(f: Path) -> bool:
@@ -149,7 +158,8 @@ class TaskRun:
 
 
 SegmentFn = Callable[[Path, Path, TaskRun, TileProgress], dict[str, Any]]
-DoneFn = Callable[[Path, Path, SegmentOptions], bool]  # (out_dir, input, options) -> already complete
+# (out_dir, input, options) -> the summary of the input's complete outputs, or None
+DoneFn = Callable[[Path, Path, SegmentOptions], Path | None]
 
 
 def _segment_slide(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
@@ -157,8 +167,11 @@ def _segment_slide(path: Path, out_dir: Path, run: TaskRun, progress: TileProgre
                          progress=progress, sample_stream=run.sample_stream)
 
 
-def _slide_done(out_dir: Path, path: Path, opts: SegmentOptions) -> bool:
-    return is_complete(out_dir, slide_stem(path), is_small_image(path), opts.pyramid_layout, required_outputs(opts))
+def _slide_done(out_dir: Path, path: Path, opts: SegmentOptions) -> Path | None:
+    stem, small = slide_stem(path), is_small_image(path)
+    if not is_complete(out_dir, stem, small, opts.pyramid_layout, required_outputs(opts)):
+        return None
+    return output_paths(out_dir, stem, small, opts.pyramid_layout)["summary"]
 
 
 def _segment_radiograph(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
@@ -193,6 +206,27 @@ class InputOutcome:
     traceback: str = ""
 
 
+def finished_outcome(task: str, out_dir: Path, path: Path, opts: SegmentOptions,
+                     model_info: dict[str, Any]) -> InputOutcome | None:
+    """What a run does with an input whose outputs may already exist (``out_dir``: its folder).
+
+    None: not complete (or ``--overwrite``), so run it. ``"skipped"``: complete, made with this
+    run's settings. ``"failed"``: complete but made with other settings (:mod:`.resume`); the error
+    names them, and the outputs stay as they are.
+    """
+    if opts.overwrite:
+        return None
+    summary = TASKS[task][1](out_dir, path, opts)
+    if summary is None:
+        return None
+    changed = changed_settings(summary, model_info, opts)
+    if not changed:
+        return InputOutcome(str(path), "skipped")
+    return InputOutcome(str(path), "failed", error=(
+        f"OutputsFromOtherSettings: {summary.parent} already holds complete outputs made with other settings "
+        f"({'; '.join(changed)}); rerun with --overwrite to replace them, or write to another --out"))
+
+
 def input_options(opts: SegmentOptions, cfg: ModelConfig) -> SegmentOptions:
     """The options one input runs under: no nucleus objects from a multi-class model (none are expected)."""
     return replace(opts, nuclei=False) if opts.nuclei and cfg.multiclass else opts
@@ -203,25 +237,26 @@ def run_input(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress, t
     """The one per-input path of every runner (sequential, ``--shard``, ``--device`` lists, Ray).
 
     ``name`` is the input's output name (``outputs.output_names``; default: its stem): outputs go to
-    ``out_dir / name``'s folder. Skip if done; otherwise take the input's lock (``locks.py``; owned by
-    another live run: ``"locked"``), re-check completion under it and run. Any exception while
+    ``out_dir / name``'s folder. Skip if done with this run's settings (:func:`finished_outcome`;
+    done with others: ``"failed"``); otherwise take the input's lock (``locks.py``; owned by another
+    live run: ``"locked"``), re-check completion under it and run. Any exception while
     processing the input is caught and returned as ``"failed"`` with its traceback.
     """
-    segment_fn, done_fn = TASKS[task]
+    segment_fn = TASKS[task][0]
     opts = input_options(run.opts, run.cfg)
     if opts is not run.opts:
         run = replace(run, opts=opts)
     name = name or slide_stem(path)
     sub_out = out_dir / Path(name).parent
-    if not opts.overwrite and done_fn(sub_out, path, opts):
-        return InputOutcome(str(path), "skipped")
+    if (finished := finished_outcome(task, sub_out, path, opts, run.model_info)) is not None:
+        return finished
     sub_out.mkdir(parents=True, exist_ok=True)
     lock = try_lock(out_dir, name)
     if lock is None:
         return InputOutcome(str(path), "locked", error=describe_owner(out_dir, name))
     with lock:
-        if not opts.overwrite and done_fn(sub_out, path, opts):  # finished by another run meanwhile
-            return InputOutcome(str(path), "skipped")
+        if (finished := finished_outcome(task, sub_out, path, opts, run.model_info)) is not None:
+            return finished  # finished by another run meanwhile
         try:
             return InputOutcome(str(path), "done", segment_fn(path, sub_out, run, progress))
         except Exception as exc:  # noqa: BLE001 - one bad input must never end the batch

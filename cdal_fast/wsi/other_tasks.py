@@ -43,14 +43,17 @@ def volume_stem(path: Path) -> str:
     return path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
 
 
-def radiograph_done(out_dir: Path, path: Path) -> bool:
-    """A radiograph is done when its summary says complete."""
-    return summary_complete(out_dir / f"{path.stem}.json")
+def radiograph_done(out_dir: Path, path: Path) -> Path | None:
+    """A radiograph is done when its summary says complete: that summary, else None."""
+    summary = out_dir / f"{path.stem}.json"
+    return summary if summary_complete(summary) else None
 
 
-def volume_done(out_dir: Path, path: Path) -> bool:
-    """A volume is done when its summary says complete (non-volume names use their plain stem)."""
-    return summary_complete(out_dir / f"{volume_stem(path) if is_volume(path) else path.stem}.json")
+def volume_done(out_dir: Path, path: Path) -> Path | None:
+    """A volume is done when its summary says complete (non-volume names use their plain stem): that
+    summary, else None."""
+    summary = out_dir / f"{volume_stem(path) if is_volume(path) else path.stem}.json"
+    return summary if summary_complete(summary) else None
 
 
 def segment_radiograph(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelConfig,

@@ -1,0 +1,63 @@
+"""Which finished outputs a rerun may skip: cdal_fast.wsi.resume on summaries as each task writes them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from cdal_fast.wsi.pipeline import SegmentOptions
+from cdal_fast.wsi.resume import MODEL_KEYS, changed_settings, recorded_settings
+
+INFO = {"sha256": "ab" * 32, "steps": 4, "votes": 5, "tta": True, "threshold": 0.4, "backend": "eager"}
+OPTS = SegmentOptions(roi="rois/", tissue_threshold=20.0)
+
+
+def _summary(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "NAME.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _slide_summary(info: dict, opts: SegmentOptions) -> dict:
+    """A slide summary's fields as pipeline.summarise writes them."""
+    return {"complete": True, "steps": info["steps"], "votes": info["votes"], "seed": opts.seed,
+            "tile_overlap": opts.tile_overlap, "options": asdict(opts), "model": info}
+
+
+def test_same_settings_resume_and_what_cannot_change_the_outputs_is_ignored(tmp_path):
+    path = _summary(tmp_path, _slide_summary(INFO, OPTS))
+    assert changed_settings(path, INFO, OPTS) == []
+    same_outputs = replace(OPTS, batch_size=32, workers=0, save_prob=True, max_pixels=1e6)
+    assert changed_settings(path, INFO | {"backend": "onnx", "device": "cuda"}, same_outputs) == []
+
+
+def test_each_output_shaping_setting_is_named(tmp_path):
+    path = _summary(tmp_path, _slide_summary(INFO, OPTS))
+    assert changed_settings(path, INFO | {"threshold": 0.5}, OPTS) == ["threshold 0.4 -> 0.5"]
+    assert changed_settings(path, INFO | {"sha256": "cd" * 32}, OPTS) == [f"sha256 {'ab' * 32!r} -> {'cd' * 32!r}"]
+    assert changed_settings(path, INFO | {"votes": 30, "tta": False}, OPTS) == ["votes 5 -> 30", "tta True -> False"]
+    changed = changed_settings(path, INFO, replace(OPTS, seed=1, tissue=False, roi=None, nuclei_threshold=0.6))
+    assert changed == ["seed 0 -> 1", "tissue True -> False", "roi 'rois/' -> None", "nuclei_threshold 0.5 -> 0.6"]
+
+
+def test_nucleus_parameters_matter_only_when_this_run_makes_nuclei(tmp_path):
+    path = _summary(tmp_path, _slide_summary(INFO, OPTS))
+    assert changed_settings(path, INFO, replace(OPTS, nuclei=False, nuclei_threshold=0.6)) == []
+
+
+def test_radiograph_and_volume_summaries_compare_what_they_record(tmp_path):
+    """They keep no options: seed, steps and votes at the top level, and the model info."""
+    info = INFO | {"threshold": None, "tta": False}
+    path = _summary(tmp_path, {"complete": True, "steps": 4, "votes": 5, "seed": 0, "model": info})
+    recorded = recorded_settings(json.loads(path.read_text()))
+    assert recorded == {k: info[k] for k in MODEL_KEYS} | {"seed": 0}
+    assert changed_settings(path, info, replace(OPTS, tile_overlap=16)) == []  # not recorded: not compared
+    assert changed_settings(path, info, replace(OPTS, seed=3)) == ["seed 0 -> 3"]
+
+
+def test_older_summaries_without_a_setting_still_resume(tmp_path):
+    """A summary from before a setting was recorded (here: no votes, TTA or threshold in the model info)."""
+    old = {"complete": True, "steps": 4, "votes": 5, "seed": 0, "model": {"sha256": INFO["sha256"], "steps": 4}}
+    assert changed_settings(_summary(tmp_path, old), INFO, OPTS) == []
+    assert changed_settings(tmp_path / "missing.json", INFO, OPTS) == []

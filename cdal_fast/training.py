@@ -59,6 +59,9 @@ def ema_decay(target: float, step: int, warmup: int | None) -> float:
     return min(target, (1.0 + step) / (warmup + step))
 
 
+ATTENTION_MODES = ("discriminator", "none")  # TrainConfig.attention
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; JSON files under ``train/`` hold these fields."""
@@ -100,7 +103,21 @@ class TrainConfig:
     # with AVX512-BF16 or AMX (bench/train_throughput.py --cpu-amp). Validation stays float32.
     cpu_amp: bool = False
     hed_jitter: float = 0.0  # MoNuSeg: H&E stain jitter sigma (Tellez et al. 2018); 0 keeps the spec's recipe
+    # "discriminator": the spec's recipe (D trained, its features weight the mask in G's loss).
+    # "none": generator-only fine-tune, D neither trained nor read (attention 1): several times
+    # cheaper per step on a CPU, for fine-tuning shipped weights only.
+    attention: str = "discriminator"
+    # a fine-tune validates its starting weights first (the score to beat); False when that score is
+    # already known (a model card), and "best" is then the best of this run's validations only
+    val_at_start: bool = True
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, not {self.attention!r}")
+        if self.attention == "none" and not self.init_weights:
+            raise ValueError("attention 'none' trains the generator alone, which only fine-tunes: "
+                             "give init_weights")
 
     def model_config(self) -> ModelConfig:
         return get_preset(self.preset, **self.model_overrides)
@@ -118,7 +135,10 @@ def load_train_config(path: str | Path, **overrides: Any) -> TrainConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown training config keys: {', '.join(unknown)}")
-    return TrainConfig(**data)
+    try:
+        return TrainConfig(**data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 class Trainer:
@@ -201,27 +221,33 @@ class Trainer:
             y = y.contiguous(memory_format=torch.channels_last)
         autocast = self.precision.autocast
 
-        self.D.requires_grad_(True)
-        self.opt_d.zero_grad(set_to_none=True)
-        d = d_loss(self.G, self.D, self.sched, y, x0, self.draws, tc.r1_gamma,
-                   r1_due(self.step, tc.r1_gamma, tc.lazy_reg), autocast)
-        d.total.backward()
-        self._allreduce(self.D)
-        self.opt_d.step()
+        train_d = tc.attention == "discriminator"
+        if train_d:
+            self.D.requires_grad_(True)
+            self.opt_d.zero_grad(set_to_none=True)
+            d = d_loss(self.G, self.D, self.sched, y, x0, self.draws, tc.r1_gamma,
+                       r1_due(self.step, tc.r1_gamma, tc.lazy_reg), autocast)
+            d.total.backward()
+            self._allreduce(self.D)
+            self.opt_d.step()
 
         self.D.requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
-        g = g_loss(self.G, self.D, self.sched, y, x0, self.draws, self.cfg.attn_scale, autocast)
+        g = g_loss(self.G, self.D if train_d else None, self.sched, y, x0, self.draws, self.cfg.attn_scale,
+                   autocast)
         g.total.backward()
         self._allreduce(self.G)
         self.opt_g.step()
         if self.ema is not None:
             self._ema_update()
         self.sched_g.step()
-        self.sched_d.step()
+        if train_d:
+            self.sched_d.step()
         self.step += 1
-        return {"loss_g": g.total.item(), "d_real": d.err_real.item(), "d_fake": d.err_fake.item(),
-                "r1": d.r1.item()}
+        losses = {"loss_g": g.total.item()}
+        if train_d:
+            losses.update(d_real=d.err_real.item(), d_fake=d.err_fake.item(), r1=d.r1.item())
+        return losses
 
     @torch.no_grad()
     def _ema_update(self) -> None:
@@ -294,12 +320,17 @@ class Trainer:
         return self.ema if self.ema is not None else self.G
 
     # -- validation and the loop ------------------------------------------------------------
+    def val_sampler(self) -> FixedStepSampler:
+        """The sampler validation scores with: the run's T and V, and the model config's TTA, so a run
+        whose ``model_overrides`` carry the shipped defaults selects at the protocol it ships with."""
+        return FixedStepSampler(self.inference_generator(), self.tc.val_steps, self.tc.val_votes,
+                                tta=self.cfg.tta).to(self.device)
+
     def validate(self) -> EvalResult:
         g = self.inference_generator()
         was_training = g.training
         g.eval()
-        sampler = FixedStepSampler(g, self.tc.val_steps, self.tc.val_votes).to(self.device)
-        runner = PatchRunner(sampler, self.device, torch.float32, batch_size=8, seed=0)
+        runner = PatchRunner(self.val_sampler(), self.device, torch.float32, batch_size=8, seed=0)
         with self.precision.val_autocast():
             res = evaluate_task(self.tc.task, Path(self.tc.data), self.cfg, runner, split=self.tc.val_split,
                                 limit=self.tc.val_limit, progress=False, split_file=self.tc.split_file)
@@ -327,7 +358,7 @@ class Trainer:
                    desc="train", dynamic_ncols=True)
         last: dict[str, float] = {}
         stop_reason = "max_steps"
-        if self.step == 0 and tc.init_weights and tc.val_every:
+        if self.step == 0 and tc.init_weights and tc.val_every and tc.val_at_start:
             self._validate_and_select(start)  # the starting point is the score to beat
         while self.step < tc.max_steps:
             if tc.max_minutes is not None and (time.monotonic() - start) / 60 >= tc.max_minutes:

@@ -129,3 +129,17 @@ def test_losses_on_the_tiny_networks_are_finite_and_differentiable():
     g = g_loss(G, D, sched, y, x0, _draws(), CFG.attn_scale)
     g.total.backward()
     assert torch.isfinite(g.total) and any(p.grad is not None for p in G.parameters())
+
+
+def test_g_loss_without_a_discriminator_reconstructs_the_plain_mask():
+    """D=None (generator-only fine-tune): attention 1, G sees x_{k+1} of the pair built from x0 itself."""
+    sched = make_schedule(CFG.num_steps, CFG.beta_min, CFG.beta_max)
+    y, x0 = _batch()
+    G = ConstantG()
+    out = g_loss(G, None, sched, y, x0, _draws(5), attn_scale=1)
+    assert out.total.item() == pytest.approx(1.0)
+    torch.testing.assert_close(out.attn, torch.ones(B, 1, H, H))
+    draws = _draws(5)  # draw order without D: k, the pair's two noises, z
+    k = draws.steps(B)
+    _, xk1 = sched.pair_from_noise(x0, k, draws.randn(x0.shape), draws.randn(x0.shape))
+    torch.testing.assert_close(G.seen[0], xk1)

@@ -229,3 +229,42 @@ def test_fine_tune_provenance_records_only_a_verified_hash(tmp_path):
     js.write_text(json.dumps(meta))
     Trainer.init_from(target, tmp_path / "start")
     assert target.init_sha256 == "" != claimed
+
+
+def test_generator_only_fine_tune_leaves_the_discriminator_alone(tmp_path, monuseg_tiny):
+    from cdal_fast.weights import save_weights
+
+    torch.manual_seed(5)
+    save_weights(tmp_path / "start", perturbed(Generator(get_preset("tiny"))))
+    tr = Trainer(_tc(tmp_path, attention="none", init_weights=str(tmp_path / "start")), data=monuseg_tiny)
+    tr.start()
+    d_before = {k: v.clone() for k, v in tr.D.state_dict().items()}
+    g_before = {k: v.clone() for k, v in tr.G.state_dict().items()}
+    losses = tr.train_step()
+    assert set(losses) == {"loss_g"}  # no D loss was computed
+    assert all(torch.equal(v, d_before[k]) for k, v in tr.D.state_dict().items())
+    assert not tr.opt_d.state  # D's optimiser never stepped
+    assert any(not torch.equal(v, g_before[k]) for k, v in tr.G.state_dict().items())
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(attention="pixels"), "attention must be one of discriminator, none, not 'pixels'"),
+    (dict(attention="none"), "give init_weights"),
+])
+def test_training_config_refuses_bad_attention(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        _tc(tmp_path, **bad)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"preset": "tiny", **bad}))
+    from cdal_fast.training import load_train_config
+
+    with pytest.raises(ValueError, match=f"bad.json: .*{match}"):
+        load_train_config(path)
+
+
+def test_validation_samples_with_the_models_test_time_augmentation_and_threshold(tmp_path, monuseg_tiny):
+    """A run whose model config carries the shipped defaults validates with them."""
+    shipped = Trainer(_tc(tmp_path / "a", model_overrides={"tta": True, "threshold": 0.4}), data=monuseg_tiny)
+    plain = Trainer(_tc(tmp_path / "b"), data=monuseg_tiny)
+    assert shipped.val_sampler().tta and not plain.val_sampler().tta
+    assert shipped.cfg.threshold == 0.4 and plain.cfg.threshold == 0.5  # evaluate_task decodes with cfg

@@ -427,7 +427,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
                           workers=workers, mpp=mpp, tissue=not no_tissue_mask, save_prob=save_prob,
                           save_uncertainty=save_uncertainty, overwrite=overwrite, tissue_threshold=tissue_threshold,
                           tissue_min_area_um2=tissue_min_area, save_tissue=save_tissue,
-                          roi=str(roi) if roi else None, pyramid_layout=pyramid_layout,
+                          roi=str(roi.resolve()) if roi else None, pyramid_layout=pyramid_layout,
                           nuclei=not no_nuclei and not bundle.config.multiclass, nuclei_geojson=not no_nuclei_geojson,
                           nuclei_gzip=nuclei_gzip, nuclei_csv=not no_nuclei_csv, save_labels=save_labels,
                           nuclei_threshold=nuclei_threshold, nuclei_h_um=nuclei_h, nuclei_min_area_um2=nuclei_min_area,

@@ -214,7 +214,8 @@ class Trainer:
             offset += g.numel()
 
     def train_step(self) -> dict[str, float]:
-        """One D step and one G step (losses from :mod:`cdal_fast.losses`); returns the losses."""
+        """One D step (unless ``attention`` is "none") and one G step (losses from :mod:`cdal_fast.losses`);
+        returns the losses."""
         tc = self.tc
         y, x0 = self.data.batch(tc.batch_size, self.gen)
         if self.channels_last:
@@ -283,6 +284,12 @@ class Trainer:
         st = checkpoint.load_checkpoint(Path(path) if path else self.out / "last.pt", self.device)
         if st is None:
             return False
+        saved = json.loads(st.get("train", "{}")).get("attention", "discriminator")
+        if saved != self.tc.attention:
+            # a generator-only run never trained D: resuming it with D (or the reverse) would pair an
+            # untrained D, or a D schedule at step 0, with a trained G
+            raise ValueError(f"checkpoint {path or self.out / 'last.pt'} was trained with attention {saved!r}, this "
+                             f"run asks for {self.tc.attention!r}: start a new run (another out folder) to switch")
         self.load_state_dict(st)
         return True
 
@@ -403,4 +410,5 @@ class Trainer:
         if d > self.best_dice:
             self.best_dice = d
             self.export("best", {"val_dice": res.dice, "val_iou": res.iou, "val_rows": res.rows,
-                                 "val_steps": res.steps, "val_votes": res.votes})
+                                 "val_steps": res.steps, "val_votes": res.votes, "val_tta": self.cfg.tta,
+                                 "val_threshold": None if self.cfg.multiclass else self.cfg.threshold})

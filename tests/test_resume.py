@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from cdal_fast.wsi.outputs import is_complete, required_outputs
 from cdal_fast.wsi.pipeline import SegmentOptions
 from cdal_fast.wsi.resume import MODEL_KEYS, changed_settings, recorded_settings
 
@@ -38,7 +39,38 @@ def test_each_output_shaping_setting_is_named(tmp_path):
     assert changed_settings(path, INFO | {"sha256": "cd" * 32}, OPTS) == [f"sha256 {'ab' * 32!r} -> {'cd' * 32!r}"]
     assert changed_settings(path, INFO | {"votes": 30, "tta": False}, OPTS) == ["votes 5 -> 30", "tta True -> False"]
     changed = changed_settings(path, INFO, replace(OPTS, seed=1, tissue=False, roi=None, nuclei_threshold=0.6))
-    assert changed == ["seed 0 -> 1", "tissue True -> False", "roi 'rois/' -> None", "nuclei_threshold 0.5 -> 0.6"]
+    assert changed == ["seed 0 -> 1", "roi 'rois/' -> None", "tissue True -> False", "nuclei_threshold 0.5 -> 0.6"]
+
+
+def test_tissue_options_do_not_matter_for_tiles_without_tissue_detection(tmp_path):
+    path = _summary(tmp_path, _slide_summary(INFO, OPTS))
+    no_tissue = replace(OPTS, tissue=False, tissue_threshold=None)
+    assert changed_settings(path, INFO, no_tissue, whole_slide=False) == []
+    assert len(changed_settings(path, INFO, no_tissue, whole_slide=True)) == 2
+
+
+def test_unverified_weights_are_told_apart_by_their_path(tmp_path):
+    """Weights whose JSON records no hash have an empty sha256: the path is then what differs."""
+    info = INFO | {"sha256": "", "weights": "/models/a.safetensors"}
+    path = _summary(tmp_path, _slide_summary(info, OPTS))
+    assert changed_settings(path, info, OPTS) == []
+    other = info | {"weights": "/models/b.safetensors"}
+    assert changed_settings(path, other, OPTS) == ["weights '/models/a.safetensors' -> '/models/b.safetensors'"]
+    # verified weights are compared by hash alone: the same file moved elsewhere still resumes
+    moved = INFO | {"weights": "/elsewhere/a.safetensors"}
+    assert changed_settings(_summary(tmp_path, _slide_summary(INFO | {"weights": "/m/a"}, OPTS)), moved, OPTS) == []
+
+
+def test_asked_for_maps_are_part_of_completeness(tmp_path):
+    """A rerun asking for --save-prob over outputs made without it is not complete, so it writes the map."""
+    for name in ("s.mask.ome.tif", "s.nuclei.geojson", "s.nuclei.csv"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "s.json").write_text(json.dumps({"complete": True}))
+    assert is_complete(tmp_path, "s", False, "ome", required_outputs(OPTS))
+    assert not is_complete(tmp_path, "s", False, "ome", required_outputs(replace(OPTS, save_prob=True)))
+    assert not is_complete(tmp_path, "s", False, "ome", required_outputs(replace(OPTS, save_uncertainty=True)))
+    (tmp_path / "s.prob.ome.tif").write_bytes(b"x")
+    assert is_complete(tmp_path, "s", False, "ome", required_outputs(replace(OPTS, save_prob=True)))
 
 
 def test_nucleus_parameters_matter_only_when_this_run_makes_nuclei(tmp_path):

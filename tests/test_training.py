@@ -245,6 +245,13 @@ def test_generator_only_fine_tune_leaves_the_discriminator_alone(tmp_path, monus
     assert all(torch.equal(v, d_before[k]) for k, v in tr.D.state_dict().items())
     assert not tr.opt_d.state  # D's optimiser never stepped
     assert any(not torch.equal(v, g_before[k]) for k, v in tr.G.state_dict().items())
+    tr.save_checkpoint()
+    # its checkpoint resumes a generator-only run, and is refused by one that would train D on top of it
+    again = Trainer(_tc(tmp_path, attention="none", init_weights=str(tmp_path / "start")), data=monuseg_tiny)
+    assert again.start().startswith("resumed from") and again.step == 1
+    with_d = Trainer(_tc(tmp_path, init_weights=str(tmp_path / "start")), data=monuseg_tiny)
+    with pytest.raises(ValueError, match="trained with attention 'none', this run asks for 'discriminator'"):
+        with_d.start()
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -219,7 +219,7 @@ def finished_outcome(task: str, out_dir: Path, path: Path, opts: SegmentOptions,
     summary = TASKS[task][1](out_dir, path, opts)
     if summary is None:
         return None
-    changed = changed_settings(summary, model_info, opts)
+    changed = changed_settings(summary, model_info, opts, whole_slide=task == "monuseg" and not is_small_image(path))
     if not changed:
         return InputOutcome(str(path), "skipped")
     return InputOutcome(str(path), "failed", error=(

@@ -107,8 +107,14 @@ def output_paths(out_dir: Path, stem: str, small: bool, layout: str = "ome") -> 
 
 def required_outputs(opts: Any) -> tuple[str, ...]:
     """Roles (keys of :func:`output_paths`) that must exist for a slide run with ``opts`` (SegmentOptions)
-    to count as complete: the mask, and the nucleus files unless turned off."""
+    to count as complete: the mask, the probability and uncertainty maps when asked for, and the
+    nucleus files unless turned off. (The tissue thumbnail is not required: it is a diagnostic, and
+    slides without tissue detection never write it.)"""
     roles = ["mask"]
+    if getattr(opts, "save_prob", False):
+        roles.append("prob")
+    if getattr(opts, "save_uncertainty", False):
+        roles.append("uncertainty")
     if getattr(opts, "nuclei", False):
         if opts.nuclei_geojson:
             roles.append("nuclei_geojson_gz" if opts.nuclei_gzip else "nuclei_geojson")

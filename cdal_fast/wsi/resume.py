@@ -8,12 +8,15 @@ settings is reported as a failure naming what differs (``--overwrite`` redoes it
 and never overwritten unasked.
 
 Compared (each only where the old summary recorded it, so summaries of older versions still
-resume): the weights' SHA-256, steps, votes, TTA and the decision threshold (the summary's
-``model``), the seed, and for slides the options that change which tiles are sampled or how they are
-blended and labelled. Not compared: what cannot change the outputs (batch size, loader workers,
-device, progress) and what only adds files (``--save-prob`` etc., which the completion check
-itself requires). The backend and dtype are not compared either: backends agree to within their
-tested tolerance, and the summary records which one ran.
+resume): the weights' SHA-256 (their path when the weights are unverified and carry no hash),
+steps, votes, TTA and the decision threshold (the summary's ``model``), the seed, and for slides the
+options that change which tiles are sampled or how they are blended and labelled (the tissue
+options only for whole slides: PNG/JPEG tiles run no tissue detection). Not compared: what cannot
+change the outputs (batch size, loader workers, device, progress) and what only adds files
+(``--save-prob`` etc., which the completion check itself requires). The backend and dtype are
+deliberately not compared: a rerun on another device or precision resumes what is done (bfloat16
+differs from float32 by more than the backends' parity tolerance; the summary records what ran).
+The ROI is compared by its resolved path, not by the contents of its files.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from typing import Any
 
 from .pipeline import SegmentOptions
 
-__all__ = ["MODEL_KEYS", "OPTION_KEYS", "NUCLEI_KEYS", "run_settings", "recorded_settings", "changed_settings"]
+__all__ = ["MODEL_KEYS", "OPTION_KEYS", "TISSUE_KEYS", "NUCLEI_KEYS", "run_settings", "recorded_settings",
+           "changed_settings"]
 
 MODEL_KEYS = ("sha256", "steps", "votes", "tta", "threshold")  # from the run's model info
-OPTION_KEYS = ("seed", "tile_overlap", "mpp", "tissue", "tissue_threshold", "tissue_min_area_um2", "roi")
+OPTION_KEYS = ("seed", "tile_overlap", "mpp", "roi")
+TISSUE_KEYS = ("tissue", "tissue_threshold", "tissue_min_area_um2")  # compared for whole slides
 NUCLEI_KEYS = ("nuclei_threshold", "nuclei_h_um", "nuclei_min_area_um2")  # compared when nuclei are made
 
 
@@ -37,11 +42,18 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def run_settings(model_info: dict[str, Any], opts: SegmentOptions) -> dict[str, Any]:
+def _model_settings(model: dict[str, Any]) -> dict[str, Any]:
+    settings = {k: model[k] for k in MODEL_KEYS if k in model}
+    if not model.get("sha256") and "weights" in model:  # unverified weights: no hash to tell them apart
+        settings["weights"] = model["weights"]
+    return settings
+
+
+def run_settings(model_info: dict[str, Any], opts: SegmentOptions, whole_slide: bool = True) -> dict[str, Any]:
     """This run's output-shaping settings: the model info the CLI records, plus the options."""
     options = asdict(opts)
-    keys = OPTION_KEYS + (NUCLEI_KEYS if opts.nuclei else ())
-    settings = {k: model_info[k] for k in MODEL_KEYS if k in model_info}
+    keys = OPTION_KEYS + (TISSUE_KEYS if whole_slide else ()) + (NUCLEI_KEYS if opts.nuclei else ())
+    settings = _model_settings(model_info)
     settings.update({k: options[k] for k in keys})
     return _plain(settings)
 
@@ -51,21 +63,23 @@ def recorded_settings(summary: dict[str, Any]) -> dict[str, Any]:
     ``options``: their seed, steps and votes sit at the top level)."""
     model = summary.get("model") or {}
     options = summary.get("options") or {}
-    settings = {k: model[k] for k in MODEL_KEYS if k in model}
+    settings = _model_settings(model)
     for k in ("steps", "votes"):  # the effective values; the model info only names them in newer runs
         if k in summary:
             settings[k] = summary[k]
-    settings.update({k: options[k] for k in OPTION_KEYS + NUCLEI_KEYS if k in options})
+    settings.update({k: options[k] for k in OPTION_KEYS + TISSUE_KEYS + NUCLEI_KEYS if k in options})
     if "seed" in summary:
         settings["seed"] = summary["seed"]
     return settings
 
 
-def changed_settings(summary_path: Path, model_info: dict[str, Any], opts: SegmentOptions) -> list[str]:
-    """``name recorded -> this run`` for every compared setting that differs (empty: resume)."""
+def changed_settings(summary_path: Path, model_info: dict[str, Any], opts: SegmentOptions,
+                     whole_slide: bool = True) -> list[str]:
+    """``name recorded -> this run`` for every compared setting that differs (empty: resume).
+    ``whole_slide``: False for PNG/JPEG tiles, which run no tissue detection."""
     try:
         summary = json.loads(summary_path.read_text())
     except (OSError, json.JSONDecodeError):
         return []  # the completion check already read it; nothing recorded means nothing to compare
-    before, now = recorded_settings(summary), run_settings(model_info, opts)
+    before, now = recorded_settings(summary), run_settings(model_info, opts, whole_slide)
     return [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]]

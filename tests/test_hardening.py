@@ -68,7 +68,7 @@ def _fake_run(tmp_path: Path, segment_fn) -> tuple[batch.RunReport, list[str]]:
     files = [tmp_path / "a.tif", tmp_path / "b.tif", tmp_path / "c.tif"]
     lines: list[str] = []
     orig = batch.TASKS["monuseg"]
-    batch.TASKS["monuseg"] = (segment_fn, lambda *_: False)
+    batch.TASKS["monuseg"] = (segment_fn, lambda *_: None)  # nothing complete yet
     try:
         report = batch.segment_all(files, tmp_path / "out", SimpleNamespace(), get_preset("tiny"), SegmentOptions(),
                                    torch.device("cpu"), torch.float32, {}, echo=lines.append, show_progress=False)

@@ -217,7 +217,7 @@ def finished_outcome(task: str, out_dir: Path, path: Path, opts: SegmentOptions,
     if opts.overwrite:
         return None
     summary = TASKS[task][1](out_dir, path, opts)
-    if summary is None:
+    if not summary:  # not complete
         return None
     changed = changed_settings(summary, model_info, opts, whole_slide=task == "monuseg" and not is_small_image(path))
     if not changed:

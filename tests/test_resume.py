@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from cdal_fast.wsi.outputs import is_complete, required_outputs
+from cdal_fast.wsi.outputs import complete_summary, is_complete, required_outputs
 from cdal_fast.wsi.pipeline import SegmentOptions
 from cdal_fast.wsi.resume import MODEL_KEYS, changed_settings, recorded_settings
 
@@ -14,10 +14,11 @@ INFO = {"sha256": "ab" * 32, "steps": 4, "votes": 5, "tta": True, "threshold": 0
 OPTS = SegmentOptions(roi="rois/", tissue_threshold=20.0)
 
 
-def _summary(tmp_path: Path, data: dict) -> Path:
+def _summary(tmp_path: Path, data: dict) -> dict:
+    """``data`` written as NAME.json and read back as the completion check reads it."""
     path = tmp_path / "NAME.json"
     path.write_text(json.dumps(data))
-    return path
+    return complete_summary(path)
 
 
 def _slide_summary(info: dict, opts: SegmentOptions) -> dict:
@@ -27,35 +28,35 @@ def _slide_summary(info: dict, opts: SegmentOptions) -> dict:
 
 
 def test_same_settings_resume_and_what_cannot_change_the_outputs_is_ignored(tmp_path):
-    path = _summary(tmp_path, _slide_summary(INFO, OPTS))
-    assert changed_settings(path, INFO, OPTS) == []
+    summary = _summary(tmp_path, _slide_summary(INFO, OPTS))
+    assert changed_settings(summary, INFO, OPTS) == []
     same_outputs = replace(OPTS, batch_size=32, workers=0, save_prob=True, max_pixels=1e6)
-    assert changed_settings(path, INFO | {"backend": "onnx", "device": "cuda"}, same_outputs) == []
+    assert changed_settings(summary, INFO | {"backend": "onnx", "device": "cuda"}, same_outputs) == []
 
 
 def test_each_output_shaping_setting_is_named(tmp_path):
-    path = _summary(tmp_path, _slide_summary(INFO, OPTS))
-    assert changed_settings(path, INFO | {"threshold": 0.5}, OPTS) == ["threshold 0.4 -> 0.5"]
-    assert changed_settings(path, INFO | {"sha256": "cd" * 32}, OPTS) == [f"sha256 {'ab' * 32!r} -> {'cd' * 32!r}"]
-    assert changed_settings(path, INFO | {"votes": 30, "tta": False}, OPTS) == ["votes 5 -> 30", "tta True -> False"]
-    changed = changed_settings(path, INFO, replace(OPTS, seed=1, tissue=False, roi=None, nuclei_threshold=0.6))
+    summary = _summary(tmp_path, _slide_summary(INFO, OPTS))
+    assert changed_settings(summary, INFO | {"threshold": 0.5}, OPTS) == ["threshold 0.4 -> 0.5"]
+    assert changed_settings(summary, INFO | {"sha256": "cd" * 32}, OPTS) == [f"sha256 {'ab' * 32!r} -> {'cd' * 32!r}"]
+    assert changed_settings(summary, INFO | {"votes": 30, "tta": False}, OPTS) == ["votes 5 -> 30", "tta True -> False"]
+    changed = changed_settings(summary, INFO, replace(OPTS, seed=1, tissue=False, roi=None, nuclei_threshold=0.6))
     assert changed == ["seed 0 -> 1", "roi 'rois/' -> None", "tissue True -> False", "nuclei_threshold 0.5 -> 0.6"]
 
 
 def test_tissue_options_do_not_matter_for_tiles_without_tissue_detection(tmp_path):
-    path = _summary(tmp_path, _slide_summary(INFO, OPTS))
+    summary = _summary(tmp_path, _slide_summary(INFO, OPTS))
     no_tissue = replace(OPTS, tissue=False, tissue_threshold=None)
-    assert changed_settings(path, INFO, no_tissue, whole_slide=False) == []
-    assert len(changed_settings(path, INFO, no_tissue, whole_slide=True)) == 2
+    assert changed_settings(summary, INFO, no_tissue, whole_slide=False) == []
+    assert len(changed_settings(summary, INFO, no_tissue, whole_slide=True)) == 2
 
 
 def test_unverified_weights_are_told_apart_by_their_path(tmp_path):
     """Weights whose JSON records no hash have an empty sha256: the path is then what differs."""
     info = INFO | {"sha256": "", "weights": "/models/a.safetensors"}
-    path = _summary(tmp_path, _slide_summary(info, OPTS))
-    assert changed_settings(path, info, OPTS) == []
+    summary = _summary(tmp_path, _slide_summary(info, OPTS))
+    assert changed_settings(summary, info, OPTS) == []
     other = info | {"weights": "/models/b.safetensors"}
-    assert changed_settings(path, other, OPTS) == ["weights '/models/a.safetensors' -> '/models/b.safetensors'"]
+    assert changed_settings(summary, other, OPTS) == ["weights '/models/a.safetensors' -> '/models/b.safetensors'"]
     # verified weights are compared by hash alone: the same file moved elsewhere still resumes
     moved = INFO | {"weights": "/elsewhere/a.safetensors"}
     assert changed_settings(_summary(tmp_path, _slide_summary(INFO | {"weights": "/m/a"}, OPTS)), moved, OPTS) == []
@@ -74,22 +75,23 @@ def test_asked_for_maps_are_part_of_completeness(tmp_path):
 
 
 def test_nucleus_parameters_matter_only_when_this_run_makes_nuclei(tmp_path):
-    path = _summary(tmp_path, _slide_summary(INFO, OPTS))
-    assert changed_settings(path, INFO, replace(OPTS, nuclei=False, nuclei_threshold=0.6)) == []
+    summary = _summary(tmp_path, _slide_summary(INFO, OPTS))
+    assert changed_settings(summary, INFO, replace(OPTS, nuclei=False, nuclei_threshold=0.6)) == []
 
 
 def test_radiograph_and_volume_summaries_compare_what_they_record(tmp_path):
     """They keep no options: seed, steps and votes at the top level, and the model info."""
     info = INFO | {"threshold": None, "tta": False}
-    path = _summary(tmp_path, {"complete": True, "steps": 4, "votes": 5, "seed": 0, "model": info})
-    recorded = recorded_settings(json.loads(path.read_text()))
+    summary = _summary(tmp_path, {"complete": True, "steps": 4, "votes": 5, "seed": 0, "model": info})
+    recorded = recorded_settings(summary)
     assert recorded == {k: info[k] for k in MODEL_KEYS} | {"seed": 0}
-    assert changed_settings(path, info, replace(OPTS, tile_overlap=16)) == []  # not recorded: not compared
-    assert changed_settings(path, info, replace(OPTS, seed=3)) == ["seed 0 -> 3"]
+    assert changed_settings(summary, info, replace(OPTS, tile_overlap=16)) == []  # not recorded: not compared
+    assert changed_settings(summary, info, replace(OPTS, seed=3)) == ["seed 0 -> 3"]
 
 
 def test_older_summaries_without_a_setting_still_resume(tmp_path):
     """A summary from before a setting was recorded (here: no votes, TTA or threshold in the model info)."""
     old = {"complete": True, "steps": 4, "votes": 5, "seed": 0, "model": {"sha256": INFO["sha256"], "steps": 4}}
     assert changed_settings(_summary(tmp_path, old), INFO, OPTS) == []
-    assert changed_settings(tmp_path / "missing.json", INFO, OPTS) == []
+    assert changed_settings({"complete": True}, INFO, OPTS) == []
+    assert complete_summary(tmp_path / "missing.json") is None  # not complete: never compared

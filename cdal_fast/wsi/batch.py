@@ -22,10 +22,9 @@ from .dicom import is_dicom_folder
 from .locks import describe_owner, try_lock
 from .other_tasks import VOLUME_SUFFIXES, radiograph_done, segment_radiograph, segment_volume, volume_done
 from .outputs import (
-    is_complete,
+    finished_summary,
     is_small_image,
     output_names,
-    output_paths,
     required_outputs,
     slide_stem,
     write_summary,
@@ -159,7 +158,7 @@ class TaskRun:
 
 SegmentFn = Callable[[Path, Path, TaskRun, TileProgress], dict[str, Any]]
 # (out_dir, input, options) -> the summary of the input's complete outputs, or None
-DoneFn = Callable[[Path, Path, SegmentOptions], Path | None]
+DoneFn = Callable[[Path, Path, SegmentOptions], dict[str, Any] | None]
 
 
 def _segment_slide(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
@@ -167,11 +166,9 @@ def _segment_slide(path: Path, out_dir: Path, run: TaskRun, progress: TileProgre
                          progress=progress, sample_stream=run.sample_stream)
 
 
-def _slide_done(out_dir: Path, path: Path, opts: SegmentOptions) -> Path | None:
-    stem, small = slide_stem(path), is_small_image(path)
-    if not is_complete(out_dir, stem, small, opts.pyramid_layout, required_outputs(opts)):
-        return None
-    return output_paths(out_dir, stem, small, opts.pyramid_layout)["summary"]
+def _slide_done(out_dir: Path, path: Path, opts: SegmentOptions) -> dict[str, Any] | None:
+    return finished_summary(out_dir, slide_stem(path), is_small_image(path), opts.pyramid_layout,
+                            required_outputs(opts))
 
 
 def _segment_radiograph(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
@@ -217,13 +214,14 @@ def finished_outcome(task: str, out_dir: Path, path: Path, opts: SegmentOptions,
     if opts.overwrite:
         return None
     summary = TASKS[task][1](out_dir, path, opts)
-    if not summary:  # not complete
+    if summary is None:  # not complete
         return None
-    changed = changed_settings(summary, model_info, opts, whole_slide=task == "monuseg" and not is_small_image(path))
+    # radiograph and volume summaries record no tissue options, so only slides compare them
+    changed = changed_settings(summary, model_info, opts, whole_slide=not is_small_image(path))
     if not changed:
         return InputOutcome(str(path), "skipped")
     return InputOutcome(str(path), "failed", error=(
-        f"OutputsFromOtherSettings: {summary.parent} already holds complete outputs made with other settings "
+        f"OutputsFromOtherSettings: {out_dir} already holds complete outputs made with other settings "
         f"({'; '.join(changed)}); rerun with --overwrite to replace them, or write to another --out"))
 
 

@@ -25,7 +25,7 @@ from ..config import ModelConfig
 from ..decode import labels_to_mask, to_labels
 from ..inference import PatchRunner, predict_image, predict_volume, volume_windows
 from ..preprocess import match_channels
-from .outputs import summary_complete, write_png, write_summary
+from .outputs import complete_summary, write_png, write_summary
 from .progress import NullProgress, TileProgress
 from .readers import SlideError
 
@@ -43,17 +43,15 @@ def volume_stem(path: Path) -> str:
     return path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
 
 
-def radiograph_done(out_dir: Path, path: Path) -> Path | None:
+def radiograph_done(out_dir: Path, path: Path) -> dict[str, Any] | None:
     """A radiograph is done when its summary says complete: that summary, else None."""
-    summary = out_dir / f"{path.stem}.json"
-    return summary if summary_complete(summary) else None
+    return complete_summary(out_dir / f"{path.stem}.json")
 
 
-def volume_done(out_dir: Path, path: Path) -> Path | None:
+def volume_done(out_dir: Path, path: Path) -> dict[str, Any] | None:
     """A volume is done when its summary says complete (non-volume names use their plain stem): that
     summary, else None."""
-    summary = out_dir / f"{volume_stem(path) if is_volume(path) else path.stem}.json"
-    return summary if summary_complete(summary) else None
+    return complete_summary(out_dir / f"{volume_stem(path) if is_volume(path) else path.stem}.json")
 
 
 def segment_radiograph(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelConfig,

@@ -18,7 +18,8 @@ from ..atomic import atomic_output
 from .readers import SLIDE_SUFFIXES, SMALL_SUFFIXES
 
 __all__ = ["OME_SUFFIXES", "INPUT_SUFFIXES", "slide_stem", "NameCollisionError", "output_names",
-           "is_small_image", "output_paths", "required_outputs", "is_complete", "summary_complete",
+           "is_small_image", "output_paths", "required_outputs", "is_complete", "finished_summary",
+           "complete_summary", "summary_complete",
            "write_png", "write_summary"]
 
 OME_SUFFIXES = (".ome.tif", ".ome.tiff")
@@ -125,18 +126,30 @@ def required_outputs(opts: Any) -> tuple[str, ...]:
     return tuple(roles)
 
 
+def finished_summary(out_dir: Path, stem: str, small: bool, layout: str = "ome",
+                     required: tuple[str, ...] = ("mask",)) -> dict[str, Any] | None:
+    """A slide is done when its ``required`` outputs exist and its summary says complete: that
+    summary (read once; the resume check compares the settings it recorded), else None."""
+    paths = output_paths(out_dir, stem, small, layout)
+    return complete_summary(paths["summary"]) if all(paths[r].is_file() for r in required) else None
+
+
 def is_complete(out_dir: Path, stem: str, small: bool, layout: str = "ome",
                 required: tuple[str, ...] = ("mask",)) -> bool:
-    """A slide is done when its ``required`` outputs exist and its summary says complete."""
-    paths = output_paths(out_dir, stem, small, layout)
-    return all(paths[r].is_file() for r in required) and summary_complete(paths["summary"])
+    return finished_summary(out_dir, stem, small, layout, required) is not None
+
+
+def complete_summary(path: Path) -> dict[str, Any] | None:
+    """The summary at ``path`` if it exists and says complete, else None."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("complete") else None
 
 
 def summary_complete(path: Path) -> bool:
-    try:
-        return bool(json.loads(path.read_text()).get("complete"))
-    except (OSError, json.JSONDecodeError):
-        return False
+    return complete_summary(path) is not None
 
 
 def write_png(path: Path, arr: np.ndarray) -> None:

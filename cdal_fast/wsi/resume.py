@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from .pipeline import SegmentOptions
@@ -64,22 +63,17 @@ def recorded_settings(summary: dict[str, Any]) -> dict[str, Any]:
     model = summary.get("model") or {}
     options = summary.get("options") or {}
     settings = _model_settings(model)
-    for k in ("steps", "votes"):  # the effective values; the model info only names them in newer runs
-        if k in summary:
-            settings[k] = summary[k]
     settings.update({k: options[k] for k in OPTION_KEYS + TISSUE_KEYS + NUCLEI_KEYS if k in options})
-    if "seed" in summary:
-        settings["seed"] = summary["seed"]
+    # every task's summary keeps the effective steps, votes and seed at its top level (the model
+    # info names votes only in newer runs; radiographs and volumes record no options)
+    settings.update({k: summary[k] for k in ("steps", "votes", "seed") if k in summary})
     return settings
 
 
-def changed_settings(summary_path: Path, model_info: dict[str, Any], opts: SegmentOptions,
+def changed_settings(summary: dict[str, Any], model_info: dict[str, Any], opts: SegmentOptions,
                      whole_slide: bool = True) -> list[str]:
-    """``name recorded -> this run`` for every compared setting that differs (empty: resume).
-    ``whole_slide``: False for PNG/JPEG tiles, which run no tissue detection."""
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return []  # the completion check already read it; nothing recorded means nothing to compare
+    """``name recorded -> this run`` for every compared setting that differs (empty: resume), given
+    the complete summary the completion check read. ``whole_slide``: False for PNG/JPEG tiles,
+    which run no tissue detection."""
     before, now = recorded_settings(summary), run_settings(model_info, opts, whole_slide)
     return [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]]

@@ -28,23 +28,27 @@ class Checkpointable(Protocol):
     best_dice: float
     init_sha256: str
     G: torch.nn.Module
-    D: torch.nn.Module
+    D: torch.nn.Module | None  # None in a generator-only run
     ema: torch.nn.Module | None
     opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer | None
     sched_g: torch.optim.lr_scheduler.LRScheduler
-    sched_d: torch.optim.lr_scheduler.LRScheduler
+    sched_d: torch.optim.lr_scheduler.LRScheduler | None
     gen: torch.Generator
     cfg: ModelConfig
 
 
+def _state(part: Any) -> dict[str, Any] | None:
+    return part.state_dict() if part is not None else None
+
+
 def state_dict(t: Checkpointable, train_config: dict[str, Any]) -> dict[str, Any]:
+    """Everything a resumed run needs; the D entries are None in a generator-only run."""
     return {
         "step": t.step, "best_dice": t.best_dice,
-        "G": t.G.state_dict(), "D": t.D.state_dict(),
-        "ema": t.ema.state_dict() if t.ema is not None else None,
-        "opt_g": t.opt_g.state_dict(), "opt_d": t.opt_d.state_dict(),
-        "sched_g": t.sched_g.state_dict(), "sched_d": t.sched_d.state_dict(),
+        "G": t.G.state_dict(), "D": _state(t.D), "ema": _state(t.ema),
+        "opt_g": t.opt_g.state_dict(), "opt_d": _state(t.opt_d),
+        "sched_g": t.sched_g.state_dict(), "sched_d": _state(t.sched_d),
         "gen": t.gen.get_state(), "cpu_rng": torch.get_rng_state(),
         "model": t.cfg.to_dict(), "train": json.dumps(train_config),
         "init_sha256": t.init_sha256,
@@ -52,16 +56,22 @@ def state_dict(t: Checkpointable, train_config: dict[str, Any]) -> dict[str, Any
 
 
 def load_state_dict(t: Checkpointable, st: dict[str, Any]) -> None:
+    """Restore ``st`` into ``t``. A trainer without D ignores a saved D (generator-only checkpoints
+    written before D was dropped from that mode carry an untrained one); a trainer with D needs one."""
+    if t.D is not None and st.get("D") is None:
+        raise ValueError("checkpoint holds no discriminator (a generator-only run): "
+                         "it cannot resume a run that trains D")
     t.step, t.best_dice = int(st["step"]), float(st["best_dice"])
     t.init_sha256 = str(st.get("init_sha256", ""))  # a resumed fine-tune keeps its provenance
     t.G.load_state_dict(st["G"])
-    t.D.load_state_dict(st["D"])
     if t.ema is not None and st.get("ema") is not None:
         t.ema.load_state_dict(st["ema"])
     t.opt_g.load_state_dict(st["opt_g"])
-    t.opt_d.load_state_dict(st["opt_d"])
     t.sched_g.load_state_dict(st["sched_g"])
-    t.sched_d.load_state_dict(st["sched_d"])
+    if t.D is not None:
+        t.D.load_state_dict(st["D"])
+        t.opt_d.load_state_dict(st["opt_d"])
+        t.sched_d.load_state_dict(st["sched_d"])
     t.gen.set_state(st["gen"])
     torch.set_rng_state(st["cpu_rng"])
 

@@ -158,14 +158,19 @@ class Trainer:
 
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.G = Generator(self.cfg).to(self.device)
-        self.D = Discriminator(self.cfg).to(self.device)
+        # a generator-only run has no D at all: nothing of it is built, trained or checkpointed
+        self.D: Discriminator | None = None
+        if tc.attention == "discriminator":
+            self.D = Discriminator(self.cfg).to(self.device)
         self.precision = Precision.decide(self.device, tc.amp, tc.cpu_amp, tc.channels_last)
         if self.channels_last:
             self.G = self.G.to(memory_format=torch.channels_last)
-            self.D = self.D.to(memory_format=torch.channels_last)
+            if self.D is not None:
+                self.D = self.D.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.G).eval().requires_grad_(False) if tc.ema else None
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=tc.lr_g, betas=tc.betas)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=tc.lr_d, betas=tc.betas)
+        self.opt_d = (torch.optim.Adam(self.D.parameters(), lr=tc.lr_d, betas=tc.betas)
+                      if self.D is not None else None)
         self.sched = make_schedule(self.cfg.num_steps, self.cfg.beta_min, self.cfg.beta_max).to(self.device)
 
         if data is None:
@@ -173,7 +178,7 @@ class Trainer:
         self.data = dataclasses.replace(data.to(self.device), hed_sigma=tc.hed_jitter)
         self.epoch_iters = tc.epoch_iters or max(1, math.ceil(len(self.data) / tc.batch_size))
         self.sched_g = self._cosine(self.opt_g)
-        self.sched_d = self._cosine(self.opt_d)
+        self.sched_d = self._cosine(self.opt_d) if self.opt_d is not None else None
         self.gen = torch.Generator(device=self.device).manual_seed(tc.seed + 1000 * self.rank)
         self.draws = LossDraws(self.gen, self.device, self.cfg.num_steps, self.cfg.nz)
         self.step = 0
@@ -222,7 +227,7 @@ class Trainer:
             y = y.contiguous(memory_format=torch.channels_last)
         autocast = self.precision.autocast
 
-        train_d = tc.attention == "discriminator"
+        train_d = self.D is not None
         if train_d:
             self.D.requires_grad_(True)
             self.opt_d.zero_grad(set_to_none=True)
@@ -231,8 +236,8 @@ class Trainer:
             d.total.backward()
             self._allreduce(self.D)
             self.opt_d.step()
+            self.D.requires_grad_(False)
 
-        self.D.requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
         g = g_loss(self.G, self.D if train_d else None, self.sched, y, x0, self.draws, self.cfg.attn_scale,
                    autocast)
@@ -359,7 +364,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         tc = self.tc
         self.G.train()
-        self.D.train()
+        if self.D is not None:
+            self.D.train()
         start = time.monotonic()
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (tc.progress and self.rank == 0),
                    desc="train", dynamic_ncols=True)
@@ -394,7 +400,8 @@ class Trainer:
 
     def ranks_in_sync(self) -> bool:
         """True when every process holds bit-identical G and D weights (data-parallel check)."""
-        flat = torch.cat([p.detach().reshape(-1).float() for p in [*self.G.parameters(), *self.D.parameters()]])
+        nets = [self.G] if self.D is None else [self.G, self.D]
+        flat = torch.cat([p.detach().reshape(-1).float() for net in nets for p in net.parameters()])
         lo, hi = flat.clone(), flat.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)

@@ -231,27 +231,46 @@ def test_fine_tune_provenance_records_only_a_verified_hash(tmp_path):
     assert target.init_sha256 == "" != claimed
 
 
-def test_generator_only_fine_tune_leaves_the_discriminator_alone(tmp_path, monuseg_tiny):
+def test_generator_only_fine_tune_has_no_discriminator(tmp_path, monuseg_tiny):
     from cdal_fast.weights import save_weights
 
     torch.manual_seed(5)
     save_weights(tmp_path / "start", perturbed(Generator(get_preset("tiny"))))
     tr = Trainer(_tc(tmp_path, attention="none", init_weights=str(tmp_path / "start")), data=monuseg_tiny)
     tr.start()
-    d_before = {k: v.clone() for k, v in tr.D.state_dict().items()}
+    assert tr.D is None and tr.opt_d is None and tr.sched_d is None  # nothing of D is built
     g_before = {k: v.clone() for k, v in tr.G.state_dict().items()}
     losses = tr.train_step()
     assert set(losses) == {"loss_g"}  # no D loss was computed
-    assert all(torch.equal(v, d_before[k]) for k, v in tr.D.state_dict().items())
-    assert not tr.opt_d.state  # D's optimiser never stepped
     assert any(not torch.equal(v, g_before[k]) for k, v in tr.G.state_dict().items())
-    tr.save_checkpoint()
+    st = torch.load(tr.save_checkpoint(), weights_only=True)
+    assert st["D"] is None and st["opt_d"] is None and st["sched_d"] is None
     # its checkpoint resumes a generator-only run, and is refused by one that would train D on top of it
     again = Trainer(_tc(tmp_path, attention="none", init_weights=str(tmp_path / "start")), data=monuseg_tiny)
     assert again.start().startswith("resumed from") and again.step == 1
+    assert all(torch.equal(v, tr.G.state_dict()[k]) for k, v in again.G.state_dict().items())
     with_d = Trainer(_tc(tmp_path, init_weights=str(tmp_path / "start")), data=monuseg_tiny)
     with pytest.raises(ValueError, match="trained with attention 'none', this run asks for 'discriminator'"):
         with_d.start()
+    with pytest.raises(ValueError, match="holds no discriminator"):
+        with_d.load_state_dict(st)
+
+
+def test_generator_only_resumes_a_checkpoint_that_still_carries_a_discriminator(tmp_path, monuseg_tiny):
+    """Generator-only checkpoints written before D was dropped from that mode hold an untrained D:
+    they resume, the D entries ignored."""
+    from cdal_fast.weights import save_weights
+
+    save_weights(tmp_path / "start", perturbed(Generator(get_preset("tiny"))))
+    with_d = Trainer(_tc(tmp_path / "a", init_weights=str(tmp_path / "start")), data=monuseg_tiny)
+    with_d.start()
+    st = with_d.state_dict()
+    st["train"] = json.dumps({**json.loads(st["train"]), "attention": "none"})
+    st["step"] = 7
+    (tmp_path / "b" / "run").mkdir(parents=True)
+    torch.save(st, tmp_path / "b" / "run" / "last.pt")
+    gonly = Trainer(_tc(tmp_path / "b", attention="none", init_weights=str(tmp_path / "start")), data=monuseg_tiny)
+    assert gonly.start().startswith("resumed from") and gonly.step == 7 and gonly.D is None
 
 
 @pytest.mark.parametrize("bad, match", [

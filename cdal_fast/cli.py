@@ -353,7 +353,8 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     hippocampus, NIfTI volumes give NAME.labels.nii.gz with the input's affine.
     A rerun into the same --out resumes: inputs finished with the same settings are skipped; inputs
     finished with other settings (weights, steps, votes, TTA, threshold, seed, tile overlap, mpp,
-    tissue, ROI, nucleus parameters) are reported as failed and kept, and --overwrite redoes them.
+    tissue, ROI path and file contents, nucleus parameters) are reported as failed and kept, and
+    --overwrite redoes them.
     Unreadable files are reported and skipped; any failure makes the exit code 1.
 
     Example: cdal-fast segment slides/ --out masks/ --device cuda --dtype bfloat16

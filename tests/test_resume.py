@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cdal_fast.wsi.outputs import complete_summary, is_complete, required_outputs
 from cdal_fast.wsi.pipeline import SegmentOptions
-from cdal_fast.wsi.resume import MODEL_KEYS, changed_settings, recorded_settings
+from cdal_fast.wsi.resume import MODEL_KEYS, changed_settings, recorded_settings, run_settings
 
 INFO = {"sha256": "ab" * 32, "steps": 4, "votes": 5, "tta": True, "threshold": 0.4, "backend": "eager"}
 OPTS = SegmentOptions(roi="rois/", tissue_threshold=20.0)
@@ -95,3 +95,24 @@ def test_older_summaries_without_a_setting_still_resume(tmp_path):
     assert changed_settings(_summary(tmp_path, old), INFO, OPTS) == []
     assert changed_settings({"complete": True}, INFO, OPTS) == []
     assert complete_summary(tmp_path / "missing.json") is None  # not complete: never compared
+
+
+def test_an_roi_file_edited_in_place_is_a_changed_setting(tmp_path):
+    """The ROI is compared by contents too: the slide's own file in an ROI folder."""
+    rois = tmp_path / "rois"
+    rois.mkdir()
+    (rois / "s1.geojson").write_text('{"type": "Polygon", "coordinates": [[[0, 0], [9, 0], [9, 9], [0, 0]]]}')
+    (rois / "s2.geojson").write_text('{"type": "Polygon", "coordinates": [[[0, 0], [5, 0], [5, 5], [0, 0]]]}')
+    opts = replace(OPTS, roi=str(rois))
+    recorded = run_settings(INFO, opts, slide=tmp_path / "s1.ome.tif")["roi_sha256"]
+    assert recorded and recorded != run_settings(INFO, opts, slide=tmp_path / "s2.svs")["roi_sha256"]
+    summary = _summary(tmp_path, _slide_summary(INFO, opts) | {"roi": {"sha256": recorded, "kind": "geojson"}})
+    assert changed_settings(summary, INFO, opts, slide=tmp_path / "s1.ome.tif") == []
+    (rois / "s1.geojson").write_text('{"type": "Polygon", "coordinates": [[[0, 0], [8, 0], [8, 8], [0, 0]]]}')
+    [changed] = changed_settings(summary, INFO, opts, slide=tmp_path / "s1.ome.tif")
+    assert changed.startswith(f"roi_sha256 {recorded!r} -> '")
+    (rois / "s1.geojson").unlink()  # gone: differs too (the run itself then names the missing file)
+    assert changed_settings(summary, INFO, opts, slide=tmp_path / "s1.ome.tif") == [f"roi_sha256 {recorded!r} -> None"]
+    # summaries written before the hash was recorded compare the path alone
+    older = _summary(tmp_path, _slide_summary(INFO, opts))
+    assert changed_settings(older, INFO, opts, slide=tmp_path / "s1.ome.tif") == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -49,6 +50,16 @@ def test_roi_tissue_mask_and_openslide_layout(tmp_path, slide, tiny_weights):  #
         det = detect_tissue(s, s.mpp)
     assert np.array_equal(tissue, det.mask)
     assert summary["tissue"]["thumbnail_downsample"] == 4.0 and summary["tissue"]["thumbnail_size"] == [250, 250]
+    # a rerun with the same ROI resumes; the same path with other contents is another setting
+    assert summary["roi"]["sha256"] == hashlib.sha256(roi.read_bytes()).hexdigest()
+    args = [str(slide), "--out", str(out), "--weights", str(tiny_weights), "--workers", "0", "--roi", str(roi),
+            "--save-tissue", "--save-prob", "--pyramid-layout", "openslide"]
+    code, output = run(args)
+    assert code == 0 and "already complete" in output
+    roi.write_text(roi.read_text().replace(f"[{x1}, {y1}]", f"[{x1}, {y1 + 20}]"))
+    code, output = run(args)
+    assert code == 1 and "OutputsFromOtherSettings" in output and "roi_sha256" in output
+    assert json.loads((out / "mosaic.json").read_text())["roi"]["sha256"] == summary["roi"]["sha256"]
     openslide = pytest.importorskip("openslide")
     with openslide.OpenSlide(str(out / "mosaic.mask.tif")) as o:
         assert o.level_dimensions == ((1000, 1000), (500, 500))

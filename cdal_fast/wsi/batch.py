@@ -217,7 +217,7 @@ def finished_outcome(task: str, out_dir: Path, path: Path, opts: SegmentOptions,
     if summary is None:  # not complete
         return None
     # radiograph and volume summaries record no tissue options, so only slides compare them
-    changed = changed_settings(summary, model_info, opts, whole_slide=not is_small_image(path))
+    changed = changed_settings(summary, model_info, opts, whole_slide=not is_small_image(path), slide=path)
     if not changed:
         return InputOutcome(str(path), "skipped")
     return InputOutcome(str(path), "failed", error=(

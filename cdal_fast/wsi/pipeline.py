@@ -219,7 +219,8 @@ def _roi_summary(roi: Roi | None, plan: Plan) -> dict[str, Any] | None:
     if roi is None:
         return None
     area = roi.area_px()
-    return {"source": str(roi.source), "kind": roi.kind, "features": roi.features, "area_px": area,
+    return {"source": str(roi.source), "sha256": roi.sha256, "kind": roi.kind, "features": roi.features,
+            "area_px": area,
             "area_um2": area * plan.mpp0**2, "area_fraction": area / float(plan.slide_w * plan.slide_h)}
 
 

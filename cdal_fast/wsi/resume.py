@@ -16,16 +16,22 @@ change the outputs (batch size, loader workers, device, progress) and what only 
 (``--save-prob`` etc., which the completion check itself requires). The backend and dtype are
 deliberately not compared: a rerun on another device or precision resumes what is done (bfloat16
 differs from float32 by more than the backends' parity tolerance; the summary records what ran).
-The ROI is compared by its resolved path, not by the contents of its files.
+The ROI is compared by its resolved path and by the SHA-256 of the slide's ROI file (the file itself,
+or the slide's file in an ROI folder): an ROI edited in place is a changed setting.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
+from ..weights import file_sha256
+from .outputs import slide_stem
 from .pipeline import SegmentOptions
+from .readers import SlideError
+from .roi import roi_file
 
 __all__ = ["MODEL_KEYS", "OPTION_KEYS", "TISSUE_KEYS", "NUCLEI_KEYS", "run_settings", "recorded_settings",
            "changed_settings"]
@@ -48,12 +54,25 @@ def _model_settings(model: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def run_settings(model_info: dict[str, Any], opts: SegmentOptions, whole_slide: bool = True) -> dict[str, Any]:
-    """This run's output-shaping settings: the model info the CLI records, plus the options."""
+def _roi_sha256(roi: str, slide: Path) -> str | None:
+    """SHA-256 of ``slide``'s ROI file now; None when it is missing or unreadable (the run itself
+    then stops on it with the reader's error)."""
+    try:
+        return file_sha256(roi_file(Path(roi), slide_stem(slide)))
+    except (SlideError, OSError):
+        return None
+
+
+def run_settings(model_info: dict[str, Any], opts: SegmentOptions, whole_slide: bool = True,
+                 slide: Path | None = None) -> dict[str, Any]:
+    """This run's output-shaping settings: the model info the CLI records, plus the options, plus
+    the SHA-256 of ``slide``'s ROI file when there is an ROI and the input is given."""
     options = asdict(opts)
     keys = OPTION_KEYS + (TISSUE_KEYS if whole_slide else ()) + (NUCLEI_KEYS if opts.nuclei else ())
     settings = _model_settings(model_info)
     settings.update({k: options[k] for k in keys})
+    if opts.roi and slide is not None:
+        settings["roi_sha256"] = _roi_sha256(opts.roi, slide)
     return _plain(settings)
 
 
@@ -67,13 +86,16 @@ def recorded_settings(summary: dict[str, Any]) -> dict[str, Any]:
     # every task's summary keeps the effective steps, votes and seed at its top level (the model
     # info names votes only in newer runs; radiographs and volumes record no options)
     settings.update({k: summary[k] for k in ("steps", "votes", "seed") if k in summary})
+    roi = summary.get("roi")
+    if isinstance(roi, dict) and roi.get("sha256"):  # slides record the ROI they used
+        settings["roi_sha256"] = roi["sha256"]
     return settings
 
 
 def changed_settings(summary: dict[str, Any], model_info: dict[str, Any], opts: SegmentOptions,
-                     whole_slide: bool = True) -> list[str]:
+                     whole_slide: bool = True, slide: Path | None = None) -> list[str]:
     """``name recorded -> this run`` for every compared setting that differs (empty: resume), given
     the complete summary the completion check read. ``whole_slide``: False for PNG/JPEG tiles,
-    which run no tissue detection."""
-    before, now = recorded_settings(summary), run_settings(model_info, opts, whole_slide)
+    which run no tissue detection; ``slide``: the input, whose ROI file's contents are compared."""
+    before, now = recorded_settings(summary), run_settings(model_info, opts, whole_slide, slide)
     return [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]]

@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from ..weights import file_sha256
 from .readers import SlideError
 
-__all__ = ["Roi", "load_roi", "roi_for_slide", "ROI_GEOJSON_SUFFIXES", "ROI_MASK_SUFFIXES"]
+__all__ = ["Roi", "load_roi", "roi_file", "roi_for_slide", "ROI_GEOJSON_SUFFIXES", "ROI_MASK_SUFFIXES"]
 
 ROI_GEOJSON_SUFFIXES = (".geojson", ".json")
 ROI_MASK_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -44,6 +45,7 @@ class Roi:
     geometry: Any = None  # shapely (Multi)Polygon in level-0 pixels (geojson)
     mask: np.ndarray | None = None  # bool (mask)
     mask_scale: tuple[float, float] = (1.0, 1.0)  # level-0 px per mask px in (x, y) (mask)
+    sha256: str = ""  # of the file: a rerun resumes only outputs made with the same ROI (resume.py)
 
     def area_px(self) -> float:
         """Area in level-0 pixels."""
@@ -190,20 +192,28 @@ def load_roi(path: Path, slide_w: int, slide_h: int) -> Roi:
     """Read the ROI file ``path`` (GeoJSON or mask image) for a ``slide_w`` x ``slide_h`` slide."""
     name = path.name.lower()
     if name.endswith(ROI_GEOJSON_SUFFIXES):
-        return _load_geojson(path)
-    if name.endswith(ROI_MASK_SUFFIXES):
-        return _load_mask(path, slide_w, slide_h)
-    raise SlideError(f"{path}: unsupported ROI file (GeoJSON {', '.join(ROI_GEOJSON_SUFFIXES)} or a mask image "
-                     f"{', '.join(ROI_MASK_SUFFIXES)})")
+        roi = _load_geojson(path)
+    elif name.endswith(ROI_MASK_SUFFIXES):
+        roi = _load_mask(path, slide_w, slide_h)
+    else:
+        raise SlideError(f"{path}: unsupported ROI file (GeoJSON {', '.join(ROI_GEOJSON_SUFFIXES)} or a mask image "
+                         f"{', '.join(ROI_MASK_SUFFIXES)})")
+    roi.sha256 = file_sha256(path)
+    return roi
 
 
-def roi_for_slide(roi: Path, stem: str, slide_w: int, slide_h: int) -> Roi:
-    """The ROI for slide ``stem``: ``roi`` itself, or ``roi/stem.<suffix>`` when ``roi`` is a folder."""
+def roi_file(roi: Path, stem: str) -> Path:
+    """The ROI file for slide ``stem``: ``roi`` itself, or ``roi/stem.<suffix>`` when ``roi`` is a folder."""
     if not roi.is_dir():
-        return load_roi(roi, slide_w, slide_h)
+        return roi
     for suffix in ROI_GEOJSON_SUFFIXES + ROI_MASK_SUFFIXES:
         candidate = roi / f"{stem}{suffix}"
         if candidate.is_file():
-            return load_roi(candidate, slide_w, slide_h)
+            return candidate
     raise SlideError(f"{roi}: no region of interest for slide {stem!r} (expected {stem}.geojson or a mask "
                      f"{stem}.png / {stem}.tif in the folder)")
+
+
+def roi_for_slide(roi: Path, stem: str, slide_w: int, slide_h: int) -> Roi:
+    """The ROI for slide ``stem`` (:func:`roi_file`), read for a ``slide_w`` x ``slide_h`` slide."""
+    return load_roi(roi_file(roi, stem), slide_w, slide_h)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 
 from cdal_fast.backends import BackendError, build_sampler
 from cdal_fast.cli import main
-from cdal_fast.compiled import OnnxSampler, export_onnx
+from cdal_fast.compiled import OnnxSampler, export_onnx, onnx_metadata
 from cdal_fast.config import get_preset
 from cdal_fast.generator import Generator
 from cdal_fast.sampler import FixedStepSampler, decode_mask, draw_noise, generators_from_seed
@@ -27,6 +28,16 @@ pytest.importorskip("onnxruntime")
 def _gen(preset: str, seed: int = 0) -> Generator:
     torch.manual_seed(seed)
     return perturbed(Generator(get_preset(preset)), seed=seed).eval()
+
+
+def test_export_with_tta_raises_no_tracer_warnings(tmp_path):
+    """Shape branches (TTA's square-tile check) are exact for the fixed-size graph, so no "trace might
+    be incorrect" warning reaches users of `segment`, whose auto backend exports on first use."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(_gen("tiny"), tmp_path / "s.onnx", steps=2, votes=2, tta=True)
+    assert [w.category for w in caught if issubclass(w.category, torch.jit.TracerWarning)] == []
+    assert onnx_metadata(tmp_path / "s.onnx")["cdal_tta"] == "1"
 
 
 @pytest.mark.parametrize("preset", ["tiny", "hippocampus"])

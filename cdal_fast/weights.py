@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_output
 from .config import ConfigError, ModelConfig
 from .generator import Generator
+from .hashing import HASH_CHUNK, file_sha256
 
 __all__ = ["WeightsError", "ModelBundle", "save_weights", "load_weights", "weights_paths", "file_sha256"]
 
@@ -38,7 +39,6 @@ FORMAT = "cdal-fast-weights"
 FORMAT_VERSION = 1
 TENSORS_SUFFIX = ".safetensors"
 CONFIG_SUFFIX = ".json"
-_HASH_CHUNK = 1 << 20  # bytes read per step while hashing: streams any file size in 1 MiB of memory
 
 
 class WeightsError(RuntimeError):
@@ -88,15 +88,6 @@ def weights_paths(path: str | Path) -> tuple[Path, Path]:
     """
     base = _base_name(Path(path))
     return base.with_name(base.name + TENSORS_SUFFIX), base.with_name(base.name + CONFIG_SUFFIX)
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, streamed so that large weights never sit in memory twice."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def part_path(st_path: Path, index: int) -> Path:
@@ -227,7 +218,7 @@ def _read_verified(file: Path, recorded: str, cfg_path: Path) -> tuple[dict[str,
     h = hashlib.sha256()
     chunks = []
     with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
             h.update(chunk)
             chunks.append(chunk)
     actual = h.hexdigest()

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..weights import file_sha256
+from ..hashing import file_sha256
 from .outputs import slide_stem
 from .pipeline import SegmentOptions
 from .readers import SlideError
@@ -55,8 +55,8 @@ def _model_settings(model: dict[str, Any]) -> dict[str, Any]:
 
 
 def _roi_sha256(roi: str, slide: Path) -> str | None:
-    """SHA-256 of ``slide``'s ROI file now; None when it is missing or unreadable (the run itself
-    then stops on it with the reader's error)."""
+    """SHA-256 of ``slide``'s ROI file now; None when it is missing or unreadable, which differs from
+    any recorded hash: outputs made with an ROI this run cannot find are not taken as done."""
     try:
         return file_sha256(roi_file(Path(roi), slide_stem(slide)))
     except (SlideError, OSError):
@@ -97,5 +97,7 @@ def changed_settings(summary: dict[str, Any], model_info: dict[str, Any], opts: 
     """``name recorded -> this run`` for every compared setting that differs (empty: resume), given
     the complete summary the completion check read. ``whole_slide``: False for PNG/JPEG tiles,
     which run no tissue detection; ``slide``: the input, whose ROI file's contents are compared."""
-    before, now = recorded_settings(summary), run_settings(model_info, opts, whole_slide, slide)
+    before = recorded_settings(summary)
+    # hash the ROI file only when the summary recorded one to compare with (it may be a large mask)
+    now = run_settings(model_info, opts, whole_slide, slide if "roi_sha256" in before else None)
     return [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]]

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..weights import file_sha256
+from ..hashing import file_sha256
 from .readers import SlideError
 
 __all__ = ["Roi", "load_roi", "roi_file", "roi_for_slide", "ROI_GEOJSON_SUFFIXES", "ROI_MASK_SUFFIXES"]

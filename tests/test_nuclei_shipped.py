@@ -1,12 +1,13 @@
 """The shipped MoNuSeg model on one annotated training tile: object count and AJI as recorded.
 
-Recorded for the shipped weights (stage 4) in
-train/results/monuseg_s_cpu_gonly/nuclei_tile_TCGA-21-5784.json by the same steps as this test
-(same protocol, noise and batch of four patches; the stage-3 weights gave 385 objects, AJI 0.5268,
-train/results/nuclei_postprocess.md). Tolerances: BLAS thread counts and CPU instruction sets change
-float32 sums in the last bits, which moves a few boundary pixels across the threshold; on the
-recorded tile that shifts at most a handful of objects (2 % of ~400) and AJI by well under 0.01. A
-change of the model, the protocol or the post-processing moves these numbers by more.
+Recorded for the shipped weights (stage 5) in
+train/results/monuseg_s_cpu_gonly2/nuclei_tile_TCGA-21-5784.json by the same steps as this test
+(same protocol, noise and batch of four patches; the stage-4 weights gave 390 objects, AJI 0.5283,
+the stage-3 weights 385 objects, AJI 0.5268, train/results/nuclei_postprocess.md). Tolerances: BLAS
+thread counts and CPU instruction sets change float32 sums in the last bits, which moves a few
+boundary pixels across the threshold; on the recorded tile that shifts at most a handful of objects
+(2 % of ~400) and AJI by well under 0.01. A change of the model, the protocol or the
+post-processing moves these numbers by more.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from __future__ import annotations
 import pytest
 
 TILE = "TCGA-21-5784-01Z-00-DX1"
-RECORDED_OBJECTS = 390
-RECORDED_AJI = 0.5283
+RECORDED_OBJECTS = 378
+RECORDED_AJI = 0.5242
 OBJECTS_REL_TOL = 0.02
 AJI_ABS_TOL = 0.01
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-__all__ = ["HASH_CHUNK", "file_sha256"]
+__all__ = ["HASH_CHUNK", "file_sha256", "read_with_sha256"]
 
 HASH_CHUNK = 1 << 20  # bytes read per step while hashing: streams any file size in 1 MiB of memory
 
@@ -17,3 +17,10 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_with_sha256(path: Path) -> tuple[bytes, str]:
+    """The file's bytes and their SHA-256, from one read: what is parsed is exactly what was hashed
+    (a file replaced between a hash pass and a load pass cannot slip through)."""
+    data = Path(path).read_bytes()
+    return data, hashlib.sha256(data).hexdigest()

@@ -239,7 +239,7 @@ class Trainer:
             self.D.requires_grad_(False)
 
         self.opt_g.zero_grad(set_to_none=True)
-        g = g_loss(self.G, self.D if train_d else None, self.sched, y, x0, self.draws, self.cfg.attn_scale,
+        g = g_loss(self.G, self.D, self.sched, y, x0, self.draws, self.cfg.attn_scale,
                    autocast)
         g.total.backward()
         self._allreduce(self.G)

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_output
 from .config import ConfigError, ModelConfig
 from .generator import Generator
-from .hashing import HASH_CHUNK, file_sha256
+from .hashing import file_sha256, read_with_sha256
 
 __all__ = ["WeightsError", "ModelBundle", "save_weights", "load_weights", "weights_paths", "file_sha256"]
 
@@ -210,23 +210,13 @@ def _recorded_hash(value: Any, cfg_path: Path, key: str) -> str:
 
 
 def _read_verified(file: Path, recorded: str, cfg_path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """Read ``file`` once, hashing the bytes as they stream in, and parse those same bytes.
-
-    Hashing and parsing one in-memory copy means the tensors used are exactly the bytes hashed
-    (a file replaced between a hash pass and a load pass could not slip through).
-    """
-    h = hashlib.sha256()
-    chunks = []
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
-            h.update(chunk)
-            chunks.append(chunk)
-    actual = h.hexdigest()
+    """Read ``file`` once (:func:`cdal_fast.hashing.read_with_sha256`), check the hash, parse those same bytes."""
+    data, actual = read_with_sha256(file)
     if recorded and actual != recorded:
         raise WeightsError(f"{file}: SHA-256 mismatch: the file hashes to {actual} but {cfg_path.name} records "
                            f"{recorded}; the weights were replaced or corrupted (re-download or re-export them)")
     try:
-        return load_bytes(b"".join(chunks)), actual
+        return load_bytes(data), actual
     except Exception as exc:  # safetensors raises its own error types
         raise WeightsError(f"{file}: cannot read safetensors data ({exc})") from None
 

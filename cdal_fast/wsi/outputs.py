@@ -19,7 +19,7 @@ from .readers import SLIDE_SUFFIXES, SMALL_SUFFIXES
 
 __all__ = ["OME_SUFFIXES", "INPUT_SUFFIXES", "slide_stem", "NameCollisionError", "output_names",
            "is_small_image", "output_paths", "required_outputs", "is_complete", "finished_summary",
-           "complete_summary", "summary_complete",
+           "complete_summary",
            "write_png", "write_summary"]
 
 OME_SUFFIXES = (".ome.tif", ".ome.tiff")
@@ -146,10 +146,6 @@ def complete_summary(path: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return summary if isinstance(summary, dict) and summary.get("complete") else None
-
-
-def summary_complete(path: Path) -> bool:
-    return complete_summary(path) is not None
 
 
 def write_png(path: Path, arr: np.ndarray) -> None:

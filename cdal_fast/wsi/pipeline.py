@@ -55,7 +55,6 @@ from .outputs import (
     is_small_image,
     output_paths,
     slide_stem,
-    summary_complete,
     write_png,
     write_summary,
 )
@@ -67,13 +66,12 @@ from .tiling import Coverage, Tile, TileGrid, blend_window
 from .tissue import DEFAULT_MIN_AREA_UM2, TissueDetection, detect_tissue
 from .writer import write_pyramid
 
-# output_paths, is_complete, slide_stem, is_small_image, write_png, write_summary, summary_complete
+# output_paths, is_complete, slide_stem, is_small_image, write_png, write_summary
 # live in .outputs; they stay importable from here for existing callers.
 __all__ = ["SegmentOptions", "SlidePlan", "TileBatch", "TileResult", "StitchedMaps", "plan_slide", "read_tiles",
            "sample_tiles", "SampleStream", "stitch_tiles", "post_process", "write_outputs", "summarise",
            "segment_slide",
-           "output_paths", "is_complete", "slide_stem", "is_small_image", "write_png", "write_summary",
-           "summary_complete"]
+           "output_paths", "is_complete", "slide_stem", "is_small_image", "write_png", "write_summary"]
 
 OVERLAY_SIDE = 1024  # longest side of the overlay PNG
 OVERLAY_ALPHA = 0.5
@@ -220,8 +218,8 @@ def _roi_summary(roi: Roi | None, plan: Plan) -> dict[str, Any] | None:
         return None
     area = roi.area_px()
     return {"source": str(roi.source), "sha256": roi.sha256, "kind": roi.kind, "features": roi.features,
-            "area_px": area,
-            "area_um2": area * plan.mpp0**2, "area_fraction": area / float(plan.slide_w * plan.slide_h)}
+            "area_px": area, "area_um2": area * plan.mpp0**2,
+            "area_fraction": area / float(plan.slide_w * plan.slide_h)}
 
 
 # -- tile loading (runs in worker processes) ----------------------------------------------------

@@ -44,7 +44,7 @@ def authors_tile(generator: Generator, image: torch.Tensor, x_init: torch.Tensor
         x = x_init[v:v + 1]
         for i in range(steps):
             k = steps - 1 - i
-            x0_hat = generator(x, torch.full((1,), k, dtype=torch.long), image, z[i, v:v + 1])
+            x0_hat = generator(x, torch.full((1,), k, dtype=torch.long, device=image.device), image, z[i, v:v + 1])
             x = c1[k] * x0_hat + c2[k] * x
             if k > 0:
                 x = x + post_std[k] * post_noise[i, v:v + 1]

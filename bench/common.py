@@ -12,16 +12,39 @@ import torch
 
 from cdal_fast.atomic import atomic_output
 
+# CPU features that decide which precision pays (AVX-512 BF16 / AMX for bfloat16, VNNI for int8)
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """The CPU's model name and which of :data:`CPU_FLAGS` it has (Linux /proc/cpuinfo; else the platform's name)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return model, [f for f in CPU_FLAGS if f in flags]
+
 
 def describe_machine() -> dict:
+    """Where a number was measured: every table names its CPU (and flags) and GPU."""
+    model, flags = cpu_model_and_flags()
     info = {
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": model,
+        "cpu_flags": " ".join(flags),
         "threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
     return info
 
 
@@ -63,6 +86,8 @@ def write_results(name: str, rows: list[dict], columns: list[str], out_dir: Path
 
 
 def _fmt(v: object) -> str:
+    if v is None:
+        return ""
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)

@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
     ap.add_argument("--min-time", type=float, default=1.0)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--name", default=None, help="result file name (default: ops_<device>_<dtype>)")
     args = ap.parse_args()
     if not ops.extension_available():
         raise SystemExit("build the extension first: bash scripts/setup.sh")
@@ -57,7 +58,8 @@ def main() -> None:
             rows.append({"op": "self_attention", "shape": f"{n}x{c}x{h}x{w}", "unfused_ms": 1e3 * t_ref,
                          "fused_ms": 1e3 * t_fused, "speedup": t_ref / t_fused})
             print(rows[-1], flush=True)
-    write_results(f"ops_{dev.type}_{args.dtype}", rows, ["op", "shape", "unfused_ms", "fused_ms", "speedup"], args.out)
+    columns = ["op", "shape", "unfused_ms", "fused_ms", "speedup"]
+    write_results(args.name or f"ops_{dev.type}_{args.dtype}", rows, columns, args.out)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,31 @@
-"""Sampler throughput of every backend against the plain eager float32 model, in one process.
+"""Per-tile cost of every sampler variant against the original implementation's protocol, in one process.
 
-    python bench/sampler_backends.py --device cuda --presets monuseg shipped --batches 1 4 16 64
-    python bench/sampler_backends.py --device cpu --presets tiny --batches 1 2      # smoke run
+    python bench/sampler_backends.py --device cuda --presets shipped monuseg --batches 1 8 64
+    python bench/sampler_backends.py --device cuda --variants compile_bf16 --batches 8   # its own step
+    python bench/sampler_backends.py --device cpu --presets tiny --batches 1 2           # smoke run
 
-Per preset and batch size B (tiles):
-* ``baseline_fwd_per_s``: the authors' math: eager float32 full generator forward (condition encoder
-  recomputed every call), B forwards per call;
-* per backend: generator forwards/s inside the sampler (B x V x T forwards per call), ms per
-  MoNuSeg-protocol tile (4 patches x V x T: one sampler call on B = 4, scaled), peak GPU memory, and
-  the Dice between its masks and the float32 sampler's masks on the same noise.
-Writes JSON + Markdown (+ a PNG plot when matplotlib is installed) under --out.
+Per preset:
+
+* ``original_protocol`` (batch 1): what the authors' code does per tile, re-implemented on our
+  modules (:mod:`bench.authors_protocol`): votes one by one at batch 1, the full generator (condition
+  encoder included) in every forward, eager float32. It is the baseline of ``x_vs_original``;
+* per batch size B and variant (backend, dtype, fusion, memory layout, test-time augmentation as
+  ``segment`` runs it): ms per 256x256 tile, ms per MoNuSeg-protocol tile (4 patches), generator
+  forwards per second, seconds to build the sampler and run it once (``first_call_s``: CUDA-graph
+  capture, ``torch.compile``), peak GPU memory, and the Dice between its masks and eager float32's
+  masks on the same noise (TTA variants against eager float32 with TTA).
+
+Every variant is built by :func:`cdal_fast.backends.build_sampler` from the same generator, which it
+never changes (a channels-last variant converts a copy), so each row runs the layout it names.
+Rows are written after every measurement (a step killed by its time limit still leaves a table);
+``--budget-s`` stops starting new measurements and says so in the rows it skips.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,158 +38,192 @@ from cdal_fast.models import load_model
 from cdal_fast.sampler import decode_mask, draw_noise, generators_from_seed
 
 try:
+    from bench.authors_protocol import authors_tile
     from bench.common import time_calls, write_results
 except ImportError:  # run as a script
+    from authors_protocol import authors_tile
     from common import time_calls, write_results
 
-# name -> (backend, dtype, channels_last)
-BACKENDS = {
-    "eager_fp32": ("eager", torch.float32, False),
-    "eager_bf16": ("eager", torch.bfloat16, True),
-    "fused_bf16": ("fused", torch.bfloat16, True),
-    "graphs_bf16": ("graphs", torch.bfloat16, True),
-    "compile_bf16": ("compile", torch.bfloat16, True),
+MONUSEG_PATCHES = 4  # a MoNuSeg tile is resized to 512x512 and cut into four 256x256 patches (spec section 8)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the sampler; ``fused`` None is the backend's own choice."""
+
+    backend: str
+    dtype: torch.dtype
+    fused: bool | None = None
+    channels_last: bool = False
+    tta: bool = False
+
+    @property
+    def reference(self) -> str:
+        """The variant whose masks this one's are compared with: eager float32, with TTA when it has it."""
+        return "eager_fp32_tta" if self.tta else "eager_fp32"
+
+
+F32, BF16 = torch.float32, torch.bfloat16
+# in the order they are measured: most telling first, so a time budget cuts the least useful rows
+VARIANTS = {
+    "eager_fp32": Variant("eager", F32),
+    "graphs_bf16": Variant("graphs", BF16),
+    "graphs_bf16_cl": Variant("graphs", BF16, channels_last=True),
+    "eager_fp32_tta": Variant("eager", F32, tta=True),
+    "graphs_bf16_tta": Variant("graphs", BF16, tta=True),
+    "graphs_bf16_cl_tta": Variant("graphs", BF16, channels_last=True, tta=True),
+    "eager_bf16": Variant("eager", BF16),
+    "fused_bf16": Variant("fused", BF16),
+    "graphs_plain_bf16": Variant("graphs", BF16, fused=False),
+    "graphs_fp32": Variant("graphs", F32),
+    "eager_bf16_cl": Variant("eager", BF16, channels_last=True),
+    "fused_fp32": Variant("fused", F32),
+    "compile_bf16": Variant("compile", BF16),
+    "compile_bf16_cl": Variant("compile", BF16, channels_last=True),
 }
+DEFAULT_VARIANTS = [n for n in VARIANTS if not n.startswith("compile")]  # compile: its own step (recompiles per batch)
+
+COLUMNS = ["preset", "batch", "variant", "ms_per_tile", "x_vs_original", "ms_per_monuseg_tile", "fwd_per_s",
+           "first_call_s", "peak_gib", "dice_vs_fp32", "skipped"]
 
 
-def generator_for(name: str) -> Generator:
+def generator_for(name: str, device: torch.device) -> Generator:
+    """The shipped model, or a preset with seeded random weights (the paper-size network has no weights here)."""
     if name == "shipped":
-        return load_model().generator
+        return load_model().generator.to(device)
     torch.manual_seed(0)
-    return Generator(get_preset(name)).eval()
+    return Generator(get_preset(name)).eval().to(device)
 
 
-COLUMNS = ["preset", "batch", "backend", "fwd_per_s", "x_vs_authors_fp32", "ms_per_monuseg_tile", "peak_gib",
-           "dice_vs_fp32", "skipped"]
+class Bench:
+    """Runs the rows of one process, keeps them and rewrites the table after each."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dev = torch.device(args.device)
+        self.sync = self.dev.type == "cuda"
+        self.rows: list[dict] = []
+        self.start = time.monotonic()
+        self.name = args.name or f"sampler_{self.dev.type}"
+
+    def over_budget(self) -> bool:
+        return self.args.budget_s is not None and time.monotonic() - self.start > self.args.budget_s
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        write_table(self.name, self.rows, self.args.out, quiet=True)
+
+    def reset_memory(self) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        return torch.cuda.max_memory_allocated() / 2**30 if self.sync else None
+
+    def original_protocol(self, preset: str, gen: Generator) -> None:
+        """The baseline row: one tile by the authors' protocol (batch 1, votes one by one)."""
+        cfg, s = gen.cfg, gen.cfg.image_size
+        image = torch.randn(1, cfg.img_channels, s, s, generator=torch.Generator().manual_seed(1)).to(self.dev)
+        n = draw_noise(cfg.num_steps, cfg.votes, cfg.mask_channels, cfg.nz, s, s, generators_from_seed(0, 1))
+        n = n.to(self.dev)
+        z = n.z.reshape(cfg.num_steps, cfg.votes, cfg.nz)
+        post = n.post.reshape(cfg.num_steps, cfg.votes, *n.post.shape[2:])
+        self.reset_memory()
+        t = time_calls(lambda: authors_tile(gen, image, n.x_init, z, post), warmup=1, min_time=self.args.min_time,
+                       max_iters=self.args.max_iters, sync=self.sync)
+        self.record({"preset": preset, "batch": 1, "variant": "original_protocol", "ms_per_tile": 1e3 * t,
+                     "fwd_per_s": cfg.votes * cfg.num_steps / t, "peak_gib": self.peak_gib()})
+
+    def variant(self, preset: str, gen: Generator, name: str, image: torch.Tensor, noise,
+                refs: dict[str, torch.Tensor]) -> None:
+        """One variant on one batch: build, time, compare its masks with the float32 reference's."""
+        v = VARIANTS[name]
+        base = {"preset": preset, "batch": image.shape[0], "variant": name}
+        self.reset_memory()
+        t0 = time.perf_counter()
+        try:
+            sampler = build_sampler(gen, None, None, v.backend, self.dev, v.dtype, tta=v.tta, fused=v.fused,
+                                    channels_last=v.channels_last, max_batch=image.shape[0])
+            n = noise.to(self.dev, v.dtype)
+            img = image.to(v.dtype)
+            with torch.inference_mode():
+                prob, _ = sampler(img, n.x_init, n.z, n.post)
+                if self.sync:
+                    torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                t = time_calls(lambda: sampler(img, n.x_init, n.z, n.post), warmup=1, min_time=self.args.min_time,
+                               max_iters=self.args.max_iters, sync=self.sync)
+        except (BackendError, RuntimeError) as exc:  # one failing variant must not end the table
+            self.record({**base, "skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"})
+            return
+        mask = decode_mask(prob.float().cpu(), gen.cfg)  # at the model's threshold
+        if name == v.reference:
+            refs[name] = mask
+        dice = dice_iou(mask > 0, refs[v.reference] > 0)[0] if v.reference in refs else None
+        b = image.shape[0]
+        forwards = b * gen.cfg.votes * gen.cfg.num_steps
+        self.record({**base, "ms_per_tile": 1e3 * t / b, "ms_per_monuseg_tile": 1e3 * t * MONUSEG_PATCHES / b,
+                     "fwd_per_s": forwards / t, "first_call_s": first, "peak_gib": self.peak_gib(),
+                     "dice_vs_fp32": dice})
+
+    def preset(self, preset: str) -> None:
+        gen = generator_for(preset, self.dev)
+        cfg, s = gen.cfg, gen.cfg.image_size
+        if not self.args.no_original and not self.over_budget():
+            self.original_protocol(preset, gen)
+        for b in self.args.batches:
+            image = torch.randn(b, cfg.img_channels, s, s, generator=torch.Generator().manual_seed(b)).to(self.dev)
+            noise = draw_noise(cfg.num_steps, cfg.votes, cfg.mask_channels, cfg.nz, s, s, generators_from_seed(0, b))
+            refs: dict[str, torch.Tensor] = {}
+            wanted = list(self.args.variants)
+            # the references first, whether asked for or not: every row's Dice needs its own
+            needed = list(dict.fromkeys([VARIANTS[n].reference for n in wanted] + wanted))
+            for name in needed:
+                if self.over_budget():
+                    self.record({"preset": preset, "batch": b, "variant": name, "skipped": "time budget"})
+                    continue
+                self.variant(preset, gen, name, image, noise, refs)
+
+    def run(self) -> None:
+        if self.sync:
+            torch.backends.cudnn.benchmark = True
+        for preset in self.args.presets:
+            self.preset(preset)
+        write_table(self.name, self.rows, self.args.out, quiet=False)
 
 
-def measure_backend(name: str, gen: Generator, image: torch.Tensor, noise, dev: torch.device, min_time: float,
-                    ref_mask: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:
-    """One backend on one batch: throughput, peak memory and mask agreement with the fp32 masks."""
-    backend, dtype, cl = BACKENDS[name]
-    sync = dev.type == "cuda"
-    gen.set_fused(False)
-    gen.to(dtype=torch.float32)
-    if cl and sync:
-        gen.to(memory_format=torch.channels_last)
-    try:
-        sampler = build_sampler(gen, None, None, backend, dev, dtype)
-    except BackendError as exc:
-        return {"skipped": str(exc)}, None
-    n = noise.to(dev, dtype)
-    img = image.to(dtype)
-    if sync:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        with torch.inference_mode():
-            t = time_calls(lambda: sampler(img, n.x_init, n.z, n.post), warmup=2, min_time=min_time, sync=sync)
-            prob, _ = sampler(img, n.x_init, n.z, n.post)
-    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:  # one failing backend must not end the table
-        return {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}, None
-    mask = decode_mask(prob.float().cpu(), gen.cfg)  # at the model's threshold
-    dice, _ = dice_iou(mask > 0, (ref_mask if ref_mask is not None else mask) > 0)
-    b = image.shape[0]
-    forwards = b * gen.cfg.votes * gen.cfg.num_steps  # build_sampler(None, None): the preset's T and V
-    return {"fwd_per_s": forwards / t, "ms_per_monuseg_tile": 1e3 * t * 4 / b,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if sync else None, "dice_vs_fp32": dice}, mask
+def write_table(name: str, rows: list[dict], out: Path, quiet: bool) -> None:
+    """JSON + Markdown; ``x_vs_original`` = the preset's original-protocol ms per tile / the row's."""
+    baseline = {r["preset"]: r["ms_per_tile"] for r in rows if r["variant"] == "original_protocol"}
+    for r in rows:
+        if r.get("ms_per_tile") and r["preset"] in baseline:
+            r["x_vs_original"] = baseline[r["preset"]] / r["ms_per_tile"]
+    note = ("ms_per_tile: one 256x256 tile, all T x V denoiser passes; x_vs_original: the original protocol's "
+            "ms per tile (batch 1, votes one by one, encoder in every forward, eager float32) / the row's; "
+            f"TF32 for cuDNN convolutions: {torch.backends.cudnn.allow_tf32}, for matmuls: "
+            f"{torch.backends.cuda.matmul.allow_tf32}")
+    write_results(name, rows, COLUMNS, out, quiet=quiet, note=note)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--presets", nargs="+", default=["monuseg", "shipped"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64])
-    ap.add_argument("--backends", nargs="+", default=list(BACKENDS))
-    ap.add_argument("--min-time", type=float, default=2.0)
+    ap.add_argument("--presets", nargs="+", default=["shipped", "monuseg"],
+                    help="'shipped' (the shipped nuclei model) or preset names (seeded random weights)")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    ap.add_argument("--no-original", action="store_true", help="skip the original-protocol baseline row")
+    ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per row (after warm-up)")
+    ap.add_argument("--max-iters", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=None,
                     help="Stop starting new measurements after this many seconds (rows say so).")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--name", default=None, help="result file name (default: sampler_<device>)")
-    args = ap.parse_args()
-    dev = torch.device(args.device)
-    sync = dev.type == "cuda"
-    if sync:
-        torch.backends.cudnn.benchmark = True
-    name = args.name or f"sampler_{dev.type}"
-    start = time.monotonic()
-    rows: list[dict] = []
-
-    def over_budget() -> bool:
-        return args.budget_s is not None and time.monotonic() - start > args.budget_s
-
-    def record(row: dict) -> None:
-        rows.append(row)
-        print(row, flush=True)
-        write_table(name, rows, args.out)  # after every row: a timeout still leaves a table
-
-    for preset in args.presets:
-        gen = generator_for(preset).to(dev)
-        cfg = gen.cfg
-        s = cfg.image_size
-        for b in args.batches:
-            base = {"preset": preset, "batch": b}
-            if over_budget():
-                record({**base, "backend": "all", "skipped": "time budget"})
-                continue
-            image = torch.randn(b, cfg.img_channels, s, s, generator=torch.Generator().manual_seed(b)).to(dev)
-            gen.set_fused(False)
-            gen.float()
-            x = torch.randn(b, cfg.mask_channels, s, s, device=dev)
-            z = torch.randn(b, cfg.nz, device=dev)
-            k = torch.zeros(b, dtype=torch.long, device=dev)
-            with torch.inference_mode():
-                t = time_calls(lambda: gen(x, k, image, z), min_time=args.min_time, sync=sync)
-            record({**base, "backend": "authors_eager_fp32_forward", "fwd_per_s": b / t})
-            noise = draw_noise(cfg.num_steps, cfg.votes, cfg.mask_channels, cfg.nz, s, s,
-                               generators_from_seed(0, b))
-            ref_mask = None
-            for backend in args.backends:
-                if over_budget():
-                    record({**base, "backend": backend, "skipped": "time budget"})
-                    continue
-                result, mask = measure_backend(backend, gen, image, noise, dev, args.min_time, ref_mask)
-                if ref_mask is None:
-                    ref_mask = mask
-                record({**base, "backend": backend, **result})
-    write_table(name, rows, args.out, plot=args.presets, backends=args.backends, device=dev)
-
-
-def write_table(name: str, rows: list[dict], out: Path, plot: list[str] | None = None,
-                backends: list[str] | None = None, device: torch.device | None = None) -> None:
-    """JSON + Markdown (ratios to the authors' eager fp32 forward of the same preset and batch), PNG plot."""
-    baseline = {(r["preset"], r["batch"]): r["fwd_per_s"] for r in rows if r["backend"] == "authors_eager_fp32_forward"}
-    for r in rows:
-        if "fwd_per_s" in r and (r["preset"], r["batch"]) in baseline:
-            r["x_vs_authors_fp32"] = r["fwd_per_s"] / baseline[(r["preset"], r["batch"])]
-    write_results(name, rows, COLUMNS, out, quiet=plot is None)
-    if plot is None:
-        return
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, axes = plt.subplots(1, len(plot), figsize=(6 * len(plot), 4), squeeze=False)
-    where = torch.cuda.get_device_name(0) if device is not None and device.type == "cuda" else "cpu"
-    for ax, preset in zip(axes[0], plot):
-        for backend in ["authors_eager_fp32_forward", *(backends or [])]:
-            pts = [(r["batch"], r["fwd_per_s"]) for r in rows
-                   if r["preset"] == preset and r["backend"] == backend and "fwd_per_s" in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=backend)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch (tiles)")
-        ax.set_ylabel("generator forwards / s")
-        ax.set_title(f"{preset} on {where}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=120)
-    plt.close(fig)
+    return ap.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main()
+    Bench(parse_args()).run()

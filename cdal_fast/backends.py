@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .backend_choice import AUTO, preference, resolve_backend
-from .compiled import DEFAULT_TRT_BATCH, OnnxSampler, TensorRTSampler, build_tensorrt_engine
+from .compiled import DEFAULT_TRT_BATCH, OnnxSampler, TensorRTSampler, build_tensorrt_engine, onnx_providers
 from .generator import Generator
 from .graphs import GraphedSampler
 from .requires import BackendError, require_cuda_device, require_ops, require_tensorrt
@@ -41,65 +41,88 @@ __all__ = ["AUTO", "BACKENDS", "BACKEND_CHOICES", "BackendError", "build_sampler
 # builders also take a keyword-only ``tta`` flag (test-time augmentation)
 Builder = Callable[..., SamplerLike]
 DEFAULT_MAX_BATCH = DEFAULT_TRT_BATCH  # tiles per call a fixed-shape backend is built for when not told
-# --dtype -> TensorRT engine precision (float32 keeps the fp16 engine default; --dtype bfloat16 asks for bf16)
-TRT_PRECISION = {torch.float32: "fp16", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# --dtype -> TensorRT engine precision: the engine runs in the precision asked for (strongly typed)
+TRT_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# backends whose generator is PyTorch modules, so fusion and memory layout are choices of the build
+MODULE_BACKENDS = ("eager", "torchscript", "fused", "compile", "graphs")
 
 
-def _sampler_generator(generator: Generator, fused: bool, device: torch.device, dtype: torch.dtype) -> Generator:
+def _sampler_generator(generator: Generator, fused: bool, device: torch.device, dtype: torch.dtype,
+                       channels_last: bool = False) -> Generator:
     """The generator a built sampler runs: never the caller's object.
 
     When the weights are already on ``device`` in ``dtype`` the copy shares them (no memory cost);
-    otherwise it is a full copy, so moving or casting it leaves the caller's model as it was.
+    otherwise it is a full copy, so moving or casting it leaves the caller's model as it was. A
+    channels-last sampler always gets a full copy: converting the layout rewrites the parameters in
+    place, which would change the caller's model through shared ones.
     """
     p = next(generator.parameters())
     in_place = p.dtype == dtype and p.device.type == device.type and (
         device.index is None or p.device.index == device.index)
-    if in_place:
+    if in_place and not channels_last:
         return generator.with_fused(fused)
     return copy.deepcopy(generator).set_fused(fused)
 
 
 def _eager(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-           dtype: torch.dtype, fused: bool = False, tta: bool = False) -> FixedStepSampler:
-    gen = _sampler_generator(generator, fused, device, dtype)
-    return FixedStepSampler(gen, steps, votes, tta=tta).to(device=device, dtype=dtype).eval()
+           dtype: torch.dtype, fused: bool = False, tta: bool = False, channels_last: bool = False) -> FixedStepSampler:
+    gen = _sampler_generator(generator, fused, device, dtype, channels_last)
+    sampler = FixedStepSampler(gen, steps, votes, tta=tta).to(device=device, dtype=dtype).eval()
+    if channels_last:  # convolutions then hand each other NHWC activations (the fused ops take both layouts)
+        sampler.to(memory_format=torch.channels_last)
+    return sampler
 
 
 def _build_eager(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                 dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
-    return _eager(generator, steps, votes, device, dtype, tta=tta)
+                 dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False,
+                 fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
+    return _eager(generator, steps, votes, device, dtype, fused=bool(fused), tta=tta, channels_last=channels_last)
 
 
 def _build_torchscript(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                       dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
-    return torch.jit.script(_eager(generator, steps, votes, device, dtype, tta=tta))
+                       dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False,
+                       fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
+    return torch.jit.script(_eager(generator, steps, votes, device, dtype, fused=bool(fused), tta=tta,
+                                   channels_last=channels_last))
 
 
 def _build_fused(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                 dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
+                 dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False,
+                 fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
+    if fused is False:
+        raise BackendError("the fused backend always runs the fused ops; use --backend eager for plain ones")
     require_ops()
-    return _eager(generator, steps, votes, device, dtype, fused=True, tta=tta)
+    return _eager(generator, steps, votes, device, dtype, fused=True, tta=tta, channels_last=channels_last)
 
 
 def _build_compile(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                   dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
-    return torch.compile(_eager(generator, steps, votes, device, dtype, tta=tta), dynamic=False)
+                   dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False,
+                   fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
+    return torch.compile(_eager(generator, steps, votes, device, dtype, fused=bool(fused), tta=tta,
+                                channels_last=channels_last), dynamic=False)
 
 
 def _build_graphs(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                  dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
+                  dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False,
+                  fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
+    """CUDA-graph replay; by default of the fused ops when the library is built (``set_fused`` keeps
+    the plain ops otherwise), ``fused=False`` replays the plain ops (to compare the two)."""
     require_cuda_device(device, "graphs", "CUDA graphs")
-    # the custom ops when the library is built; set_fused keeps plain ops otherwise
-    return GraphedSampler(_eager(generator, steps, votes, device, dtype, fused=True, tta=tta))
+    return GraphedSampler(_eager(generator, steps, votes, device, dtype, fused=fused is not False, tta=tta,
+                                 channels_last=channels_last))
 
 
 def _build_onnx(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
-    return OnnxSampler(cached_onnx(generator, steps, votes, weights_sha256, tta=tta), generator, weights_sha256)
+                dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False,
+                fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
+    providers = onnx_providers(device)  # refuses a GPU this onnxruntime cannot run on, before any export
+    return OnnxSampler(cached_onnx(generator, steps, votes, weights_sha256, tta=tta), generator, weights_sha256,
+                       providers=providers)
 
 
 def _build_tensorrt(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-                    dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
+                    dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False,
+                    fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
     require_tensorrt()  # fail at start, before any export work
     precision = TRT_PRECISION[dtype]
     path = cached_onnx(generator, steps, votes, weights_sha256, precision, tta=tta)
@@ -121,7 +144,8 @@ BACKEND_CHOICES = (AUTO, *BACKENDS)  # what --backend accepts: auto resolves to 
 
 def build_sampler(generator: Generator, steps: int | None, votes: int | None, backend: str = "eager",
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  weights_sha256: str = "", max_batch: int = DEFAULT_MAX_BATCH, tta: bool = False) -> SamplerLike:
+                  weights_sha256: str = "", max_batch: int = DEFAULT_MAX_BATCH, tta: bool = False,
+                  fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
     """The sampler of ``backend`` for ``generator`` (which is left unchanged).
 
     ``auto`` (``segment``'s default) is the fastest measured backend for ``device`` and ``dtype`` whose pieces
@@ -132,13 +156,20 @@ def build_sampler(generator: Generator, steps: int | None, votes: int | None, ba
 
     ``max_batch`` is the most tiles one call will hold; backends with fixed shapes (TensorRT's
     optimisation profile) are built for 1..``max_batch``.
+
+    ``fused`` (None: the backend's own choice) and ``channels_last`` only apply to the backends that
+    run PyTorch modules (:data:`MODULE_BACKENDS`); the benchmarks use them to compare variants.
     """
     dev = torch.device(device)
     if backend == AUTO:
         return _build_auto(generator, steps, votes, dev, dtype, weights_sha256, max_batch, tta=tta)
     if backend not in BUILDERS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
-    return BUILDERS[backend](generator, steps, votes, dev, dtype, weights_sha256, max_batch, tta=tta)
+    if (fused is not None or channels_last) and backend not in MODULE_BACKENDS:
+        raise BackendError(f"--backend {backend} runs a compiled graph: fusion and memory layout are not options "
+                           f"of it (they are of {', '.join(MODULE_BACKENDS)})")
+    return BUILDERS[backend](generator, steps, votes, dev, dtype, weights_sha256, max_batch, tta=tta, fused=fused,
+                             channels_last=channels_last)
 
 
 def _build_auto(generator: Generator, steps: int | None, votes: int | None, device: torch.device,

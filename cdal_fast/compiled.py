@@ -42,7 +42,7 @@ from .requires import BackendError, require_tensorrt
 from .sampler import SAMPLER_ATTRS, FixedStepSampler, draw_noise, generators_from_seed
 from .tensorrt_plan import MIN_PROFILE_BATCH, check_call, check_input_shape, network_flags, profile_shapes, torch_dtype
 
-__all__ = ["export_onnx", "OnnxSampler", "TensorRTSampler", "build_tensorrt_engine", "cache_dir"]
+__all__ = ["export_onnx", "OnnxSampler", "TensorRTSampler", "build_tensorrt_engine", "cache_dir", "onnx_providers"]
 
 INPUTS = ["image", "x_init", "z", "post"]
 OUTPUTS = ["prob", "std"]
@@ -173,8 +173,31 @@ def _check_matches(meta: dict[str, str], generator: Generator | None, sha256: st
         raise BackendError(f"{path} was exported from other weights (sha256 differs); re-export it")
 
 
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def onnx_providers(device: torch.device | str) -> list:
+    """onnxruntime's execution providers for ``device``, or a BackendError when this onnxruntime cannot
+    run there: a plain ``onnxruntime`` wheel has only the CPU provider, and running a ``--device cuda``
+    job on the CPU without saying so would be a silent 50x slowdown."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if dev.type != "cuda":
+        raise BackendError(f"the onnx backend runs on cpu or cuda, not {dev.type}")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendError("the onnx backend needs onnxruntime: pip install onnxruntime") from None
+    available = ort.get_available_providers()
+    if CUDA_PROVIDER not in available:
+        raise BackendError(f"--backend onnx on {dev} needs onnxruntime-gpu ({CUDA_PROVIDER}); this onnxruntime "
+                           f"offers {', '.join(available)}. Use --backend graphs / eager on the GPU, or --device cpu")
+    return [(CUDA_PROVIDER, {"device_id": dev.index or 0}), "CPUExecutionProvider"]
+
+
 class OnnxSampler(torch.nn.Module):
-    """onnxruntime session with the FixedStepSampler interface (CPU, or CUDA provider if present)."""
+    """onnxruntime session with the FixedStepSampler interface (CPU, or CUDA with onnxruntime-gpu)."""
 
     def __init__(self, path: str | Path, generator: Generator | None = None, weights_sha256: str = "",
                  providers: list[str] | None = None, session_options: object | None = None) -> None:
@@ -194,6 +217,11 @@ class OnnxSampler(torch.nn.Module):
                                                 providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:
             raise BackendError(f"{path}: not a valid ONNX model ({str(exc).splitlines()[0][:200]})") from None
+        wanted = providers[0] if providers else "CPUExecutionProvider"
+        wanted = wanted[0] if isinstance(wanted, tuple) else wanted
+        if wanted not in self.session.get_providers():  # onnxruntime falls back to the CPU silently
+            raise BackendError(f"{path}: onnxruntime could not start {wanted} (running: "
+                               f"{', '.join(self.session.get_providers())})")
         meta = _read_meta(dict(self.session.get_modelmeta().custom_metadata_map), path)
         _check_matches(meta, generator, weights_sha256, path)
         _set_sampler_attrs(self, meta)

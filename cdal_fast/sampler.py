@@ -68,8 +68,15 @@ class SamplerNoise:
     z: torch.Tensor  # (T, V*B, nz)
     post: torch.Tensor  # (T, V*B, C_mask, H, W); the last step (k = 0) adds none
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SamplerNoise:
-        return SamplerNoise(*(t.to(device=device, dtype=dtype) for t in (self.x_init, self.z, self.post)))
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> SamplerNoise:
+        return SamplerNoise(*(t.to(device=device, dtype=dtype, non_blocking=non_blocking)
+                              for t in (self.x_init, self.z, self.post)))
+
+    def pin_memory(self) -> SamplerNoise:
+        """Page-locked copies: the DataLoader's pin thread calls this (it pins any batch element with a
+        ``pin_memory`` method), so the noise, most of a batch's bytes, copies to the GPU asynchronously."""
+        return SamplerNoise(self.x_init.pin_memory(), self.z.pin_memory(), self.post.pin_memory())
 
 
 class FixedStepSampler(nn.Module):

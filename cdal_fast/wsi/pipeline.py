@@ -442,7 +442,8 @@ def sample_tiles(sampler: SamplerLike, batch: TileBatch, device: torch.device,
                  dtype: torch.dtype = torch.float32) -> TileResult:
     """Stage 3: run the sampler on one batch on ``device`` in ``dtype``."""
     ts = time.perf_counter()
-    n = batch.noise.to(device, dtype)
+    # pinned by the loader on CUDA (SamplerNoise.pin_memory), so both copies overlap the previous batch's work
+    n = batch.noise.to(device, dtype, non_blocking=True)
     prob, std = sampler(batch.images.to(device, dtype, non_blocking=True), n.x_init, n.z, n.post)
     prob, std = prob.float().cpu(), std.float().cpu()
     return TileResult(batch.indices, prob, std, time.perf_counter() - ts)

@@ -21,6 +21,10 @@ constexpr int64_t MAX_GRID_Y = 65535;        // CUDA's limit on gridDim.y
 constexpr int64_t APPLY_BLOCKS_PER_PLANE = 32;   // NCHW: blocks across one (n, c) plane
 constexpr int64_t APPLY_BLOCKS_PER_SAMPLE = 1024;  // NHWC: blocks across one sample
 constexpr int64_t CL_PIXELS_PER_BLOCK = 2048;  // NHWC statistics: pixels per partial block
+// the largest grid-stride step of the apply kernels, added to a 32-bit index below kAdagnMaxPlane
+static_assert(kAdagnMaxPlane + APPLY_BLOCKS_PER_SAMPLE * THREADS < (1LL << 32) &&
+                  kAdagnMaxPlane + APPLY_BLOCKS_PER_PLANE * THREADS < (1LL << 32),
+              "a grid-stride index could wrap past 2^32");
 
 template <typename T>
 __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }

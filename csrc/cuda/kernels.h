@@ -12,8 +12,10 @@ enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 // y = SiLU(gamma * GroupNorm(x + bias) + beta); gamma/beta/bias are (N, C) float32, bias may be null.
 // workspace holds adagn_workspace_floats(...) floats (statistics, per-channel scale/shift, partial
 // statistics). Layout: NCHW contiguous, or NHWC if channels_last. Empty inputs launch nothing;
-// HW * C above kAdagnMaxPlane (the kernels' 32-bit inner index) returns cudaErrorInvalidValue.
-constexpr int64_t kAdagnMaxPlane = 0xffffffffLL;
+// HW * C above kAdagnMaxPlane returns cudaErrorInvalidValue: the kernels index inside one sample with
+// 32 unsigned bits, and a grid-stride loop adds its stride (at most 2^18) to an index below the bound
+// before it compares, so the bound is 2^31 - 1, not 2^32 - 1: index + stride never wraps.
+constexpr int64_t kAdagnMaxPlane = 0x7fffffffLL;
 int64_t adagn_workspace_floats(int64_t N, int64_t C, int64_t HW, int64_t groups, bool channels_last);
 cudaError_t adagn_silu(const void* x, const float* gamma, const float* beta, const float* bias, void* y,
                        float* workspace, int64_t N, int64_t C, int64_t HW, int64_t groups, float eps,

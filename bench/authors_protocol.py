@@ -8,7 +8,7 @@ This is the baseline every CPU path of ``bench/cpu_tile.py`` is compared with. I
   again on the same image in every call (T x V times per tile instead of once);
 * plain float32 eager PyTorch, no fused ops, no change of memory layout or denormal handling.
 
-It consumes the noise in the sampler's layout (:class:`~cdal_fast.sampler.SamplerNoise`, vote-major
+It consumes the noise in the sampler's layout (:class:`~cdal_fast.sampling.sampler.SamplerNoise`, vote-major
 rows), so on the same noise it must give what the batched sampler gives up to float32 rounding;
 ``tests/test_cpu_speed.py`` checks it against the authors' recorded sampling.
 """
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from cdal_fast.diffusion import make_schedule
-from cdal_fast.generator import Generator
-from cdal_fast.preprocess import object_sign
+from cdal_fast.network.diffusion import make_schedule
+from cdal_fast.network.generator import Generator
+from cdal_fast.sampling.preprocess import object_sign
 
 __all__ = ["authors_tile"]
 

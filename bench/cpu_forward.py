@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from cdal_fast import ops
-from cdal_fast.config import get_preset
-from cdal_fast.generator import Generator
+from cdal_fast.network import ops
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.generator import Generator
 
 try:
     from bench.common import time_calls, write_results

@@ -14,7 +14,7 @@ One tile = one 256x256 crop of a real MoNuSeg validation tile (``--data``, the s
 * ``channels_last``, ``fused_fp32``, ``bf16_autocast``, ``compile_inductor`` (inductor, freezing):
   PyTorch variants, each with denormals flushed.
 * ``onnx_default`` / ``onnx_tuned``: the sampler graph in onnxruntime with its default session and
-  with :func:`cdal_fast.ort_options.tuned_session_options`; ``onnx_int8_dynamic``: that graph with
+  with :func:`cdal_fast.runtime.ort_options.tuned_session_options`; ``onnx_int8_dynamic``: that graph with
   dynamically quantised int8 convolutions and matmuls; ``onnx_int8_static``: statically quantised
   (QDQ) int8 convolutions, activation ranges calibrated on 3 training crops.
 * ``auto``: ``build_sampler(..., "auto")``, i.e. what ``cdal-fast segment`` runs with no speed flags.
@@ -40,15 +40,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdal_fast.backend_choice import resolve_backend
-from cdal_fast.backends import BackendError, build_sampler, cached_onnx
-from cdal_fast.config import ModelConfig
-from cdal_fast.data.datasets import find_pairs, read_split, resolve_2d_root
-from cdal_fast.imageio import read_image, resize_image
+from cdal_fast.datasets import find_pairs, read_split, resolve_2d_root
 from cdal_fast.metrics import dice_iou
 from cdal_fast.models import load_model
-from cdal_fast.preprocess import match_channels, normalise, to_chw_float
-from cdal_fast.sampler import SamplerNoise, decode_mask, draw_noise, generators_from_seed
+from cdal_fast.network.config import ModelConfig
+from cdal_fast.runtime.backend_choice import resolve_backend
+from cdal_fast.runtime.backends import BackendError, build_sampler
+from cdal_fast.runtime.onnx_cache import cached_onnx
+from cdal_fast.sampling.imageio import read_image, resize_image
+from cdal_fast.sampling.preprocess import match_channels, normalise, to_chw_float
+from cdal_fast.sampling.sampler import SamplerNoise, decode_mask, draw_noise, generators_from_seed
 
 try:
     from bench.authors_protocol import authors_tile
@@ -154,8 +155,8 @@ def make_paths(bundle, work: Path, data: Path = DEFAULT_DATA) -> dict[str, Bench
         return cached_onnx(gen, None, None, sha)
 
     def onnx(options: str, quantised: str = "") -> TileFn:
-        from cdal_fast.compiled import OnnxSampler
-        from cdal_fast.ort_options import default_session_options, tuned_session_options
+        from cdal_fast.runtime.onnx_tensorrt import OnnxSampler
+        from cdal_fast.runtime.ort_options import default_session_options, tuned_session_options
 
         if quantised == "static":
             path = _static_quantised_onnx(onnx_path(), work, calibration_feeds(data, bundle.config))

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cdal_fast.backends import build_sampler
-from cdal_fast.imageio import read_image
-from cdal_fast.inference import DTYPES
 from cdal_fast.models import load_model
+from cdal_fast.runtime.backends import build_sampler
+from cdal_fast.sampling.imageio import read_image
+from cdal_fast.sampling.inference import DTYPES
 from cdal_fast.wsi.pipeline import SegmentOptions, segment_slide
 
 try:

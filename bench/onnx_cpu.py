@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from cdal_fast.compiled import OnnxSampler, export_onnx
 from cdal_fast.models import load_model
-from cdal_fast.sampler import FixedStepSampler, draw_noise, generators_from_seed
+from cdal_fast.runtime.onnx_export import export_onnx
+from cdal_fast.runtime.onnx_tensorrt import OnnxSampler
+from cdal_fast.sampling.sampler import FixedStepSampler, draw_noise, generators_from_seed
 
 try:
     from bench.common import time_calls, write_results

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from cdal_fast import ops
-from cdal_fast.inference import DTYPES
+from cdal_fast.network import ops
+from cdal_fast.sampling.inference import DTYPES
 
 try:
     from bench.common import time_calls, write_results

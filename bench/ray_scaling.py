@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 from bench.common import write_results
-from cdal_fast.config import get_preset
 from cdal_fast.distributed.ray_runner import ACTOR_ENV, RayOptions, run_on_ray
 from cdal_fast.distributed.worker import WorkerSpec
-from cdal_fast.generator import Generator
 from cdal_fast.models import load_model
-from cdal_fast.sampler import FixedStepSampler
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.generator import Generator
+from cdal_fast.sampling.sampler import FixedStepSampler
 from cdal_fast.weights import save_weights
 from cdal_fast.wsi.batch import segment_all
 from cdal_fast.wsi.pipeline import SegmentOptions

@@ -15,7 +15,7 @@ Per preset:
   capture, ``torch.compile``), peak GPU memory, and the Dice between its masks and eager float32's
   masks on the same noise (TTA variants against eager float32 with TTA).
 
-Every variant is built by :func:`cdal_fast.backends.build_sampler` from the same generator, which it
+Every variant is built by :func:`cdal_fast.runtime.backends.build_sampler` from the same generator, which it
 never changes (a channels-last variant converts a copy), so each row runs the layout it names.
 Rows are written after every measurement (a step killed by its time limit still leaves a table);
 ``--budget-s`` stops starting new measurements and says so in the rows it skips.
@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from cdal_fast.backends import BackendError, build_sampler
-from cdal_fast.config import get_preset
-from cdal_fast.generator import Generator
 from cdal_fast.metrics import dice_iou
 from cdal_fast.models import load_model
-from cdal_fast.sampler import decode_mask, draw_noise, generators_from_seed
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.generator import Generator
+from cdal_fast.runtime.backends import BackendError, build_sampler
+from cdal_fast.sampling.sampler import decode_mask, draw_noise, generators_from_seed
 
 try:
     from bench.authors_protocol import authors_tile

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from cdal_fast.backends import build_sampler
-from cdal_fast.inference import DTYPES
 from cdal_fast.models import load_model
-from cdal_fast.sampler import draw_noise, generators_from_seed
+from cdal_fast.runtime.backends import build_sampler
+from cdal_fast.sampling.inference import DTYPES
+from cdal_fast.sampling.sampler import draw_noise, generators_from_seed
 from cdal_fast.wsi.pipeline import SegmentOptions, segment_slide
 
 try:

@@ -10,7 +10,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from cdal_fast.training import TrainConfig, Trainer
+from cdal_fast.training.loop import TrainConfig, Trainer
 
 try:
     from bench.common import write_results

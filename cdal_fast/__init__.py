@@ -8,13 +8,13 @@ Typical use::
     prob, std = sample(sampler, normalise(image_uint8, bundle.config), seed=0)
 """
 
-from . import ops
-from .config import PRESETS, ConfigError, ModelConfig, get_preset
-from .discriminator import Discriminator
-from .generator import Generator
 from .models import default_weights, load_model
-from .preprocess import normalise
-from .sampler import FixedStepSampler, SamplerNoise, decode_mask, draw_noise, sample
+from .network import ops
+from .network.config import PRESETS, ConfigError, ModelConfig, get_preset
+from .network.discriminator import Discriminator
+from .network.generator import Generator
+from .sampling.preprocess import normalise
+from .sampling.sampler import FixedStepSampler, SamplerNoise, decode_mask, draw_noise, sample
 from .weights import ModelBundle, WeightsError, load_weights, save_weights
 
 __version__ = "0.1.0"

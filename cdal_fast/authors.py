@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import MONUSEG_MEAN, MONUSEG_STD, ConfigError, ModelConfig
-from .discriminator import Discriminator
-from .generator import Generator
-from .layers import CondBlock, ResBlock, SelfAttention
+from .network.config import MONUSEG_MEAN, MONUSEG_STD, ConfigError, ModelConfig
+from .network.discriminator import Discriminator
+from .network.generator import Generator
+from .network.layers import CondBlock, ResBlock, SelfAttention
 from .weights import file_sha256, save_weights
 
 __all__ = ["AuthorsCheckpointError", "TASK_OF_DATASET", "config_from_args", "read_args", "read_authors_state",

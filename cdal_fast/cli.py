@@ -19,7 +19,6 @@ import click
 import torch
 
 from . import __version__
-from .backends import AUTO, BACKEND_CHOICES
 from .cli_options import (
     ALLOW_UNTRAINED_STEPS_HELP,
     AREA_UM2,
@@ -40,15 +39,16 @@ from .cli_options import (
     WORKERS,
     check_steps,
 )
-from .inference import DTYPES
 from .nuclei import params as nuclei_defaults
+from .runtime.backends import AUTO, BACKEND_CHOICES
+from .sampling.inference import DTYPES
 from .wsi.limits import DEFAULT_MAX_PIXELS
 from .wsi.tissue import DEFAULT_MIN_AREA_UM2
 from .wsi.writer import PYRAMID_LAYOUTS
 
 if TYPE_CHECKING:
-    from .config import ModelConfig
     from .distributed.worker import WorkerSpec
+    from .network.config import ModelConfig
 
 TASKS = ("monuseg", "cxr", "hippocampus")
 PLAIN_OP_FORMATS = ("onnx", "tensorrt")  # export formats that cannot call the cdal custom ops
@@ -76,8 +76,8 @@ def main() -> None:
 @main.command()
 def info() -> None:
     """Show versions, devices, the C++ op library and the shipped models."""
-    from . import ops
     from .models import MODEL_DIR, SHIPPED
+    from .network import ops
 
     click.echo(f"cdal-fast {__version__}, torch {torch.__version__}")
     click.echo(f"CUDA device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
@@ -85,7 +85,7 @@ def info() -> None:
     for task, stem in SHIPPED.items():
         p = MODEL_DIR / f"{stem}.safetensors"
         click.echo(f"model {task:12s} {'shipped' if p.is_file() else 'not shipped'}  {p if p.is_file() else ''}")
-    from .backend_choice import resolve_backend
+    from .runtime.backend_choice import resolve_backend
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
@@ -122,7 +122,7 @@ def train(config_path: Path, data: str | None, out: str | None, max_steps: int |
 
     import torch.distributed as dist
 
-    from .training import Trainer, load_train_config
+    from .training.loop import Trainer, load_train_config
 
     tc = load_train_config(config_path, data=data, out=out, max_steps=max_steps, max_minutes=max_minutes,
                            device=device, seed=seed, init_weights=str(init_weights) if init_weights else None,
@@ -192,10 +192,10 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
              limit: int | None, json_out: Path | None) -> None:
     """Score a model on a labelled folder with the spec's section-8 protocol (Dice and IoU)."""
     from .evaluate import evaluate_task
-    from .inference import PatchRunner
     from .models import load_model
     from .nuclei.evaluation import INSTANCE_KEYS, mean_instance_scores
-    from .sampler import FixedStepSampler
+    from .sampling.inference import PatchRunner
+    from .sampling.sampler import FixedStepSampler
     from .weights import WeightsError
 
     dev = _device(device)
@@ -359,9 +359,9 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
 
     Example: cdal-fast segment slides/ --out masks/ --device cuda --dtype bfloat16
     """
-    from .backends import build_sampler
     from .models import load_model
-    from .requires import BackendError
+    from .runtime.backends import build_sampler
+    from .runtime.requires import BackendError
     from .weights import WeightsError
     from .wsi.batch import find_inputs, run_summary_name, segment_all
     from .wsi.outputs import NameCollisionError, output_names
@@ -472,7 +472,7 @@ def _backend_used(sampler: object, backend: str) -> str:
     """The backend name for the run summary: ``auto`` is recorded with what it resolved to."""
     if backend != AUTO or sampler is None:
         return backend
-    from .compiled import OnnxSampler
+    from .runtime.onnx_tensorrt import OnnxSampler
 
     return f"{AUTO} -> {'onnx' if isinstance(sampler, OnnxSampler) else 'eager'}"
 
@@ -518,9 +518,9 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_u
     int64 seed tensor and returns (probability, uncertainty); normalisation, T, V and the noise
     generator are inside, so the same image and seed give the same mask in Python and C++.
     """
-    from .export import ExportableSampler, export_aoti, export_torchscript
     from .models import load_model
-    from .requires import BackendError, require_ops, require_tensorrt
+    from .runtime.export import ExportableSampler, export_aoti, export_torchscript
+    from .runtime.requires import BackendError, require_ops, require_tensorrt
     from .weights import WeightsError
 
     if fused and fmt in PLAIN_OP_FORMATS:
@@ -538,7 +538,8 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_u
         import shutil
 
         from .atomic import atomic_output
-        from .compiled import DEFAULT_TRT_BATCH, build_tensorrt_engine, export_onnx
+        from .runtime.onnx_export import export_onnx
+        from .runtime.onnx_tensorrt import DEFAULT_TRT_BATCH, build_tensorrt_engine
 
         try:
             if fmt == "tensorrt":

@@ -3,7 +3,7 @@
 Every numeric option is checked by click before any work starts, so ``--votes 0`` (NaN
 probabilities, empty masks, exit 0), ``--steps 0`` or ``--batch-size 0`` (tracebacks) end in one
 usage error naming the option and its allowed range. The upper bounds are the model limits of
-:mod:`cdal_fast.config_limits` or generous sanity caps; raise the constants here to lift them.
+:mod:`cdal_fast.network.config_limits` or generous sanity caps; raise the constants here to lift them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .config_limits import INT_LIMITS, MAX_STEPS, MAX_VOTES
+from .network.config_limits import INT_LIMITS, MAX_STEPS, MAX_VOTES
 from .wsi.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
 
 __all__ = ["STEPS", "VOTES", "BATCH", "WORKERS", "SEED", "COUNT", "MINUTES", "MPP", "MAX_PIXELS", "OVERLAP",

@@ -1,7 +1,7 @@
 """Scoring protocols of spec section 8, shared by ``cdal-fast eval`` and training validation.
 
 Only the scoring lives here (reading labelled folders, Dice/IoU, means); running the sampler over
-tiles and volumes is :mod:`cdal_fast.inference`, which ``segment`` uses too.
+tiles and volumes is :mod:`cdal_fast.sampling.inference`, which ``segment`` uses too.
 
 * MoNuSeg: tile -> 512x512 -> four 256 patches -> sampler -> stitched vote mean, rounded;
   Dice/IoU of the nucleus class at 512x512, averaged over images.
@@ -19,18 +19,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import ModelConfig
-from .data.datasets import HippocampusData, find_pairs, read_split, resolve_2d_root
-from .decode import to_labels
-from .imageio import read_image, read_mask, resize_mask
-from .inference import VOLUME_STRIDE, PatchRunner, predict_image, predict_monuseg_tile, predict_volume, volume_windows
+from .datasets import find_pairs, read_split, read_volume_pairs, resolve_2d_root
 from .metrics import dice_iou, per_class_dice_iou
-from .preprocess import match_channels, to_chw_float
+from .network.config import ModelConfig
+from .sampling.decode import to_labels
+from .sampling.imageio import read_image, read_mask, resize_mask
+from .sampling.inference import (
+    PatchRunner,
+    predict_image,
+    predict_monuseg_tile,
+    predict_volume,
+)
+from .sampling.preprocess import match_channels, to_chw_float
 
-# PatchRunner, predict_volume, volume_windows, VOLUME_STRIDE, predict_monuseg_tile: re-exported for
-# callers that imported them from here before they moved to cdal_fast.inference.
-__all__ = ["EvalResult", "evaluate_task", "scalar_dice", "PatchRunner", "predict_monuseg_tile", "predict_volume",
-           "volume_windows", "VOLUME_STRIDE"]
+__all__ = ["EvalResult", "evaluate_task", "scalar_dice"]
 
 HIPPO_CLASSES = [1, 2]
 
@@ -104,7 +106,7 @@ def volume_affine(data: Path, name: str, cfg: ModelConfig) -> np.ndarray | None:
 
 def evaluate_hippocampus(data: Path, cfg: ModelConfig, runner: PatchRunner, names: list[str] | None = None,
                          limit: int | None = None, progress: bool = True) -> EvalResult:
-    pairs = HippocampusData.read_pairs(data, names)[:limit]
+    pairs = read_volume_pairs(data, names)[:limit]
     rows = []
     for name, vol, lab in tqdm(pairs, desc="eval hippocampus", disable=not progress, leave=False):
         pred = predict_volume(vol, cfg, runner, affine=volume_affine(data, name, cfg))

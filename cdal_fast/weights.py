@@ -29,9 +29,9 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
 from .atomic import atomic_output
-from .config import ConfigError, ModelConfig
-from .generator import Generator
 from .hashing import file_sha256, read_with_sha256
+from .network.config import ConfigError, ModelConfig
+from .network.generator import Generator
 
 __all__ = ["WeightsError", "ModelBundle", "save_weights", "load_weights", "weights_paths", "file_sha256"]
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from cdal_fast.atomic import atomic_output
-from cdal_fast.data.datasets import read_split
-from cdal_fast.data.imageio import read_image, resize_image
+from cdal_fast.datasets import read_split
 from cdal_fast.models import load_model
 from cdal_fast.nuclei.groundtruth import annotated_names
-from cdal_fast.preprocess import match_channels, normalise, to_chw_float
-from cdal_fast.sampler import FixedStepSampler, position_generator, sample
+from cdal_fast.sampling.imageio import read_image, resize_image
+from cdal_fast.sampling.preprocess import match_channels, normalise, to_chw_float
+from cdal_fast.sampling.sampler import FixedStepSampler, position_generator, sample
 
 WORK_SIZE = 512  # the section-8 working size of a MoNuSeg tile
 

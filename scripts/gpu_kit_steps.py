@@ -117,8 +117,8 @@ def tiny_weights(dst: str) -> int:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from cdal_fast.config import get_preset
-    from cdal_fast.generator import Generator
+    from cdal_fast.network.config import get_preset
+    from cdal_fast.network.generator import Generator
     from cdal_fast.weights import save_weights
     from tests.conftest import perturbed
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cdal_fast.data.datasets import find_pairs, resolve_2d_root
-from cdal_fast.data.imageio import read_image, read_mask, resize_image, resize_mask
-from cdal_fast.preprocess import to_chw_float
+from cdal_fast.datasets import find_pairs, resolve_2d_root
+from cdal_fast.sampling.imageio import read_image, read_mask, resize_image, resize_mask
+from cdal_fast.sampling.preprocess import to_chw_float
 
 
 def main(src: Path, dst: Path, size: int = 512) -> None:

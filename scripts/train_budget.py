@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from cdal_fast.evaluate import evaluate_task
-from cdal_fast.inference import PatchRunner
-from cdal_fast.sampler import FixedStepSampler
-from cdal_fast.training import Trainer, load_train_config
+from cdal_fast.sampling.inference import PatchRunner
+from cdal_fast.sampling.sampler import FixedStepSampler
+from cdal_fast.training.loop import Trainer, load_train_config
 from cdal_fast.weights import load_weights
 
 

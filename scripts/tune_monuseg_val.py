@@ -7,8 +7,8 @@ target as ``CACHE/{plain,tta}/NAME.npz``. Sampling is the slow part (about 10 mi
 2-core CPU), so it is done once; tiles already cached are skipped.
 
 Stage ``sweep`` then scores, offline, every combination of decision threshold, hole filling and
-minimum object size (:mod:`cdal_fast.postprocess`; ``segment`` and ``eval`` apply the chosen threshold
-through :mod:`cdal_fast.decode`, the clean-up was not adopted) and
+minimum object size (:mod:`cdal_fast.sampling.postprocess`; ``segment`` and ``eval`` apply the chosen threshold
+through :mod:`cdal_fast.sampling.decode`, the clean-up was not adopted) and
 writes the table of validation Dice/IoU per setting as JSON and Markdown into ``--results``.
 
     nice -n 19 env PYTHONPATH=$PWD python scripts/tune_monuseg_val.py --data ../shared/data/monuseg
@@ -26,14 +26,14 @@ import numpy as np
 import torch
 
 from cdal_fast.atomic import atomic_output
-from cdal_fast.data.datasets import find_pairs, read_split, resolve_2d_root
-from cdal_fast.imageio import read_image, read_mask, resize_mask
-from cdal_fast.inference import PatchRunner, predict_monuseg_tile
+from cdal_fast.datasets import find_pairs, read_split, resolve_2d_root
 from cdal_fast.metrics import dice_iou
 from cdal_fast.models import load_model
-from cdal_fast.postprocess import PostProcess, postprocess_mask
-from cdal_fast.preprocess import match_channels, to_chw_float
-from cdal_fast.sampler import FixedStepSampler
+from cdal_fast.sampling.imageio import read_image, read_mask, resize_mask
+from cdal_fast.sampling.inference import PatchRunner, predict_monuseg_tile
+from cdal_fast.sampling.postprocess import PostProcess, postprocess_mask
+from cdal_fast.sampling.preprocess import match_channels, to_chw_float
+from cdal_fast.sampling.sampler import FixedStepSampler
 
 VARIANTS = {"plain": False, "tta": True}  # cache folder -> test-time augmentation on
 THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)

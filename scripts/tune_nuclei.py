@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cdal_fast.atomic import atomic_output
-from cdal_fast.data.datasets import read_split
+from cdal_fast.datasets import read_split
 from cdal_fast.metrics import instance_scores
 from cdal_fast.nuclei.evaluation import MONUSEG_MPP, resize_prob
 from cdal_fast.nuclei.groundtruth import annotation_mpp, annotation_path, read_instances

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdal_fast.config import get_preset
-from cdal_fast.generator import Generator
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.generator import Generator
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CDAL_SHARED_DATA", REPO.parent / "shared" / "data"))

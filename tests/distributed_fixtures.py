@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cdal_fast.models import load_model
-from cdal_fast.sampler import FixedStepSampler
+from cdal_fast.sampling.sampler import FixedStepSampler
 from cdal_fast.wsi.batch import segment_all
 from cdal_fast.wsi.pipeline import SegmentOptions
 

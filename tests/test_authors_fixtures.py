@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cdal_fast import ops
 from cdal_fast.authors import (
     config_from_args,
     convert_discriminator_state,
@@ -25,11 +24,12 @@ from cdal_fast.authors import (
     read_args,
     read_authors_state,
 )
-from cdal_fast.config import ModelConfig
-from cdal_fast.diffusion import make_schedule
-from cdal_fast.discriminator import Discriminator
-from cdal_fast.generator import Generator
-from cdal_fast.sampler import FixedStepSampler
+from cdal_fast.network import ops
+from cdal_fast.network.config import ModelConfig
+from cdal_fast.network.diffusion import make_schedule
+from cdal_fast.network.discriminator import Discriminator
+from cdal_fast.network.generator import Generator
+from cdal_fast.sampling.sampler import FixedStepSampler
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("CDAL_AUTHORS_FIXTURES", REPO.parent / "shared" / "fixtures" / "authors_cdal"))

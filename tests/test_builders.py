@@ -6,12 +6,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cdal_fast import ops
-from cdal_fast.backends import BackendError, build_sampler
 from cdal_fast.cli import main
-from cdal_fast.config import get_preset
-from cdal_fast.generator import Generator
-from cdal_fast.layers import AdaGNSiLU
+from cdal_fast.network import ops
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.generator import Generator
+from cdal_fast.network.layers import AdaGNSiLU
+from cdal_fast.runtime.backends import BackendError, build_sampler
 
 
 def _fused_flags(g: Generator) -> set[bool]:
@@ -55,7 +55,7 @@ def test_channels_last_sampler_converts_a_copy_and_keeps_the_results():
     assert all(p.is_contiguous() for p in g.parameters())  # the caller's layout is untouched
     conv = next(m for m in cl.generator.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    from cdal_fast.sampler import sample
+    from cdal_fast.sampling.sampler import sample
 
     ref = sample(build_sampler(g, None, None, "eager"), img, seed=1)
     out = sample(cl, img, seed=1)
@@ -84,13 +84,13 @@ def test_onnx_on_a_gpu_without_onnxruntime_gpu_is_refused_not_run_on_the_cpu(tmp
     with pytest.raises(BackendError, match="needs onnxruntime-gpu"):
         build_sampler(g, None, None, "onnx", "cuda")
     assert not list(tmp_path.iterdir())  # refused before exporting anything
-    from cdal_fast.compiled import onnx_providers
+    from cdal_fast.runtime.onnx_tensorrt import onnx_providers
 
     assert onnx_providers("cpu") == ["CPUExecutionProvider"]
 
 
 def test_tensorrt_engine_precision_follows_dtype():
-    from cdal_fast.backends import TRT_PRECISION
+    from cdal_fast.runtime.backends import TRT_PRECISION
 
     # --dtype float32 must not quietly build a half-precision engine
     assert TRT_PRECISION == {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

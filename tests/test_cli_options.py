@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cdal_fast.cli import main
-from cdal_fast.config import get_preset
-from cdal_fast.generator import Generator
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.generator import Generator
 from cdal_fast.weights import save_weights
 
 from .conftest import perturbed

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from cdal_fast.config import PRESETS, ConfigError, ModelConfig, get_preset
+from cdal_fast.network.config import PRESETS, ConfigError, ModelConfig, get_preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -19,15 +19,16 @@ import torch
 from safetensors.torch import load_file
 
 from bench.authors_protocol import authors_tile
-from cdal_fast import backend_choice, backends, ops
 from cdal_fast.authors import config_from_args, convert_generator_state, read_args, read_authors_state
-from cdal_fast.backends import BackendError, build_sampler
-from cdal_fast.compiled import OnnxSampler
-from cdal_fast.generator import Generator
-from cdal_fast.imageio import read_image, resize_image
 from cdal_fast.metrics import dice_iou
-from cdal_fast.preprocess import normalise, to_chw_float
-from cdal_fast.sampler import FixedStepSampler, decode_mask, sample
+from cdal_fast.network import ops
+from cdal_fast.network.generator import Generator
+from cdal_fast.runtime import backend_choice, backends
+from cdal_fast.runtime.backends import BackendError, build_sampler
+from cdal_fast.runtime.onnx_tensorrt import OnnxSampler
+from cdal_fast.sampling.imageio import read_image, resize_image
+from cdal_fast.sampling.preprocess import normalise, to_chw_float
+from cdal_fast.sampling.sampler import FixedStepSampler, decode_mask, sample
 
 from .conftest import REPO
 
@@ -116,7 +117,7 @@ def real_tile() -> torch.Tensor:
     path = SHARED_DATA / "monuseg" / "train" / "images" / f"{VAL_TILE}.tif"
     if not path.is_file():
         pytest.skip(f"MoNuSeg tile not found at {path}")
-    from cdal_fast.config import get_preset
+    from cdal_fast.network.config import get_preset
 
     return normalise(resize_image(to_chw_float(read_image(path)), 64), get_preset("tiny"))
 
@@ -158,8 +159,8 @@ def test_auto_sampler_is_deterministic_under_a_seed(tiny_gen, real_tile) -> None
 def test_float32_graph_uses_instance_norm_and_a_cached_graph_of_an_older_format_is_exported_again(tiny_gen) -> None:
     import onnx
 
-    from cdal_fast.backends import cached_onnx
-    from cdal_fast.compiled import GRAPH_FORMAT
+    from cdal_fast.runtime.onnx_cache import cached_onnx
+    from cdal_fast.runtime.onnx_export import GRAPH_FORMAT
 
     digest = "cd" * 32
     with warnings.catch_warnings():

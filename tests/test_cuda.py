@@ -11,13 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdal_fast import ops
-from cdal_fast.backends import build_sampler
-from cdal_fast.config import get_preset
-from cdal_fast.generator import Generator
-from cdal_fast.graphs import GraphedSampler
 from cdal_fast.metrics import dice_iou
-from cdal_fast.sampler import decode_mask, draw_noise, generators_from_seed
+from cdal_fast.network import ops
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.generator import Generator
+from cdal_fast.runtime.backends import build_sampler
+from cdal_fast.runtime.graphs import GraphedSampler
+from cdal_fast.sampling.sampler import decode_mask, draw_noise, generators_from_seed
 
 from .conftest import perturbed
 

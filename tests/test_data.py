@@ -3,16 +3,11 @@
 import pytest
 import torch
 
-from cdal_fast.config import get_preset
-from cdal_fast.data.augment import color_jitter, hed_jitter, hsv_to_rgb, random_affine_crop, rgb_to_hsv
-from cdal_fast.data.datasets import (
-    CxrData,
-    HippocampusData,
-    MonusegData,
-    make_split,
-    read_split,
-    window_starts,
-)
+from cdal_fast.datasets import make_split, read_split, read_volume_pairs
+from cdal_fast.network.config import get_preset
+from cdal_fast.sampling.volume import window_starts
+from cdal_fast.training.augment import color_jitter, hed_jitter, hsv_to_rgb, random_affine_crop, rgb_to_hsv
+from cdal_fast.training.data import CxrData, HippocampusData, MonusegData
 
 
 def test_monuseg_split_and_shapes(shared_data):
@@ -66,7 +61,7 @@ def test_cxr_loader(shared_data):
 
 def test_hippocampus_loader(shared_data):
     cfg = get_preset("hippocampus")
-    pairs = HippocampusData.read_pairs(shared_data / "hippocampus")[:1]
+    pairs = read_volume_pairs(shared_data / "hippocampus")[:1]
     name = pairs[0][0]
     d = HippocampusData.load(shared_data / "hippocampus", cfg, [name])
     assert d.images.shape[1:] == (1, 32, 32) and d.masks.shape[1:] == (3, 32, 32)

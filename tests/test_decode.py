@@ -1,4 +1,4 @@
-"""cdal_fast.decode: hand-computed values, the stored-plane round trip, and the authors' golden decisions."""
+"""cdal_fast.sampling.decode: hand-computed values, the stored-plane round trip, and the authors' golden decisions."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cdal_fast.config import get_preset
-from cdal_fast.decode import MaskChannels, object_pixels, prob_to_u8, to_labels, u8_to_mask
+from cdal_fast.network.config import get_preset
+from cdal_fast.sampling.decode import MaskChannels, object_pixels, prob_to_u8, to_labels, u8_to_mask
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "authors_cdal"
 BINARY, THREE = get_preset("tiny"), get_preset("tiny", mask_channels=3)

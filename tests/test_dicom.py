@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from cdal_fast.config import get_preset
+from cdal_fast.network.config import get_preset
 from cdal_fast.wsi.batch import find_inputs
 from cdal_fast.wsi.mpp import settle_mpp
 from cdal_fast.wsi.pipeline import make_plan

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cdal_fast.diffusion import make_schedule
+from cdal_fast.network.diffusion import make_schedule
 
 
 def hand_tables(T, bmin=0.1, bmax=20.0):

@@ -13,12 +13,12 @@ import torch
 import torch.utils
 from click.testing import CliRunner
 
-from cdal_fast import ops
 from cdal_fast.cli import main
-from cdal_fast.config import get_preset
-from cdal_fast.export import ExportableSampler
-from cdal_fast.generator import Generator
-from cdal_fast.rng import counter_normal, hash32
+from cdal_fast.network import ops
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.generator import Generator
+from cdal_fast.runtime.export import ExportableSampler
+from cdal_fast.sampling.rng import counter_normal, hash32
 from cdal_fast.weights import save_weights
 
 from .conftest import perturbed

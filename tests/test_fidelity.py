@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cdal_fast.config import get_preset
-from cdal_fast.discriminator import Discriminator
-from cdal_fast.generator import Generator
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.discriminator import Discriminator
+from cdal_fast.network.generator import Generator
 
 
 def _count(module: torch.nn.Module) -> int:

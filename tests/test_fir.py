@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cdal_fast.fir import depthwise_fir, fir_blur_pad2, fir_down, fir_kernel, fir_up, upfirdn2d_reference
+from cdal_fast.network.fir import depthwise_fir, fir_blur_pad2, fir_down, fir_kernel, fir_up, upfirdn2d_reference
 
 
 def test_kernel_normalised():

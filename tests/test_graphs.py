@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdal_fast.graphs import capture_batch, pad_batch
+from cdal_fast.runtime.graphs import capture_batch, pad_batch
 
 
 def test_tail_batches_reuse_the_smallest_captured_graph_that_holds_them():

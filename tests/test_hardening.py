@@ -12,7 +12,7 @@ import pytest
 import tifffile
 import torch
 
-from cdal_fast.config import get_preset
+from cdal_fast.network.config import get_preset
 from cdal_fast.wsi import batch
 from cdal_fast.wsi.limits import DEFAULT_MAX_PIXELS
 from cdal_fast.wsi.outputs import NameCollisionError, output_names, slide_stem

@@ -20,9 +20,9 @@ from cdal_fast.authors import (
     read_authors_state,
 )
 from cdal_fast.cli import main
-from cdal_fast.config import ConfigError, ModelConfig, get_preset
-from cdal_fast.preprocess import orient_volume, scale_volume
-from cdal_fast.sampler import FixedStepSampler
+from cdal_fast.network.config import ConfigError, ModelConfig, get_preset
+from cdal_fast.sampling.preprocess import orient_volume, scale_volume
+from cdal_fast.sampling.sampler import FixedStepSampler
 from cdal_fast.weights import file_sha256, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,8 +210,8 @@ def test_lpi_orientation_flips_a_ras_volume_and_back():
 
 
 def test_predict_volume_runs_an_lpi_model_in_lpi_space():
-    from cdal_fast.evaluate import PatchRunner, predict_volume
-    from cdal_fast.generator import Generator
+    from cdal_fast.network.generator import Generator
+    from cdal_fast.sampling.inference import PatchRunner, predict_volume
 
     native = get_preset("tiny", img_channels=1, mask_channels=3, image_size=32, norm_mean=(0.0,), norm_std=(1.0,))
     torch.manual_seed(0)

@@ -86,7 +86,7 @@ def test_xml_instances_later_over_earlier(tmp_path):
 
 
 def test_real_xml_matches_the_shared_mask(shared_data):
-    from cdal_fast.data.imageio import read_mask
+    from cdal_fast.sampling.imageio import read_mask
 
     name = "TCGA-21-5784-01Z-00-DX1"  # mask_sources.csv: xml_rasterised, 398 polygons
     root = shared_data / "monuseg"

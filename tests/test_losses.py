@@ -1,4 +1,4 @@
-"""The training losses of cdal_fast.losses, tested directly (tiny preset; stub networks for hand-computed values)."""
+"""The training losses, tested directly (tiny preset; stub networks for hand-computed values)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from cdal_fast.config import get_preset
-from cdal_fast.diffusion import make_schedule
-from cdal_fast.losses import LossDraws, attention_map, d_loss, g_loss, r1_due, r1_penalty
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.diffusion import make_schedule
+from cdal_fast.training.losses import LossDraws, attention_map, d_loss, g_loss, r1_due, r1_penalty
 
 CFG = get_preset("tiny")
 B, H = 2, 8
@@ -115,8 +115,8 @@ def test_g_loss_target_is_x0_through_the_attention_weighted_pair():
 
 
 def test_losses_on_the_tiny_networks_are_finite_and_differentiable():
-    from cdal_fast.discriminator import Discriminator
-    from cdal_fast.generator import Generator
+    from cdal_fast.network.discriminator import Discriminator
+    from cdal_fast.network.generator import Generator
 
     torch.manual_seed(0)
     G, D = Generator(CFG), Discriminator(CFG)

@@ -23,9 +23,9 @@ import torch
 from skimage.measure import label
 from skimage.morphology import remove_small_objects
 
-from cdal_fast.backends import cached_onnx
-from cdal_fast.decode import MaskChannels
 from cdal_fast.models import load_model
+from cdal_fast.runtime.onnx_cache import cached_onnx
+from cdal_fast.sampling.decode import MaskChannels
 from cdal_fast.wsi import pipeline, tissue
 from cdal_fast.wsi.mapfile import MapFile
 from cdal_fast.wsi.nuclei_stage import covered_columns, extract_nuclei

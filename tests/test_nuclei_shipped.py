@@ -23,13 +23,13 @@ AJI_ABS_TOL = 0.01
 
 @pytest.mark.slow
 def test_shipped_model_objects_and_aji_on_an_annotated_training_tile(shared_data):
-    from cdal_fast.data.imageio import read_image
-    from cdal_fast.evaluate import PatchRunner, predict_monuseg_tile
     from cdal_fast.models import load_model
     from cdal_fast.nuclei.evaluation import score_tile
     from cdal_fast.nuclei.groundtruth import annotation_path
-    from cdal_fast.preprocess import match_channels, to_chw_float
-    from cdal_fast.sampler import FixedStepSampler
+    from cdal_fast.sampling.imageio import read_image
+    from cdal_fast.sampling.inference import PatchRunner, predict_monuseg_tile
+    from cdal_fast.sampling.preprocess import match_channels, to_chw_float
+    from cdal_fast.sampling.sampler import FixedStepSampler
 
     root = shared_data / "monuseg"
     bundle = load_model(task="monuseg")

@@ -12,12 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cdal_fast.backends import BackendError, build_sampler
 from cdal_fast.cli import main
-from cdal_fast.compiled import OnnxSampler, export_onnx, onnx_metadata
-from cdal_fast.config import get_preset
-from cdal_fast.generator import Generator
-from cdal_fast.sampler import FixedStepSampler, decode_mask, draw_noise, generators_from_seed
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.generator import Generator
+from cdal_fast.runtime.backends import BackendError, build_sampler
+from cdal_fast.runtime.onnx_export import export_onnx, onnx_metadata
+from cdal_fast.runtime.onnx_tensorrt import OnnxSampler
+from cdal_fast.sampling.sampler import FixedStepSampler, decode_mask, draw_noise, generators_from_seed
 from cdal_fast.weights import save_weights
 
 from .conftest import perturbed
@@ -153,15 +154,15 @@ def _fake_export(calls: list):
 
 def test_onnx_cache_name_cannot_escape_and_only_verified_hashes_hit(tmp_path, monkeypatch):
     """A hostile preset name or claimed hash stays inside the cache; unverified weights always re-export."""
-    import cdal_fast.backends as backends
-    import cdal_fast.compiled as compiled
-    from cdal_fast.backends import cached_onnx
+    import cdal_fast.runtime.onnx_cache as compiled
+    import cdal_fast.runtime.onnx_cache as onnx_cache
+    from cdal_fast.runtime.onnx_cache import cached_onnx
 
     cache = tmp_path / "deep" / "cache"
     monkeypatch.setenv("CDAL_FAST_CACHE", str(cache))
     calls: list = []
     monkeypatch.setattr(compiled, "export_onnx", _fake_export(calls))
-    monkeypatch.setattr(backends, "_stale", lambda path: False)  # the fake graphs hold no metadata
+    monkeypatch.setattr(onnx_cache, "_stale", lambda path: False)  # the fake graphs hold no metadata
     gen = Generator(get_preset("tiny").replace(name="../../../x"))
     digest = "ab" * 32
     path = cached_onnx(gen, None, None, digest)
@@ -210,7 +211,7 @@ def test_export_copies_to_cpu_float32_and_keeps_norm_statistics_in_float32(tmp_p
 def _host() -> str:
     import socket
 
-    from cdal_fast.backends import _safe_name
+    from cdal_fast.runtime.onnx_cache import _safe_name
 
     return _safe_name(socket.gethostname())
 
@@ -221,14 +222,14 @@ def test_private_graphs_of_ended_processes_are_removed_and_live_ones_kept(tmp_pa
     import subprocess
     import sys
 
-    import cdal_fast.backends as backends
-    import cdal_fast.compiled as compiled
-    from cdal_fast.backends import cached_onnx
+    import cdal_fast.runtime.onnx_cache as compiled
+    import cdal_fast.runtime.onnx_cache as onnx_cache
+    from cdal_fast.runtime.onnx_cache import cached_onnx
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("CDAL_FAST_CACHE", str(cache))
     monkeypatch.setattr(compiled, "export_onnx", _fake_export([]))
-    monkeypatch.setattr(backends, "_stale", lambda path: False)
+    monkeypatch.setattr(onnx_cache, "_stale", lambda path: False)
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                            text=True, check=True)
     folder = cache / "onnx" / "unverified" / _host()

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdal_fast import ops
-from cdal_fast.config import get_preset
-from cdal_fast.generator import Generator
-from cdal_fast.sampler import FixedStepSampler, sample
+from cdal_fast.network import ops
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.generator import Generator
+from cdal_fast.sampling.sampler import FixedStepSampler, sample
 
 from .conftest import perturbed
 

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cdal_fast.cli import main
-from cdal_fast.config import get_preset
-from cdal_fast.generator import Generator
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.generator import Generator
 from cdal_fast.weights import save_weights
 
 from .conftest import perturbed
@@ -79,8 +79,8 @@ def test_volume_window_protocol_matches_eval(tmp_path, shared_data):
     """segment's volume path is the eval protocol: same labels as predict_volume on the same noise."""
     import nibabel as nib
 
-    from cdal_fast.evaluate import PatchRunner, predict_volume
-    from cdal_fast.sampler import FixedStepSampler
+    from cdal_fast.sampling.inference import PatchRunner, predict_volume
+    from cdal_fast.sampling.sampler import FixedStepSampler
     from cdal_fast.weights import load_weights
 
     w = _weights(tmp_path, "hippocampus", img_channels=1, mask_channels=3, image_size=32, norm_mean=(0.0,),

@@ -1,11 +1,11 @@
-"""Binary-mask clean-up swept on validation (cdal_fast.postprocess), on hand-drawn masks."""
+"""Binary-mask clean-up swept on validation (cdal_fast.sampling.postprocess), on hand-drawn masks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cdal_fast.postprocess import PostProcess, postprocess_mask
+from cdal_fast.sampling.postprocess import PostProcess, postprocess_mask
 
 # 0 background, 1 object. A ring with a 1-px hole (top left), a ring with a 4-px hole (right),
 # a lone pixel (bottom left) and a background notch open to the border (bottom right, not a hole).

@@ -3,9 +3,9 @@ import copy
 import pytest
 import torch
 
-from cdal_fast.config import get_preset
-from cdal_fast.generator import Generator
-from cdal_fast.sampler import FixedStepSampler, decode_mask, draw_noise, generators_from_seed, sample
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.generator import Generator
+from cdal_fast.sampling.sampler import FixedStepSampler, decode_mask, draw_noise, generators_from_seed, sample
 
 from .conftest import perturbed
 
@@ -43,7 +43,7 @@ def test_batch_independent(tiny_gen):
 
 def test_manual_loop_matches(tiny_gen, tiny_cfg):
     """The batched-vote sampler equals the literal algorithm of spec section 3, vote by vote."""
-    from cdal_fast.diffusion import make_schedule
+    from cdal_fast.network.diffusion import make_schedule
 
     s = FixedStepSampler(tiny_gen, votes=3)
     sched = make_schedule(s.num_steps)
@@ -93,7 +93,7 @@ def test_torchscript_parity(tiny_gen):
 @pytest.mark.parametrize("backend", ["eager", "torchscript"])
 def test_bfloat16_sampler_agrees_with_float32(tiny_gen, backend):
     """Half-precision inference (what `segment --dtype bfloat16` runs) works and keeps the masks."""
-    from cdal_fast.backends import build_sampler
+    from cdal_fast.runtime.backends import build_sampler
 
     img = torch.randn(2, 3, 64, 64)
     ref = sample(FixedStepSampler(tiny_gen), img, seed=2)[0]

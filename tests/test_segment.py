@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from cdal_fast.cli import main
-from cdal_fast.data.imageio import read_image, read_mask
 from cdal_fast.metrics import dice_iou
+from cdal_fast.sampling.imageio import read_image, read_mask
 from cdal_fast.weights import save_weights
 from cdal_fast.wsi.readers import SlideError, open_slide
 from cdal_fast.wsi.tiling import TileGrid, blend_window
@@ -36,8 +36,8 @@ def mosaic(shared_data) -> np.ndarray:
 
 
 def _tiny_weights(folder: Path, **overrides) -> Path:
-    from cdal_fast.config import get_preset
-    from cdal_fast.generator import Generator
+    from cdal_fast.network.config import get_preset
+    from cdal_fast.network.generator import Generator
 
     from .conftest import perturbed
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from shapely.geometry import shape
 
-from cdal_fast.config import get_preset
+from cdal_fast.network.config import get_preset
 from cdal_fast.wsi.outputs import is_complete, required_outputs
 from cdal_fast.wsi.pipeline import SegmentOptions, segment_slide
 

@@ -1,7 +1,15 @@
-"""Module boundaries: no import cycles inside cdal_fast, and the slide jobs stay apart from scoring/training.
+"""Module and package boundaries of cdal_fast (docs/architecture.md draws them).
 
 Imports are read from the source with ``ast`` (module level and inside functions alike), so a lazy
-import that closes a cycle is caught too.
+import that closes a cycle or crosses a boundary is caught too.
+
+* no import cycles between modules;
+* each sub-package imports only the layers below it: ``network`` (maths) nothing of the package,
+  ``sampling`` only ``network``, ``runtime`` only ``network`` / ``sampling`` and the file utilities;
+* the slide jobs (``wsi``) never import scoring, training, the labelled-dataset layout or the runtimes:
+  they get a sampler from the job layer, which is the one place (besides ``runtime`` itself) that
+  builds samplers by backend name;
+* the CLI is imported by nobody.
 """
 
 from __future__ import annotations
@@ -10,8 +18,18 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cdal_fast"
-WSI_FORBIDDEN = ("cdal_fast.evaluate", "cdal_fast.training", "cdal_fast.data")
-COMPAT_SHIMS = {"cdal_fast.data.imageio"}  # re-export a moved module; nothing inside cdal_fast imports them
+
+
+FILE_UTILITIES = ("cdal_fast.atomic", "cdal_fast.hashing")
+# package -> what it may import besides itself (prefixes)
+LAYERS = {
+    "cdal_fast.network": (),
+    "cdal_fast.sampling": ("cdal_fast.network",),
+    "cdal_fast.runtime": ("cdal_fast.network", "cdal_fast.sampling", *FILE_UTILITIES),
+}
+WSI_FORBIDDEN = ("cdal_fast.evaluate", "cdal_fast.training", "cdal_fast.datasets", "cdal_fast.runtime",
+                 "cdal_fast.cli")
+SAMPLER_BUILDERS = ("cdal_fast.job", "cdal_fast.runtime")  # who may import runtime.backends
 
 
 def _module_name(path: Path) -> str:
@@ -43,7 +61,7 @@ def _imports(path: Path, name: str) -> set[str]:
                 mod = node.module or ""
             if not mod.startswith("cdal_fast"):
                 continue
-            # `from . import ops` imports the module cdal_fast.ops; `from .config import X` the module config
+            # `from . import ops` imports the module cdal_fast.network.ops; `from .config import X` the module config
             subs = {f"{mod}.{a.name}" for a in node.names}
             found |= subs if all(_is_module(m) for m in subs) else {mod}
     return found
@@ -86,8 +104,9 @@ def test_cycle_finder_sees_a_cycle():
 
 def test_relative_imports_resolve_to_modules(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("from ..config import ModelConfig\nfrom . import outputs\nimport cdal_fast.ops\n")
-    assert _imports(f, "cdal_fast.wsi.m") == {"cdal_fast.config", "cdal_fast.wsi.outputs", "cdal_fast.ops"}
+    f.write_text("from ..network.config import ModelConfig\nfrom . import outputs\nimport cdal_fast.network.ops\n")
+    assert _imports(f, "cdal_fast.wsi.m") == {"cdal_fast.network.config", "cdal_fast.wsi.outputs",
+                                              "cdal_fast.network.ops"}
 
 
 def test_no_import_cycles():
@@ -95,13 +114,41 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_wsi_does_not_import_scoring_training_or_data():
+def _violations(graph: dict[str, set[str]], inside: str, forbidden) -> dict[str, list[str]]:
+    bad = {m: sorted(d for d in deps if forbidden(d)) for m, deps in graph.items()
+           if m == inside or m.startswith(inside + ".")}
+    return {m: d for m, d in bad.items() if d}
+
+
+def test_packages_import_only_the_layers_below():
     graph = _graph()
-    bad = {m: sorted(d for d in deps if d.startswith(WSI_FORBIDDEN) and d not in COMPAT_SHIMS)
-           for m, deps in graph.items() if m.startswith("cdal_fast.wsi")}
-    assert not {m: d for m, d in bad.items() if d}, bad
+    for package, allowed in LAYERS.items():
+        bad = _violations(graph, package, lambda d, p=package, a=allowed: not d.startswith((p, *a)))
+        assert not bad, f"{package} may import only {allowed or 'itself'}: {bad}"
+
+
+def test_wsi_does_not_import_scoring_training_datasets_or_runtimes():
+    bad = _violations(_graph(), "cdal_fast.wsi", lambda d: d.startswith(WSI_FORBIDDEN))
+    assert not bad, bad
+
+
+def test_only_the_job_layer_builds_samplers_by_backend_name():
+    graph = _graph()
+    users = sorted(m for m, deps in graph.items() if "cdal_fast.runtime.backends" in deps
+                   and not m.startswith(SAMPLER_BUILDERS))
+    assert not users, users
+
+
+def test_nothing_imports_the_cli():
+    assert not [m for m, deps in _graph().items() if "cdal_fast.cli" in deps]
+
+
+def test_layer_rule_sees_a_violation():
+    graph = {"cdal_fast.network.x": {"cdal_fast.sampling.sampler"}, "cdal_fast.network.y": {"cdal_fast.network.x"}}
+    assert _violations(graph, "cdal_fast.network", lambda d: not d.startswith("cdal_fast.network")) == {
+        "cdal_fast.network.x": ["cdal_fast.sampling.sampler"]}
 
 
 def test_inference_does_not_import_scoring_training_or_data():
-    deps = _graph()["cdal_fast.inference"]
+    deps = _graph()["cdal_fast.sampling.inference"]
     assert not [d for d in deps if d.startswith(WSI_FORBIDDEN)], deps

@@ -11,8 +11,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cdal_fast.requires import BackendError
-from cdal_fast.tensorrt_plan import check_call, check_input_shape, network_flags, profile_shapes, torch_dtype, trt_major
+from cdal_fast.runtime.requires import BackendError
+from cdal_fast.runtime.tensorrt_plan import (
+    check_call,
+    check_input_shape,
+    network_flags,
+    profile_shapes,
+    torch_dtype,
+    trt_major,
+)
 
 STRONGLY_TYPED_BIT = 1  # TensorRT 10's NetworkDefinitionCreationFlag.STRONGLY_TYPED
 

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cdal_fast.cli import main
-from cdal_fast.config import INFERENCE_FIELDS, ConfigError, get_preset, load_config
-from cdal_fast.decode import MaskChannels, object_pixels, prob_to_u8, to_labels, u8_cutoff, u8_to_mask
-from cdal_fast.generator import Generator
+from cdal_fast.network.config import INFERENCE_FIELDS, ConfigError, get_preset, load_config
+from cdal_fast.network.generator import Generator
+from cdal_fast.sampling.decode import MaskChannels, object_pixels, prob_to_u8, to_labels, u8_cutoff, u8_to_mask
 from cdal_fast.weights import save_weights
 
 from .conftest import perturbed
@@ -139,7 +139,7 @@ def test_eval_scores_at_the_model_threshold_and_records_it(tmp_path):
 
 
 def test_python_decode_mask_takes_the_model_threshold_when_given_its_config():
-    from cdal_fast.sampler import decode_mask
+    from cdal_fast.sampling.sampler import decode_mask
 
     prob = torch.tensor([0.3, 0.42, 0.5, 0.9]).reshape(1, 1, 1, 4)
     assert decode_mask(prob).tolist() == [[[0, 0, 1, 1]]]  # no config: 0.5

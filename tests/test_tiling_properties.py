@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdal_fast.decode import MaskChannels
+from cdal_fast.sampling.decode import MaskChannels
 from cdal_fast.wsi.pipeline import BandStitcher, tile_region
 from cdal_fast.wsi.tiling import TileGrid
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdal_fast.config import get_preset
-from cdal_fast.wsi.pipeline import TileGrid, make_plan, tissue_tiles
+from cdal_fast.network.config import get_preset
+from cdal_fast.wsi.pipeline import make_plan, tissue_tiles
 from cdal_fast.wsi.readers import open_slide
+from cdal_fast.wsi.tiling import TileGrid
 from cdal_fast.wsi.tissue import detect_tissue, max_detection_mpp, otsu_threshold, tissue_mask
 
 from .slides import write_sparse_pyramid

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdal_fast.config import get_preset
-from cdal_fast.data.datasets import MonusegData, TaskData
-from cdal_fast.generator import Generator
 from cdal_fast.metrics import dice_iou
-from cdal_fast.preprocess import normalise
-from cdal_fast.sampler import FixedStepSampler, sample
-from cdal_fast.training import TrainConfig, Trainer, ema_decay
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.generator import Generator
+from cdal_fast.sampling.preprocess import normalise
+from cdal_fast.sampling.sampler import FixedStepSampler, sample
+from cdal_fast.training.data import MonusegData, TaskData
+from cdal_fast.training.loop import TrainConfig, Trainer, ema_decay
 
 from .conftest import perturbed
 
@@ -282,7 +282,7 @@ def test_training_config_refuses_bad_attention(tmp_path, bad, match):
         _tc(tmp_path, **bad)
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"preset": "tiny", **bad}))
-    from cdal_fast.training import load_train_config
+    from cdal_fast.training.loop import load_train_config
 
     with pytest.raises(ValueError, match=f"bad.json: .*{match}"):
         load_train_config(path)

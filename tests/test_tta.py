@@ -1,4 +1,4 @@
-"""Test-time augmentation of the votes (cdal_fast.dihedral, FixedStepSampler(tta=True)) on every backend."""
+"""Test-time augmentation of the votes (cdal_fast.sampling.dihedral, FixedStepSampler(tta=True)) on every backend."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from cdal_fast.backends import build_sampler, cached_onnx
 from cdal_fast.cli import main
-from cdal_fast.compiled import OnnxSampler
-from cdal_fast.config import ConfigError, get_preset
-from cdal_fast.dihedral import DIHEDRAL_ORDER, SHAPE_KEEPING, apply_dihedral, invert_dihedral, vote_codes
-from cdal_fast.export import ExportableSampler
-from cdal_fast.generator import Generator
-from cdal_fast.inference import PatchRunner
-from cdal_fast.sampler import FixedStepSampler, draw_noise, generators_from_seed, sample
+from cdal_fast.network.config import ConfigError, get_preset
+from cdal_fast.network.generator import Generator
+from cdal_fast.runtime.backends import build_sampler
+from cdal_fast.runtime.export import ExportableSampler
+from cdal_fast.runtime.onnx_cache import cached_onnx
+from cdal_fast.runtime.onnx_tensorrt import OnnxSampler
+from cdal_fast.sampling.dihedral import DIHEDRAL_ORDER, SHAPE_KEEPING, apply_dihedral, invert_dihedral, vote_codes
+from cdal_fast.sampling.inference import PatchRunner
+from cdal_fast.sampling.sampler import FixedStepSampler, draw_noise, generators_from_seed, sample
 from cdal_fast.weights import save_weights
 
 from .conftest import perturbed

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from cdal_fast.config import get_preset
-from cdal_fast.generator import Generator
+from cdal_fast.network.config import get_preset
+from cdal_fast.network.generator import Generator
 from cdal_fast.weights import WeightsError, load_weights, save_weights
 
 from .conftest import perturbed

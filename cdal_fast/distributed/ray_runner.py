@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import partial_path
-from ..requires import BackendError
+from ..runtime.requires import BackendError
 from ..wsi.batch import InputOutcome, RunReport, TaskRun, error_text, run_input, run_summary_name
 from ..wsi.outputs import is_small_image, output_names, output_paths, slide_stem
 from ..wsi.pipeline import SlidePlan, TileResult

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..network.config import ModelConfig
 from ..wsi.batch import InputOutcome, TaskRun, run_input
 from ..wsi.pipeline import SegmentOptions, SlidePlan, TileResult, read_tiles, sample_tiles
 from ..wsi.progress import NullProgress
@@ -77,9 +77,9 @@ class SegmentWorker:
     """Holds one model on one device; Ray creates one per actor, the local multi-device runner one per device."""
 
     def __init__(self, spec: WorkerSpec) -> None:
-        from ..backends import build_sampler
-        from ..inference import DTYPES, PatchRunner
         from ..models import load_model
+        from ..runtime.backends import build_sampler
+        from ..sampling.inference import DTYPES, PatchRunner
 
         if spec.threads:
             torch.set_num_threads(spec.threads)

@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
-from ..inference import PatchRunner
-from ..sampler import SamplerLike
+from ..network.config import ModelConfig
+from ..sampling.inference import PatchRunner
+from ..sampling.sampler import SamplerLike
 from .dicom import is_dicom_folder
 from .locks import describe_owner, try_lock
-from .other_tasks import VOLUME_SUFFIXES, radiograph_done, segment_radiograph, segment_volume, volume_done
 from .outputs import (
     finished_summary,
     is_small_image,
@@ -31,6 +30,7 @@ from .outputs import (
 )
 from .pipeline import SampleStream, SegmentOptions, decoding_config, segment_slide
 from .progress import TileProgress, TqdmProgress
+from .radiographs_volumes import VOLUME_SUFFIXES, radiograph_done, segment_radiograph, segment_volume, volume_done
 from .readers import DICOM_SUFFIXES, SLIDE_SUFFIXES
 from .resume import changed_settings
 

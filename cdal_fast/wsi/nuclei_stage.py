@@ -18,7 +18,7 @@ and lengths come out in um from the map's own pixel size.
 
 The stored probability is ``round(255 * P)``: the threshold is applied to ``u8 / 255`` (so 0.5
 means ``u8 >= 128``; the mask applies its own threshold by the same rule,
-:func:`cdal_fast.decode.u8_cutoff`), the std to ``u8 / (255 * STD_TO_UNIT)``.
+:func:`cdal_fast.sampling.decode.u8_cutoff`), the std to ``u8 / (255 * STD_TO_UNIT)``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ModelConfig
-from ..decode import STD_TO_UNIT, U8_MAX
+from ..network.config import ModelConfig
 from ..nuclei.params import NucleiParams
+from ..sampling.decode import STD_TO_UNIT, U8_MAX
 from .mapfile import MapFile
 from .tiling import COVERAGE_BLOCK, Coverage
 

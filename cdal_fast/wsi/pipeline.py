@@ -41,18 +41,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import atomic_output
-from ..config import ModelConfig
-from ..decode import STD_TO_UNIT, U8_MAX, MaskChannels, MaskKind, object_pixels, prob_to_u8, u8_to_mask
+from ..network.config import ModelConfig
 from ..nuclei import params as nuclei_defaults
-from ..preprocess import match_channels, normalise, to_chw_float
-from ..sampler import SamplerLike, SamplerNoise, draw_image_noise, position_generator, stack_noise
+from ..sampling.decode import STD_TO_UNIT, U8_MAX, MaskChannels, MaskKind, object_pixels, prob_to_u8, u8_to_mask
+from ..sampling.preprocess import match_channels, normalise, to_chw_float
+from ..sampling.sampler import SamplerLike, SamplerNoise, draw_image_noise, position_generator, stack_noise
 from .limits import DEFAULT_MAX_PIXELS, check_work_size
 from .mapfile import MapFile
 from .mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP, plausible_mpp
 from .nuclei_stage import LABELS_DTYPE, extract_nuclei, nuclei_enabled
 from .outputs import (
-    is_complete,
-    is_small_image,
     output_paths,
     slide_stem,
     write_png,
@@ -66,12 +64,9 @@ from .tiling import Coverage, Tile, TileGrid, blend_window
 from .tissue import DEFAULT_MIN_AREA_UM2, TissueDetection, detect_tissue
 from .writer import write_pyramid
 
-# output_paths, is_complete, slide_stem, is_small_image, write_png, write_summary
-# live in .outputs; they stay importable from here for existing callers.
 __all__ = ["SegmentOptions", "SlidePlan", "TileBatch", "TileResult", "StitchedMaps", "plan_slide", "read_tiles",
            "sample_tiles", "SampleStream", "stitch_tiles", "post_process", "write_outputs", "summarise",
-           "segment_slide",
-           "output_paths", "is_complete", "slide_stem", "is_small_image", "write_png", "write_summary"]
+           "segment_slide"]
 
 OVERLAY_SIDE = 1024  # longest side of the overlay PNG
 OVERLAY_ALPHA = 0.5
@@ -459,7 +454,7 @@ SampleStream = Callable[["SlidePlan", int, int], Iterable[TileResult]]
 class StitchedMaps:
     """The slide's finished maps on disk (uint8 ``.npy``, working resolution) and what they hold."""
 
-    prob_path: Path  # binary: round(255 * P); multi-class: labels (cdal_fast.decode.prob_to_u8)
+    prob_path: Path  # binary: round(255 * P); multi-class: labels (cdal_fast.sampling.decode.prob_to_u8)
     std_path: Path  # 255 * 2 * vote std
     object_pixels: int
     sampler_seconds: float  # summed over the stitched results

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ..decode import MaskKind, object_pixels
+from ..sampling.decode import MaskKind, object_pixels
 from .roi import Roi
 from .tiling import Tile, TileGrid
 
@@ -63,7 +63,7 @@ def roi_planning_mask(roi: Roi, tissue_mask: np.ndarray | None, tissue_downsampl
 
 def clear_outside_roi(roi: Roi, work_to_level0: float, maps: list[np.ndarray], kind: MaskKind) -> int:
     """Zero every map outside the ROI (pixel centres); returns the object pixels left in ``maps[0]``
-    (the encoded probability/label map, counted by :func:`cdal_fast.decode.object_pixels`)."""
+    (the encoded probability/label map, counted by :func:`cdal_fast.sampling.decode.object_pixels`)."""
     height, width = maps[0].shape[:2]
     objects = 0
     for row0 in range(0, height, CLEAR_BAND_ROWS):

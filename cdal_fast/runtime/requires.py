@@ -1,7 +1,7 @@
 """Backend errors and the checks that say what a backend needs before any work starts.
 
-A module of its own so that the builders (:mod:`cdal_fast.backends`), the compiled samplers
-(:mod:`cdal_fast.compiled`) and the CLI can all raise and check without importing each other.
+A module of its own so that the builders (:mod:`cdal_fast.runtime.backends`), the compiled samplers
+(:mod:`cdal_fast.runtime.onnx_tensorrt`) and the CLI can all raise and check without importing each other.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from types import ModuleType
 
 import torch
 
-from . import ops
+from ..network import ops
 
 __all__ = ["BackendError", "require_ops", "require_tensorrt", "require_cuda_device"]
 

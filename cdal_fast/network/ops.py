@@ -40,7 +40,7 @@ def extension_available() -> bool:
     global _LOADED
     if _LOADED is None:
         try:
-            from . import _C  # noqa: F401  (registers torch.ops.cdal.*)
+            from .. import _C  # noqa: F401  (registers torch.ops.cdal.*)
 
             _LOADED = True
         except ImportError as exc:
@@ -84,7 +84,7 @@ def adagn_silu(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
     """Fused latent modulation (``torch.ops.cdal.adagn_silu``); maths of :func:`adagn_silu_reference`.
 
     Callers make sure the library is loaded (:func:`extension_available`); the model only routes
-    here after :meth:`cdal_fast.generator.Generator.set_fused` succeeded.
+    here after :meth:`cdal_fast.network.generator.Generator.set_fused` succeeded.
     """
     return torch.ops.cdal.adagn_silu(x, gamma, beta, bias, groups, eps)
 

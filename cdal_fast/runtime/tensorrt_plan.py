@@ -1,6 +1,6 @@
 """TensorRT decisions as plain Python: supported versions, network typing, profiles, return checks.
 
-Kept apart from the code that drives TensorRT (:mod:`cdal_fast.compiled`) so that every decision
+Kept apart from the code that drives TensorRT (:mod:`cdal_fast.runtime.onnx_tensorrt`) so that every decision
 can be tested on machines without TensorRT or a GPU. Functions that need TensorRT's enums take the
 ``tensorrt`` module (or any object with the same attribute names) as ``trt``.
 
@@ -8,7 +8,7 @@ Precision: TensorRT 11 removed weak typing (``BuilderFlag.FP16`` / ``BF16`` no l
 every network is strongly typed: each layer runs in the type its ONNX graph gives it. So on both
 supported majors the engine is built as a strongly typed network from an ONNX graph exported in the
 requested precision (float32 inputs/outputs and float32 group-norm statistics, see
-:mod:`cdal_fast.onnx_groupnorm`); TensorRT 10 needs the ``STRONGLY_TYPED`` creation flag for that,
+:mod:`cdal_fast.runtime.onnx_groupnorm`); TensorRT 10 needs the ``STRONGLY_TYPED`` creation flag for that,
 TensorRT 11 ignores or lacks it.
 """
 

@@ -5,7 +5,7 @@
     forward(image: float32 (B, C_img, H, W) on the 0-255 scale, seed: int64 tensor ())
         -> (probability (B, C_mask, H, W), uncertainty (B, C_mask, H, W))
 
-Normalisation happens inside; the noise comes from :func:`cdal_fast.rng.counter_normal`, so the
+Normalisation happens inside; the noise comes from :func:`cdal_fast.sampling.rng.counter_normal`, so the
 same image and seed give the same result in Python, TorchScript, AOTInductor and C++. T, V, the
 normalisation statistics and the model resolution are fixed at export and stored as attributes.
 
@@ -13,7 +13,7 @@ normalisation statistics and the model resolution are fixed at export and stored
   when the op library is loaded at export time; the C++ program must then link ``cdal_ops``).
 * ``aoti``: ``torch.export`` + AOTInductor ``.pt2`` package for a fixed batch and tile size.
 
-``tta=True`` bakes test-time augmentation (:mod:`cdal_fast.dihedral`) into either export; the
+``tta=True`` bakes test-time augmentation (:mod:`cdal_fast.sampling.dihedral`) into either export; the
 module's ``tta`` attribute records it (square tiles use all 8 transforms, others the 4 shape-keeping ones).
 """
 
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import atomic_output
-from .generator import Generator
-from .rng import counter_normal
-from .sampler import FixedStepSampler
+from ..atomic import atomic_output
+from ..network.generator import Generator
+from ..sampling.rng import counter_normal
+from ..sampling.sampler import FixedStepSampler
 
 __all__ = ["ExportableSampler", "export_torchscript", "export_aoti"]
 

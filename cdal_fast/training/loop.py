@@ -5,9 +5,9 @@ One :class:`Trainer` owns the networks, optimisers, schedulers, the optional EMA
 augmentations, steps k, diffusion noise, latents). A checkpoint stores all of it, so a resumed run
 takes exactly the steps an uninterrupted one would.
 
-The loop only orders the work: the two losses are :mod:`cdal_fast.losses` (no optimiser inside),
-checkpoints and the export of selected weights :mod:`cdal_fast.checkpoint`, and the precision
-(bf16 autocast, channels_last) is decided once in a frozen :class:`cdal_fast.precision.Precision`.
+The loop only orders the work: the two losses are :mod:`cdal_fast.training.losses` (no optimiser inside),
+checkpoints and the export of selected weights :mod:`cdal_fast.training.checkpoint`, and the precision
+(bf16 autocast, channels_last) is decided once in a frozen :class:`cdal_fast.training.precision.Precision`.
 
 Data parallel: launched under ``torchrun`` each process trains on its own batches (generator seeded
 with seed + rank) and gradients are averaged with one all-reduce per network and step. Explicit
@@ -30,18 +30,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..evaluate import EvalResult, evaluate_task, scalar_dice
+from ..network.config import ModelConfig, get_preset
+from ..network.diffusion import make_schedule
+from ..network.discriminator import Discriminator
+from ..network.generator import Generator
+from ..sampling.inference import PatchRunner
+from ..sampling.sampler import FixedStepSampler
+from ..weights import load_weights
 from . import checkpoint
-from .config import ModelConfig, get_preset
-from .data.datasets import TaskData, load_task_data
-from .diffusion import make_schedule
-from .discriminator import Discriminator
-from .evaluate import EvalResult, evaluate_task, scalar_dice
-from .generator import Generator
-from .inference import PatchRunner
+from .data import TaskData, load_task_data
 from .losses import LossDraws, d_loss, g_loss, r1_due
 from .precision import Precision
-from .sampler import FixedStepSampler
-from .weights import load_weights
 
 __all__ = ["TrainConfig", "Trainer", "load_train_config"]
 
@@ -219,7 +219,7 @@ class Trainer:
             offset += g.numel()
 
     def train_step(self) -> dict[str, float]:
-        """One D step (unless ``attention`` is "none") and one G step (losses from :mod:`cdal_fast.losses`);
+        """One D step (unless ``attention`` is "none") and one G step (losses from :mod:`cdal_fast.training.losses`);
         returns the losses."""
         tc = self.tc
         y, x0 = self.data.batch(tc.batch_size, self.gen)

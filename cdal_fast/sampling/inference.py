@@ -3,7 +3,7 @@
 Scoring (:mod:`cdal_fast.evaluate`) and the slide / radiograph / volume jobs (:mod:`cdal_fast.wsi`)
 both build on this module; it imports neither them nor the training data package.
 
-Noise is keyed by the patch position (:func:`cdal_fast.sampler.position_generator`), so a patch
+Noise is keyed by the patch position (:func:`cdal_fast.sampling.sampler.position_generator`), so a patch
 gets the same noise whatever batch it runs in, and ``segment`` on the same geometry reproduces
 ``eval``'s numbers.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from ..network.config import ModelConfig
 from .decode import to_labels
 from .imageio import resize_image
 from .preprocess import normalise, orient_volume, scale_volume

@@ -4,7 +4,7 @@
   protocol scores whole 256x256 images), sampled, and the probability resized back; the mask is a
   PNG of the input's size (255 = lung).
 * Volumes (NIfTI): a 3D sliding window of cubic patches (overlap 0.75), each processed as axial
-  slices, exactly as :func:`cdal_fast.inference.predict_volume`; the label map is written as NIfTI
+  slices, exactly as :func:`cdal_fast.sampling.inference.predict_volume`; the label map is written as NIfTI
   with the input's affine and header (0 background, 1 anterior, 2 posterior).
 
 Both write under temporary names, rename when complete and finish with a JSON summary that marks
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_output
-from ..config import ModelConfig
-from ..decode import labels_to_mask, to_labels
-from ..inference import PatchRunner, predict_image, predict_volume, volume_windows
-from ..preprocess import match_channels
+from ..network.config import ModelConfig
+from ..sampling.decode import labels_to_mask, to_labels
+from ..sampling.inference import PatchRunner, predict_image, predict_volume, volume_windows
+from ..sampling.preprocess import match_channels
 from .outputs import complete_summary, write_png, write_summary
 from .progress import NullProgress, TileProgress
 from .readers import SlideError

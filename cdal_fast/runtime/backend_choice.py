@@ -8,7 +8,7 @@ onnxruntime, or without the C++ op library, still gets the best of what it has a
 info`` can say what was passed over and why.
 
 * CPU, float32: ``onnx`` (the unrolled sampler graph in onnxruntime with the tuned session of
-  :mod:`cdal_fast.ort_options`), then ``eager``. The fused C++ ops are not on the list: on CPU at
+  :mod:`cdal_fast.runtime.ort_options`), then ``eager``. The fused C++ ops are not on the list: on CPU at
   256x256 they measured no faster than eager.
 * CPU, bfloat16 / float16: ``eager`` (the ONNX graph is float32; asking for a reduced precision is
   taken as a request to run the PyTorch modules in it).
@@ -66,7 +66,7 @@ def _module_missing(*modules: str) -> str | None:
 
 
 def _ops_missing() -> str | None:
-    from . import ops
+    from ..network import ops
 
     if ops.extension_available():
         return None

@@ -1,7 +1,7 @@
 """The two cDAL training losses (spec section 6) as functions of networks, schedule, batch and RNG.
 
 No optimiser, scheduler, EMA or all-reduce lives here: the training loop
-(:class:`cdal_fast.training.Trainer`) zeroes gradients, calls a loss, back-propagates the returned
+(:class:`cdal_fast.training.loop.Trainer`) zeroes gradients, calls a loss, back-propagates the returned
 total and steps. Keeping the maths apart lets it be tested directly on the ``tiny`` preset.
 
 Random draws come from one ``torch.Generator`` in a fixed order (documented per function), so a
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .diffusion import Schedule
-from .discriminator import Discriminator
-from .generator import Generator
+from ..network.diffusion import Schedule
+from ..network.discriminator import Discriminator
+from ..network.generator import Generator
 
 __all__ = ["LossDraws", "DLoss", "GLoss", "r1_due", "r1_penalty", "attention_map", "d_loss", "g_loss"]
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from ..network.config import ModelConfig
 from .volume import normalise_volume
 
 __all__ = ["normalise", "to_chw_float", "match_channels", "scale_volume", "object_sign", "orient_volume"]

@@ -7,34 +7,32 @@
 * ``onnx``: the unrolled sampler as an ONNX graph run by onnxruntime (exported once, cached).
 * ``tensorrt``: a TensorRT engine built from that graph (cached; needs a GPU and TensorRT).
 * ``graphs``: eager (fused ops when built) replayed as CUDA graphs per static input shape (GPU only).
-* ``auto``: the fastest measured of these for the device and dtype (:mod:`cdal_fast.backend_choice`).
+* ``auto``: the fastest measured of these for the device and dtype (:mod:`cdal_fast.runtime.backend_choice`).
 
 Backends that need something missing fail at start with one message saying what to install.
 
-This module only maps names to builders. Errors and requirement checks live in
-:mod:`cdal_fast.requires`, the compiled samplers in :mod:`cdal_fast.compiled`, CUDA-graph replay in
-:mod:`cdal_fast.graphs`. A builder never changes the generator it is given: fusion is a property of
+This module maps names to builders. Errors and requirement checks live in
+:mod:`cdal_fast.runtime.requires`, the ONNX graph cache in :mod:`cdal_fast.runtime.onnx_cache`, the
+exported samplers in :mod:`cdal_fast.runtime.onnx_tensorrt`, CUDA-graph replay in
+:mod:`cdal_fast.runtime.graphs`. A builder never changes the generator it is given: fusion is a property of
 the sampler it returns (a parameter-sharing copy routed through the custom ops, or not).
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import re
-import socket
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from ..network.generator import Generator
+from ..sampling.sampler import FixedStepSampler, SamplerLike
 from .backend_choice import AUTO, preference, resolve_backend
-from .compiled import DEFAULT_TRT_BATCH, OnnxSampler, TensorRTSampler, build_tensorrt_engine, onnx_providers
-from .generator import Generator
 from .graphs import GraphedSampler
+from .onnx_cache import cached_onnx
+from .onnx_tensorrt import DEFAULT_TRT_BATCH, OnnxSampler, TensorRTSampler, build_tensorrt_engine, onnx_providers
 from .requires import BackendError, require_cuda_device, require_ops, require_tensorrt
-from .sampler import FixedStepSampler, SamplerLike
 
 __all__ = ["AUTO", "BACKENDS", "BACKEND_CHOICES", "BackendError", "build_sampler", "require_ops", "GraphedSampler"]
 
@@ -149,9 +147,9 @@ def build_sampler(generator: Generator, steps: int | None, votes: int | None, ba
     """The sampler of ``backend`` for ``generator`` (which is left unchanged).
 
     ``auto`` (``segment``'s default) is the fastest measured backend for ``device`` and ``dtype`` whose pieces
-    are installed (:mod:`cdal_fast.backend_choice`), falling back along the measured order.
+    are installed (:mod:`cdal_fast.runtime.backend_choice`), falling back along the measured order.
 
-    ``tta`` turns on test-time augmentation (:mod:`cdal_fast.dihedral`); every backend supports it
+    ``tta`` turns on test-time augmentation (:mod:`cdal_fast.sampling.dihedral`); every backend supports it
     (the ONNX graph and TensorRT engine are exported with it and cached under their own name).
 
     ``max_batch`` is the most tiles one call will hold; backends with fixed shapes (TensorRT's
@@ -176,7 +174,7 @@ def _build_auto(generator: Generator, steps: int | None, votes: int | None, devi
                 dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False) -> SamplerLike:
     """The resolver's choice; when building it still fails (e.g. the ONNX export), the next candidate.
 
-    The candidates come from :func:`cdal_fast.backend_choice.resolve_backend`'s measured order, so a
+    The candidates come from :func:`cdal_fast.runtime.backend_choice.resolve_backend`'s measured order, so a
     failure costs speed, never the run; ``eager`` needs nothing and ends every chain.
     """
     order, _ = preference(device, dtype)
@@ -189,98 +187,3 @@ def _build_auto(generator: Generator, steps: int | None, votes: int | None, devi
             errors.append(f"{name}: {exc}")
             warnings.warn(f"--backend auto: {name} could not be built ({exc}); trying the next one", stacklevel=2)
     raise BackendError("--backend auto: no backend could be built (" + "; ".join(errors) + ")")
-
-
-_SAFE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-_MAX_NAME_CHARS = 40  # of the preset name kept in a cache file name (the hash is the real key)
-_HASH_TAG_CHARS = 32  # hex digits of the verified hash in the file name (128 bits)
-
-
-def _safe_name(name: str) -> str:
-    """``name`` reduced to letters, digits, ``_`` and ``-``: the preset name comes from an untrusted
-    JSON, and ``../../x`` or ``a/b`` must not leave (or restructure) the cache folder."""
-    cleaned = "".join(c if c in _SAFE_NAME_CHARS else "_" for c in name)[:_MAX_NAME_CHARS].strip("_")
-    return cleaned or "model"
-
-
-def _verified_tag(weights_sha256: str) -> str:
-    """The cache key for a verified weights hash; "" when the value is not a SHA-256 at all."""
-    digest = weights_sha256.lower()
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        return ""
-    return digest[:_HASH_TAG_CHARS]
-
-
-def _stale(path: Path) -> bool:
-    """A cached graph written by an older exporter (another graph format) or unreadable: export again."""
-    from .compiled import GRAPH_FORMAT, onnx_metadata
-
-    try:
-        return onnx_metadata(path).get("cdal_graph_format") != GRAPH_FORMAT
-    except Exception:  # a truncated or foreign file in the cache is replaced, not trusted
-        return True
-
-
-# The owner of a private (unverified-weights) graph file: the last "-pidN-T..." of its name (a preset
-# name, which comes from a JSON file, may hold "-pid" itself).
-UNVERIFIED_PID = re.compile(r".*-pid(\d+)-T\d+-V\d+-S\d+")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
-def remove_orphaned_graphs(folder: Path) -> list[Path]:
-    """Delete the private graphs of this host's processes that have ended (each unverified run exports
-    its own, ~30 MB for the shipped model, and cannot delete it while its session may still read it).
-    ``folder`` is this host's own (a cache on a shared filesystem is seen by processes of other
-    machines, whose pids mean nothing here)."""
-    removed = []
-    for path in folder.glob("*-pid*-*.onnx*") if folder.is_dir() else ():
-        match = UNVERIFIED_PID.match(path.name)
-        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
-def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weights_sha256: str,
-                precision: str = "fp32", tta: bool = False) -> Path:
-    """The sampler's ONNX graph for these weights, T and V, exported once into the cache.
-
-    ``weights_sha256`` must be the hash ``load_weights`` verified (``ModelBundle.content_sha256``);
-    only then is a cached graph reused. Without one (unverified weights, a bare generator) the
-    graph is exported afresh into a file private to this process (under ``unverified/HOST/``) and
-    never read from the cache; such files left by this host's processes that have ended are deleted
-    on the way.
-    The file name holds nothing but a sanitised preset name, the hash, T, V, the tile size and a
-    precision suffix for reduced-precision graphs (TensorRT's strongly typed engines) and ``-tta``
-    for a graph with test-time augmentation.
-    """
-    from .compiled import cache_dir, export_onnx
-
-    cfg = generator.cfg
-    t, v = steps or cfg.num_steps, votes or cfg.votes
-    tag = _verified_tag(weights_sha256)
-    folder = cache_dir() / "onnx"
-    shape = f"T{int(t)}-V{int(v)}-S{int(cfg.image_size)}" + ("" if precision == "fp32" else f"-{precision}")
-    shape += "-tta" if tta else ""
-    if tag:
-        path = folder / f"{_safe_name(cfg.name)}-{tag}-{shape}.onnx"
-    else:
-        host = _safe_name(socket.gethostname())
-        path = folder / "unverified" / host / f"{_safe_name(cfg.name)}-pid{os.getpid()}-{shape}.onnx"
-    if path.resolve().parent != (folder / ("" if tag else f"unverified/{host}")).resolve():
-        raise BackendError(f"ONNX cache file {path} would lie outside the cache folder {folder}")
-    if not tag:
-        remove_orphaned_graphs(path.parent)
-    if not tag or not path.is_file() or _stale(path):
-        export_onnx(generator, path, t, v, weights_sha256=weights_sha256 if tag else "", precision=precision,
-                    tta=tta)
-    return path

@@ -66,9 +66,9 @@ class ModelConfig:
     mask_polarity: int = 1  # +1: the object is the network's +1 side; -1: the -1 side (authors' cxr)
     volume_orientation: str = "native"  # 3D volumes: "native" (as stored) or nibabel axis codes, e.g. "LPI"
     # Inference defaults chosen on validation (never part of the architecture; see INFERENCE_FIELDS):
-    # test-time augmentation of the votes (cdal_fast.dihedral); `--tta/--no-tta` overrides it.
+    # test-time augmentation of the votes (cdal_fast.sampling.dihedral); `--tta/--no-tta` overrides it.
     tta: bool = False
-    # binary models: a pixel is object where the vote-mean P(object) >= threshold (cdal_fast.decode);
+    # binary models: a pixel is object where the vote-mean P(object) >= threshold (cdal_fast.sampling.decode);
     # `--threshold` overrides it. Multi-class models take the argmax and ignore it.
     threshold: float = 0.5
 

@@ -13,10 +13,10 @@ from typing import Any, Protocol
 
 import torch
 
-from .atomic import atomic_output
-from .config import ModelConfig
-from .generator import Generator
-from .weights import save_weights
+from ..atomic import atomic_output
+from ..network.config import ModelConfig
+from ..network.generator import Generator
+from ..weights import save_weights
 
 __all__ = ["Checkpointable", "state_dict", "load_state_dict", "save_checkpoint", "load_checkpoint", "export_best"]
 

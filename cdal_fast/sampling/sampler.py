@@ -10,7 +10,7 @@ The sampler module takes its noise as explicit tensors, so that
 Layout: votes are stacked vote-major, i.e. row ``v * B + b`` is vote ``v`` of image ``b``.
 
 Test-time augmentation (``tta=True``): vote ``v`` runs in the frame of dihedral transform ``d_v``
-(:mod:`cdal_fast.dihedral`): its condition image *and its noise* are transformed, its sample is
+(:mod:`cdal_fast.sampling.dihedral`): its condition image *and its noise* are transformed, its sample is
 mapped back by the inverse before the votes are averaged. The noise is still drawn in the tile's own
 frame (keyed by position, vote and step as without TTA), so results stay position-keyed and
 batch-size invariant, and a generator that is itself equivariant gives exactly the plain result.
@@ -24,10 +24,10 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..network.diffusion import make_schedule
+from ..network.generator import Generator
 from .decode import MaskChannels, MaskKind, to_labels
-from .diffusion import make_schedule
 from .dihedral import apply_dihedral, invert_dihedral, vote_codes
-from .generator import Generator
 from .preprocess import object_sign
 
 __all__ = ["SamplerLike", "SAMPLER_ATTRS", "copy_sampler_attrs", "FixedStepSampler", "SamplerNoise", "draw_noise",
@@ -183,7 +183,7 @@ def position_generator(seed: int, *key: int) -> torch.Generator:
 
 
 def decode_mask(prob: torch.Tensor, cfg: MaskKind | None = None) -> torch.Tensor:
-    """Labels of a batch (B, C, H, W): :func:`cdal_fast.decode.to_labels` with ``cfg`` (a model's
+    """Labels of a batch (B, C, H, W): :func:`cdal_fast.sampling.decode.to_labels` with ``cfg`` (a model's
     config: its own threshold), or for callers without one with the mask channel count read from
     ``prob`` (binary 0/1 at P >= 0.5, else the argmax class)."""
     return to_labels(prob, cfg if cfg is not None else MaskChannels(prob.shape[1]))

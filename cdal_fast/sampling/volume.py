@@ -1,6 +1,6 @@
 """Volume helpers shared by hippocampus training and inference: intensity normalisation and windows.
 
-They live outside ``data/`` so the sliding-window inference (:mod:`cdal_fast.inference`) does not
+They live outside ``data/`` so the sliding-window inference (:mod:`cdal_fast.sampling.inference`) does not
 import the training datasets.
 """
 

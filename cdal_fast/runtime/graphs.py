@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampler import SamplerLike, copy_sampler_attrs
+from ..sampling.sampler import SamplerLike, copy_sampler_attrs
 
 __all__ = ["GraphedSampler", "MAX_GRAPHS", "capture_batch", "pad_batch", "INPUT_LAYOUT"]
 

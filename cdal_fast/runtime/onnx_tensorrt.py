@@ -1,159 +1,38 @@
-"""Compiled fixed-step samplers: an ONNX graph (run with onnxruntime) and a TensorRT engine.
+"""Running exported sampler graphs: onnxruntime (:class:`OnnxSampler`) and TensorRT engines.
 
-The ONNX graph is the unrolled T-step, V-vote sampler of :class:`~cdal_fast.sampler.FixedStepSampler`
-with the noise as explicit inputs (standard ONNX ops only, opset 18: group norm as float32
-``GroupNormalization`` in reduced-precision graphs, ``InstanceNormalization`` in float32 ones), so that its results are
-reproducible and comparable with the PyTorch sampler on the same noise:
+Graphs come from :mod:`.onnx_export` (and the cache of :mod:`.onnx_cache`); each runtime reads the
+graph's metadata and refuses a graph exported from another model or other weights. TensorRT
+engines (10.x and 11.x, strongly typed) are built from a graph exported in the engine's precision
+and cached under a key of (graph bytes, batch profile, precision, TensorRT version, GPU name).
 
-    inputs  image (B, C_img, S, S) normalised, x_init (V*B, C_mask, S, S), z (T, V*B, nz),
-            post (T, V*B, C_mask, S, S)                              (B is dynamic)
-    outputs prob (B, C_mask, S, S), std (B, C_mask, S, S)
-
-With test-time augmentation (``tta``) the per-vote dihedral transforms are part of the graph (plain
-``Transpose`` / ``Slice``), recorded as ``cdal_tta`` in the metadata; the graph stays square-only.
-
-The file's metadata records the weights hash, T, V, tile size and preset; loaders refuse a graph
-that does not match the model they are asked to run. TensorRT engines (10.x and 11.x, strongly
-typed) are built from a graph exported in the engine's precision and cached under a key of (graph
-bytes, batch profile, precision, TensorRT version, GPU name).
-
-Both samplers are :class:`~cdal_fast.sampler.SamplerLike` (the attributes and call signature of
-``FixedStepSampler``), so ``segment`` streams batches through them unchanged.
+Both samplers are :class:`~cdal_fast.sampling.sampler.SamplerLike` (the attributes and call
+signature of ``FixedStepSampler``), so ``segment`` streams batches through them unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .atomic import atomic_output
-from .config import INFERENCE_FIELDS
-from .generator import Generator
-from .onnx_groupnorm import GROUP_NORM_OPSET, group_normalization_export
+from ..atomic import atomic_output
+from ..network.config import INFERENCE_FIELDS
+from ..network.generator import Generator
+from ..sampling.sampler import SAMPLER_ATTRS
+from .onnx_cache import cache_dir
+from .onnx_export import INPUTS, OUTPUTS, onnx_metadata, read_meta
 from .ort_options import tuned_session_options
 from .requires import BackendError, require_tensorrt
-from .sampler import SAMPLER_ATTRS, FixedStepSampler, draw_noise, generators_from_seed
 from .tensorrt_plan import MIN_PROFILE_BATCH, check_call, check_input_shape, network_flags, profile_shapes, torch_dtype
 
-__all__ = ["export_onnx", "OnnxSampler", "TensorRTSampler", "build_tensorrt_engine", "cache_dir", "onnx_providers"]
-
-INPUTS = ["image", "x_init", "z", "post"]
-OUTPUTS = ["prob", "std"]
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("CDAL_FAST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cdal-fast")
-    return Path(root)
-
-
-def _meta(generator: Generator, steps: int, votes: int, size: int, weights_sha256: str,
-          tta: bool = False) -> dict[str, str]:
-    return {"cdal_preset": generator.cfg.name, "cdal_steps": str(steps), "cdal_votes": str(votes),
-            "cdal_size": str(size), "cdal_weights_sha256": weights_sha256,
-            "cdal_model_config": generator.cfg.to_json(), "cdal_tta": str(int(tta))}
-
-
-# Bumped whenever the exported graph changes for the same weights (2: float32 graphs use
-# InstanceNormalization); a cached graph of another format is exported again.
-GRAPH_FORMAT = "2"
-ONNX_OPSET = GROUP_NORM_OPSET  # GroupNormalization (float32 statistics) instead of InstanceNormalization
-EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def export_copy(generator: Generator, dtype: torch.dtype = torch.float32) -> Generator:
-    """A plain-op CPU copy of ``generator`` in ``dtype``, built fresh so that exporting never moves,
-    casts or re-fuses the caller's model (``segment`` may hold it on a GPU in bfloat16)."""
-    copy = Generator(generator.cfg)
-    copy.load_state_dict(generator.state_dict())  # copy_ brings the tensors to the CPU and float32
-    return copy.to(dtype=dtype).set_fused(False).eval()
-
-
-class _TypedSampler(torch.nn.Module):
-    """The sampler with float32 inputs and outputs around a ``dtype`` generator, so that a reduced
-    precision graph (strongly typed TensorRT) keeps the interface of the float32 one."""
-
-    def __init__(self, sampler: FixedStepSampler, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.sampler, self.dtype = sampler, dtype
-
-    def forward(self, image: torch.Tensor, x_init: torch.Tensor, z: torch.Tensor,
-                post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sampler(image.to(self.dtype), x_init, z, post)
-
-
-def export_onnx(generator: Generator, out: str | Path, steps: int | None = None, votes: int | None = None,
-                size: int | None = None, batch: int = 1, weights_sha256: str = "", precision: str = "fp32",
-                tta: bool = False) -> Path:
-    """Write the unrolled sampler as ONNX (plain ops; the fused custom ops are not used).
-
-    The graph is traced on the CPU from :func:`export_copy` (``precision`` sets its weights and
-    activations; inputs and outputs stay float32, group-norm statistics float32), so ``generator``
-    may live on any device in any dtype and is left exactly as it was. ``tta`` bakes test-time
-    augmentation into the graph.
-
-    Group norms: reduced-precision graphs (TensorRT) get float32 ``GroupNormalization``
-    (:mod:`cdal_fast.onnx_groupnorm`); float32 graphs keep the exporter's Reshape +
-    ``InstanceNormalization`` + Reshape, already float32, which onnxruntime's CPU provider runs as
-    one kernel where it expands ``GroupNormalization`` into about ten elementwise nodes (1.7x
-    faster for a (5, 32, 256, 256) group norm + SiLU; group norms were half of the graph's time).
-    """
-    import onnx
-
-    if precision not in EXPORT_DTYPES:
-        raise BackendError(f"ONNX export precision must be one of {', '.join(EXPORT_DTYPES)}, got {precision!r}")
-    sampler = FixedStepSampler(export_copy(generator), steps, votes, tta=tta).to(EXPORT_DTYPES[precision]).eval()
-    cfg = generator.cfg
-    s = size or cfg.image_size
-    n = draw_noise(sampler.num_steps, sampler.votes, cfg.mask_channels, cfg.nz, s, s, generators_from_seed(0, batch))
-    image = torch.zeros(batch, cfg.img_channels, s, s)
-    dyn = {"image": {0: "batch"}, "x_init": {0: "vb"}, "z": {1: "vb"}, "post": {1: "vb"},
-           "prob": {0: "batch"}, "std": {0: "batch"}}
-    meta = _meta(generator, sampler.num_steps, sampler.votes, s, weights_sha256, tta)
-    meta["cdal_precision"] = precision
-    meta["cdal_graph_format"] = GRAPH_FORMAT
-    with atomic_output(out) as tmp:
-        float_norms = group_normalization_export(ONNX_OPSET) if precision != "fp32" else contextlib.nullcontext()
-        with torch.no_grad(), float_norms, warnings.catch_warnings():
-            # the tracer warns at Python branches on shapes: TTA's square-tile check (spatial size is
-            # fixed in this graph, so it is exact) and group norm's batch-size sanity check (true for
-            # every batch); silenced for those two places only, so a new shape branch still warns
-            for module in (r"cdal_fast\.dihedral", r"torch\.nn\.functional"):
-                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=module)
-            torch.onnx.export(_TypedSampler(sampler, EXPORT_DTYPES[precision]), (image, n.x_init, n.z, n.post),
-                              str(tmp), input_names=INPUTS, output_names=OUTPUTS, dynamic_axes=dyn,
-                              opset_version=ONNX_OPSET, dynamo=False)
-        model = onnx.load(str(tmp))
-        for k, v in meta.items():
-            model.metadata_props.add(key=k, value=v)
-        onnx.save(model, str(tmp))
-    return Path(out)
-
-
-def _read_meta(props: dict[str, str], path: Path) -> dict[str, str]:
-    missing = [k for k in ("cdal_steps", "cdal_votes", "cdal_size", "cdal_model_config") if k not in props]
-    if missing:
-        raise BackendError(f"{path}: not a cdal-fast sampler graph (missing metadata {', '.join(missing)})")
-    return props
-
-
-def onnx_metadata(path: Path) -> dict[str, str]:
-    """The cdal metadata of an ONNX sampler graph (validated), read without running it."""
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return _read_meta(props, path)
+__all__ = ["OnnxSampler", "TensorRTSampler", "build_tensorrt_engine", "onnx_providers", "DEFAULT_TRT_BATCH"]
 
 
 def _set_sampler_attrs(module: torch.nn.Module, meta: dict[str, str]) -> None:
-    """Make ``module`` a :class:`~cdal_fast.sampler.SamplerLike`: its attributes from the graph's metadata."""
+    """Make ``module`` a :class:`~cdal_fast.sampling.sampler.SamplerLike`: its attributes from the graph's metadata."""
     cfg = json.loads(meta["cdal_model_config"])
     values = {"num_steps": meta["cdal_steps"], "votes": meta["cdal_votes"], "mask_channels": cfg["mask_channels"],
               "nz": cfg["nz"]}
@@ -202,7 +81,7 @@ class OnnxSampler(torch.nn.Module):
     def __init__(self, path: str | Path, generator: Generator | None = None, weights_sha256: str = "",
                  providers: list[str] | None = None, session_options: object | None = None) -> None:
         """``session_options``: an ``onnxruntime.SessionOptions``; default the tuned CPU settings of
-        :func:`cdal_fast.ort_options.tuned_session_options` (denormals flushed, one thread per core)."""
+        :func:`cdal_fast.runtime.ort_options.tuned_session_options` (denormals flushed, one thread per core)."""
         super().__init__()
         try:
             import onnxruntime as ort
@@ -222,7 +101,7 @@ class OnnxSampler(torch.nn.Module):
         if wanted not in self.session.get_providers():  # onnxruntime falls back to the CPU silently
             raise BackendError(f"{path}: onnxruntime could not start {wanted} (running: "
                                f"{', '.join(self.session.get_providers())})")
-        meta = _read_meta(dict(self.session.get_modelmeta().custom_metadata_map), path)
+        meta = read_meta(dict(self.session.get_modelmeta().custom_metadata_map), path)
         _check_matches(meta, generator, weights_sha256, path)
         _set_sampler_attrs(self, meta)
         self.size = int(meta["cdal_size"])
@@ -261,7 +140,7 @@ def build_tensorrt_engine(onnx_path: str | Path, precision: str = "fp16", max_ba
     """Build (or reuse from the cache) a strongly typed engine for batches of 1..``max_batch`` tiles.
 
     ``onnx_path`` must be a graph exported with ``precision`` (``export_onnx(..., precision=...)``):
-    the layers run in the types the graph gives them (see :mod:`cdal_fast.tensorrt_plan`).
+    the layers run in the types the graph gives them (see :mod:`cdal_fast.runtime.tensorrt_plan`).
     """
     trt = require_tensorrt()
     onnx_path = Path(onnx_path)

@@ -6,8 +6,8 @@ border) and removes 8-connected objects smaller than ``min_object_px`` pixels. S
 of the model's own grid (its ``mpp``; the 512 working grid of the MoNuSeg protocol is that grid), so
 one setting means the same physical size in ``eval`` and ``segment``.
 
-The defaults (0.5, 0, 0) are the plain decoding of :func:`cdal_fast.decode.to_labels`. Only the
-threshold became a model default (``ModelConfig.threshold``, decoded by :mod:`cdal_fast.decode` in
+The defaults (0.5, 0, 0) are the plain decoding of :func:`cdal_fast.sampling.decode.to_labels`. Only the
+threshold became a model default (``ModelConfig.threshold``, decoded by :mod:`cdal_fast.sampling.decode` in
 ``segment`` and ``eval``); the clean-up sizes added <= 0.0008 validation Dice and are used only by the
 offline sweep (``scripts/tune_monuseg_val.py``), so no config carries them.
 """

@@ -1,0 +1,1 @@
+"""Training: the loop, the losses, checkpoints, precision and the training data with its augmentations."""

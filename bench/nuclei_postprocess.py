@@ -28,7 +28,8 @@ from cdal_fast.models import load_model
 from cdal_fast.runtime.backends import build_sampler
 from cdal_fast.sampling.imageio import read_image
 from cdal_fast.sampling.inference import DTYPES
-from cdal_fast.wsi.pipeline import SegmentOptions, segment_slide
+from cdal_fast.wsi.options import SegmentOptions
+from cdal_fast.wsi.pipeline import segment_slide
 
 try:
     from bench.common import write_results

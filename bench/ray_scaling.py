@@ -29,14 +29,14 @@ import torch
 
 from bench.common import write_results
 from cdal_fast.distributed.ray_runner import ACTOR_ENV, RayOptions, run_on_ray
-from cdal_fast.distributed.worker import WorkerSpec
+from cdal_fast.job import SegmentJob
 from cdal_fast.models import load_model
 from cdal_fast.network.config import get_preset
 from cdal_fast.network.generator import Generator
 from cdal_fast.sampling.sampler import FixedStepSampler
 from cdal_fast.weights import save_weights
-from cdal_fast.wsi.batch import segment_all
-from cdal_fast.wsi.pipeline import SegmentOptions
+from cdal_fast.wsi.batch import TaskRun, segment_all
+from cdal_fast.wsi.options import SegmentOptions
 from tests.slides import write_ome_pyramid
 
 SLIDE_MPP = 0.5  # the tiny model's resolution: no resampling
@@ -66,13 +66,14 @@ def _one_size(name: str, count: int, side: int, tmpdir: Path, weights: Path, opt
     load_before = _load()
     bundle = load_model(weights)
     t0, c0 = time.perf_counter(), time.process_time()
-    rep = segment_all(files, tmpdir / f"{name}-single", FixedStepSampler(bundle.generator), bundle.config, opts,
-                      torch.device("cpu"), torch.float32, {}, echo=lambda m: None, show_progress=False)
+    job = SegmentJob.of(bundle, opts, weights=str(weights))
+    run = TaskRun.local(job, FixedStepSampler(bundle.generator), bundle.config, torch.device("cpu"))
+    rep = segment_all(files, tmpdir / f"{name}-single", run, echo=lambda m: None, show_progress=False)
     single, single_cpu = time.perf_counter() - t0, time.process_time() - c0
     tiles = rep.to_dict()["tiles"]
     rows = [{"size": name, "run": "single process, 1 thread", "actors": 0, "seconds": single, "tiles": tiles,
              "tiles_per_s": tiles / single, "vs_single": 1.0, "cpu_s": single_cpu}]
-    spec = WorkerSpec(str(weights), "monuseg", None, None, "eager", "float32", "cpu", opts)
+    spec = job
     for n in ACTOR_COUNTS:
         t0, c0 = time.perf_counter(), time.process_time()
         _rep, summary = run_on_ray(files, tmpdir / f"{name}-ray{n}", spec, RayOptions(actors=n, unit="input"),

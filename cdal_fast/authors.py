@@ -27,33 +27,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .network.config import MONUSEG_MEAN, MONUSEG_STD, ConfigError, ModelConfig
+from .network.config import ConfigError, ModelConfig
 from .network.discriminator import Discriminator
 from .network.generator import Generator
 from .network.layers import CondBlock, ResBlock, SelfAttention
+from .tasks import TASKS, get_task
 from .weights import file_sha256, save_weights
 
 __all__ = ["AuthorsCheckpointError", "TASK_OF_DATASET", "config_from_args", "read_args", "read_authors_state",
            "convert_generator_state", "convert_discriminator_state", "import_checkpoint", "generator_key_map"]
 
 DDP_PREFIX = "module."
-# The authors' ``dataset`` argument decides the task and with it the image channels.
-TASK_OF_DATASET = {"monu": "monuseg", "lung": "cxr", "hippo": "hippocampus"}
-IMAGE_CHANNELS = {"monuseg": 3, "cxr": 1, "hippocampus": 1}
-# Votes of the authors' test protocol (spec section 7); not part of their argument namespace.
-TEST_VOTES = {"monuseg": 5, "cxr": 30, "hippocampus": 5}
-# The authors' data code per task, as (norm_mean, norm_std) on the 0-255 scale after our channel
-# matching. MoNuSeg: per-channel statistics. Chest X-ray: mean of the grey channels / 255, then
-# 2x - 1, i.e. (x - 127.5) / 127.5. Hippocampus: per-volume min-max to [-1, 1] (volume_scaling),
-# then identity.
-AUTHORS_NORM = {
-    "monuseg": (MONUSEG_MEAN, MONUSEG_STD),
-    "cxr": ((127.5,), (127.5,)),
-    "hippocampus": ((0.0,), (1.0,)),
-}
-MONUSEG_MPP = 0.5  # their 1000 -> 512 resize of 40x tiles: the model works at about 20x
-# Their chest X-ray masks put the lung at -1 (their scoring flips it back): object = the -1 side.
-MASK_POLARITY = {"monuseg": 1, "cxr": -1, "hippocampus": 1}
+# The authors' ``dataset`` argument decides the task; each task's record (:mod:`cdal_fast.tasks`) holds
+# their data code's facts: image channels, normalisation, mask polarity, test votes, resolution.
+TASK_OF_DATASET = {t.authors_dataset: t.name for t in TASKS.values()}
 # Fields of their namespace that must hold these values for the network to be the one we build.
 REQUIRED_ARGS = {"resblock_type": "biggan", "progressive": "none", "progressive_input": "residual",
                  "progressive_combine": "sum", "embedding_type": "positional", "fir": True,
@@ -90,8 +77,8 @@ def _arg(args: dict[str, Any], key: str, source: str) -> Any:
 def task_of_args(args: dict[str, Any], task: str | None = None, source: str = "args") -> str:
     """The cdal-fast task of an argument namespace; ``task`` overrides their ``dataset`` field."""
     if task is not None:
-        if task not in IMAGE_CHANNELS:
-            raise AuthorsCheckpointError(f"unknown task {task!r}; choose one of {', '.join(IMAGE_CHANNELS)}")
+        if task not in TASKS:
+            raise AuthorsCheckpointError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         return task
     dataset = str(args.get("dataset", ""))
     for prefix, name in TASK_OF_DATASET.items():
@@ -108,16 +95,15 @@ def config_from_args(args: dict[str, Any], task: str | None = None, name: str | 
         if key in args and args[key] != want:
             raise AuthorsCheckpointError(
                 f"{source}: {key}={args[key]!r} is not supported (the published cDAL models use {want!r})")
-    task = task_of_args(args, task, source)
-    mean, std = AUTHORS_NORM[task]
+    t = get_task(task_of_args(args, task, source))
     try:
         return ModelConfig(
-            name=name or f"authors_{task}",
-            img_channels=IMAGE_CHANNELS[task],
+            name=name or f"authors_{t.name}",
+            img_channels=t.img_channels,
             mask_channels=int(_arg(args, "num_channels", source)),
             image_size=int(_arg(args, "image_size", source)),
-            norm_mean=mean, norm_std=std,
-            mpp=MONUSEG_MPP if task == "monuseg" else None,
+            norm_mean=t.norm_mean, norm_std=t.norm_std,
+            mpp=t.mpp,
             nf=int(_arg(args, "num_channels_dae", source)),
             ch_mult=tuple(int(m) for m in _arg(args, "ch_mult", source)),
             num_res_blocks=int(_arg(args, "num_res_blocks", source)),
@@ -128,17 +114,17 @@ def config_from_args(args: dict[str, Any], task: str | None = None, name: str | 
             zdim=int(_arg(args, "z_emb_dim", source)),
             n_mlp=int(_arg(args, "n_mlp", source)),
             dropout=float(args.get("dropout", 0.0)),
-            disc="small" if task == "hippocampus" else "large",
+            disc=t.disc,
             ngf=int(args.get("ngf", 64)),
             t_emb_dim=int(args.get("t_emb_dim", 256)),
             attn_scale=int(args.get("attn_scale", 3)),
             num_steps=int(_arg(args, "num_timesteps", source)),
-            votes=TEST_VOTES[task],
+            votes=t.test_votes,
             beta_min=float(args.get("beta_min", 0.1)),
             beta_max=float(args.get("beta_max", 20.0)),
-            volume_scaling="minmax" if task == "hippocampus" else "zscore",
-            mask_polarity=MASK_POLARITY[task],
-            volume_orientation="LPI" if task == "hippocampus" else "native",
+            volume_scaling=t.volume_scaling,
+            mask_polarity=t.mask_polarity,
+            volume_orientation=t.volume_orientation,
         )
     except (ConfigError, TypeError, ValueError) as exc:
         if isinstance(exc, AuthorsCheckpointError):

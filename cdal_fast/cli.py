@@ -39,18 +39,21 @@ from .cli_options import (
     WORKERS,
     check_steps,
 )
+from .job import AUTO, BACKEND_CHOICES, JobError, SegmentJob, SegmentRequest, resolve_segment_job
 from .nuclei import params as nuclei_defaults
-from .runtime.backends import AUTO, BACKEND_CHOICES
+from .runtime.requires import BackendError
 from .sampling.inference import DTYPES
+from .tasks import TASK_NAMES, TASKS, task_of_model
+from .wsi.batch import RunReport, TaskRun, find_inputs, run_summary_name, segment_all
 from .wsi.limits import DEFAULT_MAX_PIXELS
 from .wsi.tissue import DEFAULT_MIN_AREA_UM2
 from .wsi.writer import PYRAMID_LAYOUTS
 
 if TYPE_CHECKING:
-    from .distributed.worker import WorkerSpec
     from .network.config import ModelConfig
+    from .weights import ModelBundle
 
-TASKS = ("monuseg", "cxr", "hippocampus")
+SHIPPED_MODELS = tuple(m for t in TASKS.values() for m in t.models)
 PLAIN_OP_FORMATS = ("onnx", "tensorrt")  # export formats that cannot call the cdal custom ops
 
 
@@ -82,9 +85,10 @@ def info() -> None:
     click.echo(f"cdal-fast {__version__}, torch {torch.__version__}")
     click.echo(f"CUDA device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     click.echo(f"C++ ops (torch.ops.cdal): {'loaded' if ops.extension_available() else 'not built'}")
-    for task, stem in SHIPPED.items():
-        p = MODEL_DIR / f"{stem}.safetensors"
-        click.echo(f"model {task:12s} {'shipped' if p.is_file() else 'not shipped'}  {p if p.is_file() else ''}")
+    for model, task in SHIPPED.items():
+        p = MODEL_DIR / f"{model}.safetensors"
+        where = f"shipped  {p}" if p.is_file() else "not shipped"
+        click.echo(f"model {model:12s} ({task}) {where}")
     from .runtime.backend_choice import resolve_backend
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -164,7 +168,7 @@ def _leave_process_group(finished: bool) -> None:
 
 
 @main.command(name="eval")
-@click.option("--task", type=click.Choice(TASKS), required=True, help="Which published protocol to score by.")
+@click.option("--task", type=click.Choice(TASK_NAMES), required=True, help="Which published protocol to score by.")
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Folder with images/ and masks/ (imagesTr/ and labelsTr/ for hippocampus).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
@@ -236,9 +240,10 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (created if needed).")
-@click.option("--model", "task", type=click.Choice(list(TASKS)), default="monuseg", show_default=True,
-              help="Task: monuseg (H&E slides/images -> nuclei), cxr (radiographs -> lungs), hippocampus "
-                   "(NIfTI MRI -> anterior/posterior labels). Picks the shipped model unless --weights is given.")
+@click.option("--model", "task", type=click.Choice(list(SHIPPED_MODELS)), default="monuseg", show_default=True,
+              help="Shipped model, and with it the task: monuseg (H&E slides/images -> nuclei), cxr (radiographs -> "
+                   "lungs), hippocampus (NIfTI MRI -> anterior/posterior labels). With --weights: the task of those "
+                   "weights.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Weights (.safetensors with its .json). Default: the shipped model of --model.")
 @click.option("--recursive", "-r", is_flag=True, help="Search folders recursively.")
@@ -274,7 +279,8 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
 @click.option("--no-tissue-mask", is_flag=True, help="Sample every tile, not only tiles with tissue.")
 @click.option("--tissue-threshold", type=click.FloatRange(0, 255, max_open=True), default=None,
               help="Saturation (0-255) above which a thumbnail pixel is tissue (default: Otsu's threshold, >= 15).")
-@click.option("--tissue-min-area", type=click.FloatRange(0, min_open=True), default=DEFAULT_MIN_AREA_UM2,
+@click.option("--tissue-min-area", "tissue_min_area_um2", type=click.FloatRange(0, min_open=True),
+              default=DEFAULT_MIN_AREA_UM2,
               show_default=True, help="Smallest tissue fragment kept, in um^2; the thumbnail is read fine enough "
                                       "for it (needle biopsies, TMA cores).")
 @click.option("--save-tissue", is_flag=True,
@@ -298,11 +304,12 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
               show_default=True,
               help="Nucleus foreground where the vote-mean probability is >= this. Tuned for object scores (AJI) "
                    "apart from the mask's --threshold, which is tuned for Dice.")
-@click.option("--nuclei-h", "nuclei_h", type=MARKER_H_UM, default=nuclei_defaults.DEFAULT_MARKER_H_UM,
+@click.option("--nuclei-h", "nuclei_h_um", type=MARKER_H_UM, default=nuclei_defaults.DEFAULT_MARKER_H_UM,
               show_default=True,
               help="Marker h in um: touching nuclei are split where the distance-to-background saddle between "
                    "them is at least this deep (larger: fewer splits).")
-@click.option("--nuclei-min-area", type=AREA_UM2, default=nuclei_defaults.DEFAULT_MIN_AREA_UM2, show_default=True,
+@click.option("--nuclei-min-area", "nuclei_min_area_um2", type=AREA_UM2, default=nuclei_defaults.DEFAULT_MIN_AREA_UM2,
+              show_default=True,
               help="Smallest nucleus kept, in um^2.")
 @click.option("--save-labels", is_flag=True,
               help="Also write NAME.labels.ome.tif: uint32 nucleus ids (= the CSV's id) on the slide's pixel grid.")
@@ -328,17 +335,12 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
                    "inputs than actors).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | None, recursive: bool,
-            pattern: str | None,
-            mpp: float | None, max_pixels: float, device: str, dtype: str, backend: str, batch_size: int | None,
-            workers: int,
-            steps: int | None, allow_untrained_steps: bool, votes: int | None, tta: bool | None,
-            threshold: float | None, seed: int, tile_overlap: int | None,
-            no_tissue_mask: bool, tissue_threshold: float | None, tissue_min_area: float, save_tissue: bool,
-            roi: Path | None, pyramid_layout: str, save_prob: bool, save_uncertainty: bool, no_nuclei: bool,
-            no_nuclei_geojson: bool, nuclei_gzip: bool, no_nuclei_csv: bool, nuclei_threshold: float,
-            nuclei_h: float, nuclei_min_area: float, save_labels: bool, overwrite: bool,
-            shard: str | None, ray_address: str | None, ray_cpus_per_actor: int, ray_actors: int | None,
-            ray_max_retries: int, ray_unit: str, quiet: bool) -> None:
+            pattern: str | None, device: str, dtype: str, backend: str, batch_size: int | None, steps: int | None,
+            allow_untrained_steps: bool, votes: int | None, tta: bool | None, threshold: float | None,
+            tile_overlap: int | None, no_tissue_mask: bool, roi: Path | None, no_nuclei: bool,
+            no_nuclei_geojson: bool, no_nuclei_csv: bool, shard: str | None, ray_address: str | None,
+            ray_cpus_per_actor: int, ray_actors: int | None, ray_max_retries: int, ray_unit: str, quiet: bool,
+            **options) -> None:
     """Segment slides and images into masks.
 
     INPUTS are files or folders: TIFF / BigTIFF / OME-TIFF (pyramidal or flat), PNG / JPEG, DICOM WSI
@@ -359,19 +361,51 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
 
     Example: cdal-fast segment slides/ --out masks/ --device cuda --dtype bfloat16
     """
-    from .models import load_model
-    from .runtime.backends import build_sampler
-    from .runtime.requires import BackendError
-    from .weights import WeightsError
-    from .wsi.batch import find_inputs, run_summary_name, segment_all
-    from .wsi.outputs import NameCollisionError, output_names
-    from .wsi.pipeline import SegmentOptions
-    from .wsi.shard import ShardError, parse_shard, select_shard
+    shard_index, shard_count = _parse_shard(shard)
+    devices = _device_list(device, ray_address)
+    request = SegmentRequest(
+        task=task_of_model(task).name, model=task, weights=str(weights) if weights else None, device=device,
+        dtype=dtype, backend=backend, batch_size=batch_size, steps=steps, allow_untrained_steps=allow_untrained_steps,
+        votes=votes, tta=tta, threshold=threshold, tile_overlap=tile_overlap, nuclei=not no_nuclei,
+        options=options | {"tissue": not no_tissue_mask, "roi": str(roi.resolve()) if roi else None,
+                           "nuclei_geojson": not no_nuclei_geojson, "nuclei_csv": not no_nuclei_csv})
+    # With --ray or a device list this process loads the model only for its checks: workers load their own.
+    local = ray_address is None and not devices
+    dev = _device(device) if local else torch.device("cpu")
+    gpu = dev.type == "cuda" if local else (devices[0].type == "cuda" if devices else device.startswith("cuda"))
+    job, bundle = _resolve_job(request, dev, gpu, local)
+    files, names = _inputs(inputs, recursive, pattern, shard_index, shard_count)
+    echo = lambda m: click.echo(m, err=True)  # noqa: E731
+    if ray_address is not None:
+        from .distributed.ray_runner import RayOptions, run_on_ray
+
+        ray_opts = RayOptions(address=ray_address, cpus_per_actor=ray_cpus_per_actor, actors=ray_actors,
+                              max_retries=ray_max_retries, unit=ray_unit)
+        report, _ = run_on_ray(files, out_dir, job.with_record(ray=ray_address), ray_opts, echo=echo,
+                               show_progress=not quiet, shard=(shard_index, shard_count), names=names)
+    elif devices:
+        from .distributed.local import run_on_devices
+
+        report, _ = run_on_devices(files, out_dir, job, devices, echo=echo, shard=(shard_index, shard_count),
+                                   names=names, show_progress=not quiet)
+    else:
+        run = _local_run(job, bundle, dev)
+        report = segment_all(files, out_dir, run, echo=echo, show_progress=not quiet, names=names,
+                             summary_name=run_summary_name(shard_index, shard_count))
+    _print_report(report, out_dir / run_summary_name(shard_index, shard_count))
+
+
+def _parse_shard(shard: str | None) -> tuple[int, int]:
+    from .wsi.shard import ShardError, parse_shard
 
     try:
-        shard_index, shard_count = parse_shard(shard) if shard else (0, 1)
+        return parse_shard(shard) if shard else (0, 1)
     except ShardError as exc:
         raise click.BadParameter(str(exc), param_hint="--shard") from None
+
+
+def _device_list(device: str, ray_address: str | None) -> list[torch.device] | None:
+    """The devices of ``--device a,b`` / ``all`` (None for one device); with --ray, Ray's check first."""
     if ray_address is not None:
         from .distributed.ray_runner import require_ray
 
@@ -379,37 +413,58 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
             require_ray()  # fail at start, before any model is loaded
         except BackendError as exc:
             raise click.ClickException(str(exc)) from None
-    devices = None
-    if ray_address is None and ("," in device or device == "all"):
-        from .distributed.devices import DeviceListError, parse_devices
+        return None
+    if "," not in device and device != "all":
+        return None
+    from .distributed.devices import DeviceListError, parse_devices
 
-        try:
-            devices, warning = parse_devices(device, torch.cuda.device_count())
-        except DeviceListError as exc:
-            raise click.BadParameter(str(exc), param_hint="--device") from None
-        if warning:
-            click.echo(f"warn  {warning}", err=True)
-    # With --ray (or a device list) this process only loads the model for its checks: the workers
-    # resolve --device where they run.
-    dev = torch.device("cpu") if ray_address is not None or devices else _device(device)
     try:
-        bundle = load_model(weights, task=task, device=dev)
-        untrained = check_steps(steps, bundle.config.num_steps, allow_untrained_steps)
-        if batch_size is None:  # decided before the sampler is built (a TensorRT engine's largest batch)
-            on_gpu = devices[0].type == "cuda" if devices else (
-                device.startswith("cuda") if ray_address is not None else dev.type == "cuda")
-            batch_size = 8 if on_gpu else 1
-        use_tta = bundle.config.tta if tta is None else tta
-        use_threshold = bundle.config.threshold if threshold is None else threshold
-        sampler = None if ray_address is not None or devices else build_sampler(
-            bundle.generator, steps, votes, backend, dev, DTYPES[dtype], bundle.content_sha256, max_batch=batch_size,
-            tta=use_tta)
-    except (WeightsError, BackendError) as exc:
+        devices, warning = parse_devices(device, torch.cuda.device_count())
+    except DeviceListError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+    if warning:
+        click.echo(f"warn  {warning}", err=True)
+    return devices
+
+
+def _resolve_job(request: SegmentRequest, dev: torch.device, gpu: bool,
+                 local: bool) -> tuple[SegmentJob, ModelBundle]:
+    """Load the model and resolve the job (every default and check: :mod:`cdal_fast.job`); a local job runs
+    on ``dev``, a distributed one's workers resolve ``--device`` where they run."""
+    from .models import load_model
+    from .weights import WeightsError
+
+    try:
+        bundle = load_model(request.weights, task=request.task, device=dev, model=request.model)
+        job = resolve_segment_job(request, bundle, gpu)
+    except WeightsError as exc:
         raise click.ClickException(str(exc)) from None
+    except JobError as exc:
+        if exc.param:
+            raise click.BadParameter(str(exc), param_hint=exc.param) from None
+        raise click.UsageError(str(exc)) from None
+    return (job.on_device(str(dev)) if local else job), bundle
+
+
+def _local_run(job: SegmentJob, bundle: ModelBundle, dev: torch.device) -> TaskRun:
+    """The sampler built here, and the run that samples in this process."""
+    try:
+        sampler = job.build_sampler(bundle.generator, dev)
+    except BackendError as exc:
+        raise click.ClickException(str(exc)) from None
+    return TaskRun.local(job, sampler, bundle.config, dev)
+
+
+def _inputs(inputs: tuple[Path, ...], recursive: bool, pattern: str | None, shard_index: int,
+            shard_count: int) -> tuple[list[Path], dict[Path, str]]:
+    """The inputs (this shard's) and their unique output names, settled over all inputs before any work."""
+    from .wsi.outputs import NameCollisionError, output_names
+    from .wsi.shard import select_shard
+
     files = find_inputs(list(inputs), recursive, pattern)
     if not files:
         raise click.ClickException("no slide or image files found in the inputs")
-    try:  # unique output names per input, settled over all inputs (every shard alike) before any work starts
+    try:
         names = output_names(files, roots=[p for p in inputs if p.is_dir()])
     except NameCollisionError as exc:
         raise click.ClickException(str(exc)) from None
@@ -418,76 +473,18 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
         files = select_shard(files, list(inputs), shard_index, shard_count)
         click.echo(f"shard {shard_index}/{shard_count}: {len(files)} of {found} inputs", err=True)
         names = {f: names[f] for f in files}
-    tile = bundle.config.image_size
-    if tile_overlap is None:
-        tile_overlap = tile // 4
-    if not 0 <= tile_overlap < tile:
-        raise click.BadParameter(f"must be in [0, {tile}) for this model's {tile}-px tiles",
-                                 param_hint="--tile-overlap")
-    opts = SegmentOptions(batch_size=batch_size, steps=steps, votes=votes, seed=seed, tile_overlap=tile_overlap,
-                          workers=workers, mpp=mpp, tissue=not no_tissue_mask, save_prob=save_prob,
-                          save_uncertainty=save_uncertainty, overwrite=overwrite, tissue_threshold=tissue_threshold,
-                          tissue_min_area_um2=tissue_min_area, save_tissue=save_tissue,
-                          roi=str(roi.resolve()) if roi else None, pyramid_layout=pyramid_layout,
-                          nuclei=not no_nuclei and not bundle.config.multiclass, nuclei_geojson=not no_nuclei_geojson,
-                          nuclei_gzip=nuclei_gzip, nuclei_csv=not no_nuclei_csv, save_labels=save_labels,
-                          nuclei_threshold=nuclei_threshold, nuclei_h_um=nuclei_h, nuclei_min_area_um2=nuclei_min_area,
-                          max_pixels=max_pixels, tta=use_tta, threshold=use_threshold)
-    info = {"weights": str(bundle.path), "sha256": bundle.sha256, "weights_verified": bundle.verified,
-            "preset": bundle.config.name, "backend": _backend_used(sampler, backend), "dtype": dtype,
-            "device": str(dev),
-            "steps": steps or bundle.config.num_steps, "trained_steps": bundle.config.num_steps,
-            "votes": votes or bundle.config.votes, "tta": use_tta,
-            "threshold": None if bundle.config.multiclass else use_threshold, "untrained_steps": untrained}
-    echo = lambda m: click.echo(m, err=True)  # noqa: E731
-    summary_name = run_summary_name(shard_index, shard_count)
-    if ray_address is not None or devices:
-        from .distributed.worker import WorkerSpec
+    return files, names
 
-        # what every worker (a Ray actor or one per listed device) needs to build the same sampler
-        spec = WorkerSpec(str(weights) if weights else None, task, steps, votes, backend, dtype, device, opts,
-                          info | ({"ray": ray_address} if ray_address is not None else {}))
-    if ray_address is not None:
-        report = _segment_on_ray(files, out_dir, spec, ray_address, ray_cpus_per_actor, ray_actors,
-                                 ray_max_retries, ray_unit, echo, quiet, (shard_index, shard_count), names)
-    elif devices:
-        from .distributed.local import run_on_devices
 
-        report, _summary = run_on_devices(files, out_dir, spec, devices, echo=echo, shard=(shard_index, shard_count),
-                                          names=names, show_progress=not quiet)
-    else:
-        report = segment_all(files, out_dir, sampler, bundle.config, opts, dev, DTYPES[dtype], info,
-                             echo=echo, show_progress=not quiet, task=task, names=names, summary_name=summary_name)
+def _print_report(report: RunReport, summary: Path) -> None:
     r = report.to_dict()
     locked = f", {len(r['skipped_locked'])} left to another run" if r["skipped_locked"] else ""
     # each failure was reported once (a FAIL line); its traceback is in the summary
     click.echo(f"{r['processed']} done, {len(r['skipped_complete'])} already complete{locked}, "
                f"{len(r['failed'])} failed; {r['tiles']} tiles in {r['seconds']:.1f} s "
-               f"({r['tiles_per_second']:.2f} tiles/s). Summary: {out_dir / summary_name}")
+               f"({r['tiles_per_second']:.2f} tiles/s). Summary: {summary}")
     if report.failed:
         sys.exit(1)
-
-
-def _backend_used(sampler: object, backend: str) -> str:
-    """The backend name for the run summary: ``auto`` is recorded with what it resolved to."""
-    if backend != AUTO or sampler is None:
-        return backend
-    from .runtime.onnx_tensorrt import OnnxSampler
-
-    return f"{AUTO} -> {'onnx' if isinstance(sampler, OnnxSampler) else 'eager'}"
-
-
-def _segment_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, address: str,
-                    cpus_per_actor: int, actors: int | None, max_retries: int, unit: str, echo, quiet: bool,
-                    shard: tuple[int, int], names: dict[Path, str]):
-    """The --ray branch of `segment`: the run's WorkerSpec handed to the actors."""
-    from .distributed.ray_runner import RayOptions, run_on_ray
-
-    ray_opts = RayOptions(address=address, cpus_per_actor=cpus_per_actor, actors=actors, max_retries=max_retries,
-                          unit=unit)
-    report, _summary = run_on_ray(files, out_dir, spec, ray_opts, echo=echo, show_progress=not quiet, shard=shard,
-                                  names=names)
-    return report
 
 
 @main.command()
@@ -570,7 +567,7 @@ def export(fmt: str, weights: Path | None, out: Path, steps: int | None, allow_u
                    "parameters_lung.json / ... saved as JSON; see docs/authors.md).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output path without extension: writes OUT.safetensors and OUT.json.")
-@click.option("--task", type=click.Choice(TASKS), default=None,
+@click.option("--task", type=click.Choice(TASK_NAMES), default=None,
               help="Task (preprocessing, polarity, votes); default: from the args' dataset field.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Stored precision (the released files are float32).")

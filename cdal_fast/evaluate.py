@@ -12,6 +12,7 @@ tiles and volumes is :mod:`cdal_fast.sampling.inference`, which ``segment`` uses
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,9 @@ from .sampling.inference import (
     predict_volume,
 )
 from .sampling.preprocess import match_channels, to_chw_float
+from .tasks import get_task
 
-__all__ = ["EvalResult", "evaluate_task", "scalar_dice"]
+__all__ = ["EvalResult", "evaluate_task", "evaluate_monuseg", "evaluate_cxr", "evaluate_hippocampus", "scalar_dice"]
 
 HIPPO_CLASSES = [1, 2]
 
@@ -67,29 +69,45 @@ def _instance_truth(root: Path, name: str) -> Path | None:
     return annotation_path(root, name)
 
 
-def evaluate_2d(task: str, data: Path, cfg: ModelConfig, runner: PatchRunner, split: str | None,
-                limit: int | None = None, progress: bool = True, names: list[str] | None = None,
-                split_file: str | Path | None = None) -> EvalResult:
+def _evaluate_2d(task: str, data: Path, cfg: ModelConfig, runner: PatchRunner, split: str | None,
+                 limit: int | None, progress: bool, names: list[str] | None, split_file: str | Path | None,
+                 predict: Callable[[torch.Tensor, ModelConfig, PatchRunner], torch.Tensor]) -> EvalResult:
+    """A 2D protocol: ``predict`` gives each image's (1, S, S) probability; Dice/IoU at that size, and
+    instance scores where the task's tiles carry XML nuclei."""
     root = resolve_2d_root(data)
     pairs = find_pairs(root, names if names is not None else read_split(root, split, split_file))[:limit]
+    with_instances = get_task(task).nuclei_annotations
     rows = []
     for name, ip, mp in tqdm(pairs, desc=f"eval {task}", disable=not progress, leave=False):
         img = match_channels(to_chw_float(read_image(ip)), cfg.img_channels)
         mask = torch.from_numpy(read_mask(mp))
-        if task == "monuseg":
-            prob = predict_monuseg_tile(img, cfg, runner)[None]
-        else:
-            prob = predict_image(img, cfg, runner)[:1]
+        prob = predict(img, cfg, runner)
         target = resize_mask(mask, prob.shape[-1])
         d, i = dice_iou(to_labels(prob, cfg).bool(), target)
         rows.append({"name": name, "dice": d, "iou": i})
-        gt = _instance_truth(root, name) if task == "monuseg" else None
-        if gt is not None:  # instance metrics where the XML nuclei exist (13 of the 30 tiles)
+        gt = _instance_truth(root, name) if with_instances else None
+        if gt is not None:  # instance metrics where the XML nuclei exist (13 of the 30 MoNuSeg tiles)
             from .nuclei.evaluation import score_tile
 
             rows[-1].update(score_tile(prob[0], gt, tuple(mask.shape))[0].to_dict())
     return EvalResult(task, _mean(rows, "dice"), _mean(rows, "iou"), rows,
                       runner.sampler.num_steps, runner.sampler.votes)
+
+
+def evaluate_monuseg(data: Path, cfg: ModelConfig, runner: PatchRunner, split: str | None = None,
+                     names: list[str] | None = None, limit: int | None = None, progress: bool = True,
+                     split_file: str | Path | None = None) -> EvalResult:
+    """Tiles resized to 512, four 256 patches, the stitched vote mean scored at 512x512."""
+    return _evaluate_2d("monuseg", data, cfg, runner, split, limit, progress, names, split_file,
+                        lambda img, c, r: predict_monuseg_tile(img, c, r)[None])
+
+
+def evaluate_cxr(data: Path, cfg: ModelConfig, runner: PatchRunner, split: str | None = None,
+                 names: list[str] | None = None, limit: int | None = None, progress: bool = True,
+                 split_file: str | Path | None = None) -> EvalResult:
+    """Whole radiographs at the model size; the lung class scored at that size."""
+    return _evaluate_2d("cxr", data, cfg, runner, split, limit, progress, names, split_file,
+                        lambda img, c, r: predict_image(img, c, r)[:1])
 
 
 def volume_affine(data: Path, name: str, cfg: ModelConfig) -> np.ndarray | None:
@@ -104,8 +122,12 @@ def volume_affine(data: Path, name: str, cfg: ModelConfig) -> np.ndarray | None:
     return nib.load(str(paths[0])).affine
 
 
-def evaluate_hippocampus(data: Path, cfg: ModelConfig, runner: PatchRunner, names: list[str] | None = None,
-                         limit: int | None = None, progress: bool = True) -> EvalResult:
+def evaluate_hippocampus(data: Path, cfg: ModelConfig, runner: PatchRunner, split: str | None = None,
+                         names: list[str] | None = None, limit: int | None = None, progress: bool = True,
+                         split_file: str | Path | None = None) -> EvalResult:
+    """The 3D sliding window over each volume; per-class Dice/IoU (anterior, posterior) per volume."""
+    if names is None:
+        names = read_split(data, split, split_file)
     pairs = read_volume_pairs(data, names)[:limit]
     rows = []
     for name, vol, lab in tqdm(pairs, desc="eval hippocampus", disable=not progress, leave=False):
@@ -119,13 +141,9 @@ def evaluate_hippocampus(data: Path, cfg: ModelConfig, runner: PatchRunner, name
 def evaluate_task(task: str, data: Path, cfg: ModelConfig, runner: PatchRunner, split: str | None = None,
                   names: list[str] | None = None, limit: int | None = None, progress: bool = True,
                   split_file: str | Path | None = None) -> EvalResult:
-    if task in ("monuseg", "cxr"):
-        return evaluate_2d(task, data, cfg, runner, split, limit, progress, names, split_file)
-    if task == "hippocampus":
-        if names is None:
-            names = read_split(data, split, split_file)
-        return evaluate_hippocampus(data, cfg, runner, names, limit, progress)
-    raise ValueError(f"unknown task {task!r}")
+    """Score by ``task``'s protocol (:mod:`cdal_fast.tasks`)."""
+    score = get_task(task).function("evaluate")
+    return score(data, cfg, runner, split, names, limit, progress, split_file)
 
 
 def scalar_dice(result: EvalResult) -> float:

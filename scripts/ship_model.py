@@ -20,15 +20,15 @@ from cdal_fast.weights import load_weights, save_weights
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("weights", help="trained weights (NAME, NAME.safetensors or NAME.json)")
-    ap.add_argument("task", choices=sorted(SHIPPED))
+    ap.add_argument("model", choices=sorted(SHIPPED), help="the shipped model to replace")
     args = ap.parse_args()
     bundle = load_weights(args.weights)
-    st, js = save_weights(MODEL_DIR / SHIPPED[args.task], bundle.generator, provenance=bundle.provenance,
+    st, js = save_weights(MODEL_DIR / args.model, bundle.generator, provenance=bundle.provenance,
                           dtype=torch.float16, max_file_bytes=MAX_FILE_BYTES)
     check = load_weights(js)
     for (name, a), b in zip(bundle.generator.state_dict().items(), check.generator.state_dict().values()):
         assert torch.equal(a, b), name
-    print(f"shipped {args.task}: {js}")
+    print(f"shipped {args.model} ({SHIPPED[args.model]}): {js}")
 
 
 if __name__ == "__main__":

@@ -9,16 +9,22 @@ import numpy as np
 import pytest
 import torch
 
+from cdal_fast.job import SegmentJob
 from cdal_fast.models import load_model
 from cdal_fast.sampling.sampler import FixedStepSampler
-from cdal_fast.wsi.batch import segment_all
-from cdal_fast.wsi.pipeline import SegmentOptions
+from cdal_fast.wsi.batch import TaskRun, segment_all
+from cdal_fast.wsi.options import SegmentOptions
 
 from .slides import write_ome_pyramid
 from .test_segment import _tiny_weights
 
 SLIDE_PX = 176  # at 0.5 um/px and 64-px tiles with 16 px overlap: 4 x 4 = 16 tiles
 COMPARED = ("mask.ome.tif", "prob.ome.tif", "uncertainty.ome.tif", "overlay.png")
+
+
+def job_for(weights: Path, opts: SegmentOptions) -> SegmentJob:
+    """The job a worker of these tests runs: the tiny weights, eager float32 on the CPU, ``opts``."""
+    return SegmentJob.of(load_model(weights), opts, weights=str(weights))
 
 
 def small_opts(**kw) -> SegmentOptions:
@@ -59,9 +65,8 @@ def reference(tmp_path_factory, weights, slides) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        segment_all(sorted(slides.glob("s*.ome.tif")), out, sampler, bundle.config, small_opts(),
-                    torch.device("cpu"),
-                    torch.float32, {}, echo=lambda m: None, show_progress=False)
+        run = TaskRun.local(SegmentJob.of(bundle, small_opts()), sampler, bundle.config, torch.device("cpu"))
+        segment_all(sorted(slides.glob("s*.ome.tif")), out, run, echo=lambda m: None, show_progress=False)
     finally:
         torch.set_num_threads(before)
     return out

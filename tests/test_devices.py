@@ -105,12 +105,11 @@ def test_one_slide_spread_over_two_cpu_workers_is_byte_identical(tmp_path, weigh
 def test_two_cpu_workers_take_whole_inputs_and_a_rerun_starts_none(tmp_path, weights, slides, reference,
                                                                     one_torch_thread):
     from cdal_fast.distributed.local import run_on_devices
-    from cdal_fast.distributed.worker import WorkerSpec
 
-    from .distributed_fixtures import small_opts
+    from .distributed_fixtures import job_for, small_opts
 
     files = [slides / "s0.ome.tif", slides / "s3.ome.tif"]
-    spec = WorkerSpec(str(weights), "monuseg", None, None, "eager", "float32", "cpu", small_opts())
+    spec = job_for(weights, small_opts())
     cpu = torch.device("cpu")
     report, summary = run_on_devices(files, tmp_path, spec, [cpu, cpu], echo=lambda m: None, show_progress=False)
     assert len(report.done) == 2 and summary["unit"] == "input"

@@ -12,11 +12,14 @@ import pytest
 import tifffile
 import torch
 
+from cdal_fast.job import SegmentJob
 from cdal_fast.network.config import get_preset
+from cdal_fast.tasks import TASKS
 from cdal_fast.wsi import batch
 from cdal_fast.wsi.limits import DEFAULT_MAX_PIXELS
+from cdal_fast.wsi.options import SegmentOptions
 from cdal_fast.wsi.outputs import NameCollisionError, output_names, slide_stem
-from cdal_fast.wsi.pipeline import SegmentOptions, make_plan
+from cdal_fast.wsi.pipeline import make_plan
 from cdal_fast.wsi.readers import Level, SlideError, TiffSlide, open_slide
 
 from .slides import write_ome_pyramid
@@ -67,13 +70,15 @@ def test_tile_past_end_of_file_is_a_slide_error(tmp_path):
 def _fake_run(tmp_path: Path, segment_fn) -> tuple[batch.RunReport, list[str]]:
     files = [tmp_path / "a.tif", tmp_path / "b.tif", tmp_path / "c.tif"]
     lines: list[str] = []
-    orig = batch.TASKS["monuseg"]
-    batch.TASKS["monuseg"] = (segment_fn, lambda *_: None)  # nothing complete yet
+    orig = TASKS["monuseg"]
+    TASKS["monuseg"] = orig.with_functions(segment=segment_fn, done=lambda *_: None)  # nothing complete yet
     try:
-        report = batch.segment_all(files, tmp_path / "out", SimpleNamespace(), get_preset("tiny"), SegmentOptions(),
-                                   torch.device("cpu"), torch.float32, {}, echo=lines.append, show_progress=False)
+        cfg = get_preset("tiny")
+        run = batch.TaskRun(SegmentJob.of(cfg, SegmentOptions()), SimpleNamespace(), None, cfg, torch.device("cpu"),
+                            {})
+        report = batch.segment_all(files, tmp_path / "out", run, echo=lines.append, show_progress=False)
     finally:
-        batch.TASKS["monuseg"] = orig
+        TASKS["monuseg"] = orig
     return report, lines
 
 

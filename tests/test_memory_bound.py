@@ -29,7 +29,8 @@ from cdal_fast.sampling.decode import MaskChannels
 from cdal_fast.wsi import pipeline, tissue
 from cdal_fast.wsi.mapfile import MapFile
 from cdal_fast.wsi.nuclei_stage import covered_columns, extract_nuclei
-from cdal_fast.wsi.pipeline import BandStitcher, Plan, SegmentOptions
+from cdal_fast.wsi.options import SegmentOptions
+from cdal_fast.wsi.pipeline import BandStitcher, Plan
 from cdal_fast.wsi.selection import tiles_touching
 from cdal_fast.wsi.tiling import Coverage, TileGrid
 from cdal_fast.wsi.writer import write_pyramid

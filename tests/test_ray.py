@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from cdal_fast.distributed.ray_runner import ACTOR_ENV, RayOptions, actor_runtime_env, run_on_ray, unit_slices
-from cdal_fast.distributed.worker import WorkerSpec
-from cdal_fast.wsi.pipeline import SegmentOptions
+from cdal_fast.job import SegmentJob
+from cdal_fast.wsi.options import SegmentOptions
 
-from .distributed_fixtures import same_bytes, small_opts
+from .distributed_fixtures import job_for, same_bytes, small_opts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,8 +36,8 @@ def _opts(**kw) -> SegmentOptions:
     return small_opts(**kw)
 
 
-def _spec(weights: Path, opts: SegmentOptions) -> WorkerSpec:
-    return WorkerSpec(str(weights), "monuseg", None, None, "eager", "float32", "cpu", opts)
+def _spec(weights: Path, opts: SegmentOptions) -> SegmentJob:
+    return job_for(weights, opts)
 
 
 def _same_bytes(a: Path, b: Path, stems: list[str]) -> None:

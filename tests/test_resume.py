@@ -6,12 +6,30 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from cdal_fast.job import ModelRef, SamplerSettings, SegmentJob
+from cdal_fast.wsi.options import SegmentOptions
 from cdal_fast.wsi.outputs import complete_summary, is_complete, required_outputs
-from cdal_fast.wsi.pipeline import SegmentOptions
 from cdal_fast.wsi.resume import MODEL_KEYS, changed_settings, recorded_settings, run_settings
 
 INFO = {"sha256": "ab" * 32, "steps": 4, "votes": 5, "tta": True, "threshold": 0.4, "backend": "eager"}
 OPTS = SegmentOptions(roi="rois/", tissue_threshold=20.0)
+
+
+def job(info: dict, opts: SegmentOptions) -> SegmentJob:
+    """A job whose model and sampler settings are ``info`` (a summary's ``model`` keys), with ``opts``."""
+    model = ModelRef(None, None, info.get("weights", "/m/w.safetensors"), info["sha256"], info["sha256"],
+                     bool(info["sha256"]), "monuseg_s", 4)
+    sampler = SamplerSettings(info.get("backend", "eager"), "float32", info.get("device", "cpu"), info["steps"],
+                              info["votes"], info["tta"])
+    return SegmentJob("monuseg", model, sampler, info["threshold"], opts)
+
+
+def differs(summary: dict, info: dict, opts: SegmentOptions, **kw) -> list[str]:
+    return changed_settings(summary, job(info, opts), **kw)
+
+
+def settings(info: dict, opts: SegmentOptions, **kw) -> dict:
+    return run_settings(job(info, opts), **kw)
 
 
 def _summary(tmp_path: Path, data: dict) -> dict:
@@ -29,37 +47,37 @@ def _slide_summary(info: dict, opts: SegmentOptions) -> dict:
 
 def test_same_settings_resume_and_what_cannot_change_the_outputs_is_ignored(tmp_path):
     summary = _summary(tmp_path, _slide_summary(INFO, OPTS))
-    assert changed_settings(summary, INFO, OPTS) == []
+    assert differs(summary, INFO, OPTS) == []
     same_outputs = replace(OPTS, batch_size=32, workers=0, save_prob=True, max_pixels=1e6)
-    assert changed_settings(summary, INFO | {"backend": "onnx", "device": "cuda"}, same_outputs) == []
+    assert differs(summary, INFO | {"backend": "onnx", "device": "cuda"}, same_outputs) == []
 
 
 def test_each_output_shaping_setting_is_named(tmp_path):
     summary = _summary(tmp_path, _slide_summary(INFO, OPTS))
-    assert changed_settings(summary, INFO | {"threshold": 0.5}, OPTS) == ["threshold 0.4 -> 0.5"]
-    assert changed_settings(summary, INFO | {"sha256": "cd" * 32}, OPTS) == [f"sha256 {'ab' * 32!r} -> {'cd' * 32!r}"]
-    assert changed_settings(summary, INFO | {"votes": 30, "tta": False}, OPTS) == ["votes 5 -> 30", "tta True -> False"]
-    changed = changed_settings(summary, INFO, replace(OPTS, seed=1, tissue=False, roi=None, nuclei_threshold=0.6))
+    assert differs(summary, INFO | {"threshold": 0.5}, OPTS) == ["threshold 0.4 -> 0.5"]
+    assert differs(summary, INFO | {"sha256": "cd" * 32}, OPTS) == [f"sha256 {'ab' * 32!r} -> {'cd' * 32!r}"]
+    assert differs(summary, INFO | {"votes": 30, "tta": False}, OPTS) == ["votes 5 -> 30", "tta True -> False"]
+    changed = differs(summary, INFO, replace(OPTS, seed=1, tissue=False, roi=None, nuclei_threshold=0.6))
     assert changed == ["seed 0 -> 1", "roi 'rois/' -> None", "tissue True -> False", "nuclei_threshold 0.5 -> 0.6"]
 
 
 def test_tissue_options_do_not_matter_for_tiles_without_tissue_detection(tmp_path):
     summary = _summary(tmp_path, _slide_summary(INFO, OPTS))
     no_tissue = replace(OPTS, tissue=False, tissue_threshold=None)
-    assert changed_settings(summary, INFO, no_tissue, whole_slide=False) == []
-    assert len(changed_settings(summary, INFO, no_tissue, whole_slide=True)) == 2
+    assert differs(summary, INFO, no_tissue, whole_slide=False) == []
+    assert len(differs(summary, INFO, no_tissue, whole_slide=True)) == 2
 
 
 def test_unverified_weights_are_told_apart_by_their_path(tmp_path):
     """Weights whose JSON records no hash have an empty sha256: the path is then what differs."""
     info = INFO | {"sha256": "", "weights": "/models/a.safetensors"}
     summary = _summary(tmp_path, _slide_summary(info, OPTS))
-    assert changed_settings(summary, info, OPTS) == []
+    assert differs(summary, info, OPTS) == []
     other = info | {"weights": "/models/b.safetensors"}
-    assert changed_settings(summary, other, OPTS) == ["weights '/models/a.safetensors' -> '/models/b.safetensors'"]
+    assert differs(summary, other, OPTS) == ["weights '/models/a.safetensors' -> '/models/b.safetensors'"]
     # verified weights are compared by hash alone: the same file moved elsewhere still resumes
     moved = INFO | {"weights": "/elsewhere/a.safetensors"}
-    assert changed_settings(_summary(tmp_path, _slide_summary(INFO | {"weights": "/m/a"}, OPTS)), moved, OPTS) == []
+    assert differs(_summary(tmp_path, _slide_summary(INFO | {"weights": "/m/a"}, OPTS)), moved, OPTS) == []
 
 
 def test_asked_for_maps_are_part_of_completeness(tmp_path):
@@ -76,7 +94,7 @@ def test_asked_for_maps_are_part_of_completeness(tmp_path):
 
 def test_nucleus_parameters_matter_only_when_this_run_makes_nuclei(tmp_path):
     summary = _summary(tmp_path, _slide_summary(INFO, OPTS))
-    assert changed_settings(summary, INFO, replace(OPTS, nuclei=False, nuclei_threshold=0.6)) == []
+    assert differs(summary, INFO, replace(OPTS, nuclei=False, nuclei_threshold=0.6)) == []
 
 
 def test_radiograph_and_volume_summaries_compare_what_they_record(tmp_path):
@@ -85,15 +103,15 @@ def test_radiograph_and_volume_summaries_compare_what_they_record(tmp_path):
     summary = _summary(tmp_path, {"complete": True, "steps": 4, "votes": 5, "seed": 0, "model": info})
     recorded = recorded_settings(summary)
     assert recorded == {k: info[k] for k in MODEL_KEYS} | {"seed": 0}
-    assert changed_settings(summary, info, replace(OPTS, tile_overlap=16)) == []  # not recorded: not compared
-    assert changed_settings(summary, info, replace(OPTS, seed=3)) == ["seed 0 -> 3"]
+    assert differs(summary, info, replace(OPTS, tile_overlap=16)) == []  # not recorded: not compared
+    assert differs(summary, info, replace(OPTS, seed=3)) == ["seed 0 -> 3"]
 
 
 def test_older_summaries_without_a_setting_still_resume(tmp_path):
     """A summary from before a setting was recorded (here: no votes, TTA or threshold in the model info)."""
     old = {"complete": True, "steps": 4, "votes": 5, "seed": 0, "model": {"sha256": INFO["sha256"], "steps": 4}}
-    assert changed_settings(_summary(tmp_path, old), INFO, OPTS) == []
-    assert changed_settings({"complete": True}, INFO, OPTS) == []
+    assert differs(_summary(tmp_path, old), INFO, OPTS) == []
+    assert differs({"complete": True}, INFO, OPTS) == []
     assert complete_summary(tmp_path / "missing.json") is None  # not complete: never compared
 
 
@@ -104,15 +122,15 @@ def test_an_roi_file_edited_in_place_is_a_changed_setting(tmp_path):
     (rois / "s1.geojson").write_text('{"type": "Polygon", "coordinates": [[[0, 0], [9, 0], [9, 9], [0, 0]]]}')
     (rois / "s2.geojson").write_text('{"type": "Polygon", "coordinates": [[[0, 0], [5, 0], [5, 5], [0, 0]]]}')
     opts = replace(OPTS, roi=str(rois))
-    recorded = run_settings(INFO, opts, slide=tmp_path / "s1.ome.tif")["roi_sha256"]
-    assert recorded and recorded != run_settings(INFO, opts, slide=tmp_path / "s2.svs")["roi_sha256"]
+    recorded = settings(INFO, opts, slide=tmp_path / "s1.ome.tif")["roi_sha256"]
+    assert recorded and recorded != settings(INFO, opts, slide=tmp_path / "s2.svs")["roi_sha256"]
     summary = _summary(tmp_path, _slide_summary(INFO, opts) | {"roi": {"sha256": recorded, "kind": "geojson"}})
-    assert changed_settings(summary, INFO, opts, slide=tmp_path / "s1.ome.tif") == []
+    assert differs(summary, INFO, opts, slide=tmp_path / "s1.ome.tif") == []
     (rois / "s1.geojson").write_text('{"type": "Polygon", "coordinates": [[[0, 0], [8, 0], [8, 8], [0, 0]]]}')
-    [changed] = changed_settings(summary, INFO, opts, slide=tmp_path / "s1.ome.tif")
+    [changed] = differs(summary, INFO, opts, slide=tmp_path / "s1.ome.tif")
     assert changed.startswith(f"roi_sha256 {recorded!r} -> '")
     (rois / "s1.geojson").unlink()  # gone: differs too (the run itself then names the missing file)
-    assert changed_settings(summary, INFO, opts, slide=tmp_path / "s1.ome.tif") == [f"roi_sha256 {recorded!r} -> None"]
+    assert differs(summary, INFO, opts, slide=tmp_path / "s1.ome.tif") == [f"roi_sha256 {recorded!r} -> None"]
     # summaries written before the hash was recorded compare the path alone
     older = _summary(tmp_path, _slide_summary(INFO, opts))
-    assert changed_settings(older, INFO, opts, slide=tmp_path / "s1.ome.tif") == []
+    assert differs(older, INFO, opts, slide=tmp_path / "s1.ome.tif") == []

@@ -22,8 +22,9 @@ from PIL import Image
 from shapely.geometry import shape
 
 from cdal_fast.network.config import get_preset
+from cdal_fast.wsi.options import SegmentOptions
 from cdal_fast.wsi.outputs import is_complete, required_outputs
-from cdal_fast.wsi.pipeline import SegmentOptions, segment_slide
+from cdal_fast.wsi.pipeline import segment_slide
 
 from .slides import write_ome_pyramid
 

@@ -152,3 +152,32 @@ def test_layer_rule_sees_a_violation():
 def test_inference_does_not_import_scoring_training_or_data():
     deps = _graph()["cdal_fast.sampling.inference"]
     assert not [d for d in deps if d.startswith(WSI_FORBIDDEN)], deps
+
+
+MAX_FUNCTION_LINES = 80  # a function longer than a screen is doing more than one job
+
+
+def test_no_function_in_the_package_is_longer_than_a_screen():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+def test_every_task_is_looked_up_in_the_registry():
+    """No module restates the task list: the registry names every task's functions, and they resolve."""
+    from cdal_fast.tasks import TASKS
+
+    for task in TASKS.values():
+        for field in ("segment", "done", "training_data", "evaluate"):
+            assert callable(task.function(field)), (task.name, field)
+    restated = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if path.name != "tasks.py" and ('"monuseg", "cxr", "hippocampus"' in text or 'task == "' in text):
+            restated.append(str(path.relative_to(PACKAGE)))
+    assert not restated, restated

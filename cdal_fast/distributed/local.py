@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 
-from ..wsi.batch import InputOutcome, RunReport, error_text, run_input, run_summary_name
+from ..job import SegmentJob
+from ..wsi.batch import InputOutcome, RunReport, error_text, run_summary_name
 from ..wsi.outputs import output_names
-from ..wsi.progress import NullProgress
 from .local_bands import LocalBandStream
 from .progress import POLL_SECONDS, ClusterProgress, TileCounter
+from .scheduler import run_banded
 from .units import pending_inputs
-from .worker import SegmentWorker, WorkerSpec
+from .worker import SegmentWorker
 
 __all__ = ["run_on_devices", "cpu_threads_per_worker"]
 
@@ -42,7 +43,7 @@ def cpu_threads_per_worker(devices: list[torch.device], threads: int) -> int | N
     return max(1, threads // cpus) if cpus > 1 else None
 
 
-def run_on_devices(files: list[Path], out_dir: Path, spec: WorkerSpec, devices: list[torch.device], echo=print,
+def run_on_devices(files: list[Path], out_dir: Path, job: SegmentJob, devices: list[torch.device], echo=print,
                    shard: tuple[int, int] = (0, 1), names: dict[Path, str] | None = None,
                    show_progress: bool = True) -> tuple[RunReport, dict[str, Any]]:
     """Segment ``files`` with one worker per device; returns the report and the run summary (also written).
@@ -59,17 +60,16 @@ def run_on_devices(files: list[Path], out_dir: Path, spec: WorkerSpec, devices: 
     threads_before = torch.get_num_threads()
     progress = ClusterProgress(len(files), show_progress)
     try:
-        todo = pending_inputs(files, out_dir, spec.task, spec.opts, names, report, echo, spec.model_info)
+        todo = pending_inputs(files, out_dir, job, names, report, echo)
         if todo:
             threads = cpu_threads_per_worker(devices, threads_before)
-            workers = [SegmentWorker(replace(spec, device=str(d), threads=threads if d.type == "cpu" else None))
-                       for d in devices]
+            workers = [SegmentWorker(job.on_device(str(d), threads if d.type == "cpu" else None)) for d in devices]
             for i, w in enumerate(workers):  # one process: the device alone does not tell two CPU workers apart
                 w.name = f"{w.name}#{i}"
             counter = TileCounter()
-            if spec.task == "monuseg" and len(workers) > 1 and len(todo) < len(workers):
+            if job.tiled and len(workers) > 1 and len(todo) < len(workers):
                 unit = "band"
-                _run_bands(todo, out_dir, workers, counter, spec, names, report, progress, per_worker, echo)
+                _run_bands(todo, out_dir, workers, counter, job, names, report, progress, per_worker, echo)
             else:
                 unit = "input"
                 _run_inputs(todo, out_dir, workers, counter, names, report, progress, per_worker, echo)
@@ -85,16 +85,12 @@ def run_on_devices(files: list[Path], out_dir: Path, spec: WorkerSpec, devices: 
 
 
 def _run_bands(todo: list[Path], out_dir: Path, workers: list[SegmentWorker], counter: TileCounter,
-               spec: WorkerSpec, names: dict[Path, str], report: RunReport, progress: ClusterProgress,
+               job: SegmentJob, names: dict[Path, str], report: RunReport, progress: ClusterProgress,
                per_worker: dict[str, dict[str, float]], echo) -> None:
     """Each slide planned, stitched and written here, its units sampled by all workers."""
-    stream = LocalBandStream(workers, spec.opts.batch_size, counter, progress)
-    run = replace(workers[0].run, sample_stream=stream)
+    stream = LocalBandStream(workers, job.opts.batch_size, counter, progress)
     try:
-        for f in todo:
-            outcome = run_input(f, out_dir, run, NullProgress(), spec.task, names[f])
-            progress.finished(outcome.status)
-            report.add(outcome, echo)
+        run_banded(todo, out_dir, replace(workers[0].run, sample_stream=stream), names, report, progress, echo)
     finally:
         stream.shutdown()
         for name, s in stream.stats.items():

@@ -4,19 +4,18 @@ Each :class:`~.worker.SegmentWorker` gets a single-thread executor, so it sample
 time on its device (the sampler's kernels release the GIL, so the devices run side by side); the
 driver, through :func:`~cdal_fast.wsi.batch.run_input`, plans, stitches in tile order and writes.
 Units are whole sampler batches (:func:`.units.unit_slices`), so the bytes equal a single-process
-run's; at most ``WINDOW_PER_WORKER x workers`` units are in flight, so the driver holds that many
-units of results plus the stitcher's one tile row, whatever the slide's size.
+run's; the window and the ordering are the shared scheduler's (:func:`.scheduler.in_order`).
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Hashable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from ..wsi.pipeline import SlidePlan, TileResult
 from .progress import POLL_SECONDS, ClusterProgress, TileCounter, unit_key
+from .scheduler import in_order
 from .units import WINDOW_PER_WORKER, unit_slices
 from .worker import SegmentWorker, UnitResult, light_plan
 
@@ -30,6 +29,36 @@ class UnitStats:
     units: int = 0
     tiles: int = 0
     seconds: float = 0.0
+
+
+class _ThreadPool:
+    """Units to the least busy worker's executor; waiting draws the progress bar."""
+
+    def __init__(self, stream: LocalBandStream, slide: SlidePlan, units: list[range], key: str) -> None:
+        self.stream, self.units, self.key = stream, units, key
+        self.light = light_plan(slide)
+        self.owner: dict[Future, int] = {}
+
+    def submit(self, unit: int) -> Hashable:
+        s = self.stream
+        busy = [0] * len(s.workers)
+        for fut, w in self.owner.items():
+            busy[w] += not fut.done()
+        w = min(range(len(s.workers)), key=busy.__getitem__)
+        fut = s.executors[w].submit(s.workers[w].sample_unit, self.light, list(self.units[unit]), s.counter,
+                                    unit_key(self.key, unit))
+        self.owner[fut] = w
+        return fut
+
+    def wait(self, handles: list[Hashable]) -> list[Hashable]:
+        finished, _ = wait(handles, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+        if not finished and self.stream.progress is not None:
+            self.stream.progress.observe(self.stream.counter.snapshot())
+        return list(finished)
+
+    def result(self, handle: Hashable, unit: int) -> UnitResult:
+        self.owner.pop(handle)  # type: ignore[arg-type]
+        return handle.result()  # type: ignore[attr-defined]  # a failed unit raises here: the slide fails
 
 
 class LocalBandStream:
@@ -48,37 +77,21 @@ class LocalBandStream:
         if self.progress is not None:
             self.progress.expect(key, len(slide.tiles))
         units = unit_slices(len(slide.tiles), slide.grid.cols, self.batch_size, self.band_rows)
-        light = light_plan(slide)
-        window = WINDOW_PER_WORKER * len(self.workers)
-        inflight: deque[tuple[int, int, Future[UnitResult]]] = deque()  # (unit, worker index, future), unit order
-        try:
-            for u, unit in enumerate(units):
-                while len(inflight) >= window:
-                    yield from self._take(inflight, units, key)
-                busy = [0] * len(self.workers)
-                for _, w, fut in inflight:
-                    busy[w] += not fut.done()
-                w = min(range(len(self.workers)), key=busy.__getitem__)
-                inflight.append((u, w, self.executors[w].submit(
-                    self.workers[w].sample_unit, light, list(unit), self.counter, unit_key(key, u))))
-            while inflight:
-                yield from self._take(inflight, units, key)
-        finally:  # the slide failed (or the consumer stopped): queued units are dropped, running ones finish
-            for _, _, fut in inflight:
-                fut.cancel()
+        pool = _ThreadPool(self, slide, units, key)
 
-    def _take(self, inflight: deque, units: list[range], key: str) -> Iterator[TileResult]:
-        """Wait for the oldest unit (drawing the bar meanwhile), record it and yield its results."""
-        u, _, fut = inflight.popleft()
-        while self.progress is not None and not wait([fut], timeout=POLL_SECONDS).done:
-            self.progress.observe(self.counter.snapshot())
-        result: UnitResult = fut.result()
-        n = len(units[u])
-        s = self.stats.setdefault(result.worker, UnitStats())
-        s.units, s.tiles, s.seconds = s.units + 1, s.tiles + n, s.seconds + result.seconds
-        if self.progress is not None:
-            self.progress.settle(unit_key(key, u), 0, n)
-        yield from result.results
+        def record(u: int, result: UnitResult) -> None:
+            n = len(units[u])
+            s = self.stats.setdefault(result.worker, UnitStats())
+            s.units, s.tiles, s.seconds = s.units + 1, s.tiles + n, s.seconds + result.seconds
+            if self.progress is not None:
+                self.progress.settle(unit_key(key, u), 0, n)
+
+        try:
+            for result in in_order(pool, units, WINDOW_PER_WORKER * len(self.workers), on_result=record):
+                yield from result.results
+        finally:  # the slide failed (or the consumer stopped): queued units are dropped, running ones finish
+            for fut in pool.owner:
+                fut.cancel()
 
     def shutdown(self) -> None:
         for ex in self.executors:

@@ -24,20 +24,21 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..atomic import partial_path
+from ..job import SegmentJob
 from ..runtime.requires import BackendError
-from ..wsi.batch import InputOutcome, RunReport, TaskRun, error_text, run_input, run_summary_name
+from ..wsi.batch import InputOutcome, RunReport, TaskRun, error_text, run_summary_name
 from ..wsi.outputs import is_small_image, output_names, output_paths, slide_stem
 from ..wsi.pipeline import SlidePlan, TileResult
-from ..wsi.progress import NullProgress
 from ..wsi.readers import SlideError
 from .progress import POLL_SECONDS, ClusterProgress, TileCounter, unit_key
+from .scheduler import WorkerLost, in_order, run_banded
 from .units import WINDOW_PER_WORKER, pending_inputs, unit_slices
-from .worker import SegmentWorker, UnitResult, WorkerSpec, light_plan
+from .worker import SegmentWorker, UnitResult, light_plan
 
 __all__ = ["RAY_HINT", "require_ray", "RayOptions", "run_on_ray", "unit_slices"]
 
@@ -106,9 +107,10 @@ class _Stats:
 class ActorPool:
     """Live actors, replaced when one dies; per-actor timings for the run summary."""
 
-    def __init__(self, ray, spec: WorkerSpec, opts: RayOptions) -> None:
-        self.ray, self.spec, self.opts = ray, spec, opts
-        gpu = spec.device.startswith("cuda") or (spec.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    def __init__(self, ray, job: SegmentJob, opts: RayOptions) -> None:
+        self.ray, self.job, self.opts = ray, job, opts
+        device = job.sampler.device
+        gpu = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         resources = ray.cluster_resources()
         if opts.actors:
             n = opts.actors
@@ -123,7 +125,7 @@ class ActorPool:
         self.cls = ray.remote(SegmentWorker).options(
             num_cpus=0 if gpu else opts.cpus_per_actor, num_gpus=1 if gpu else 0, max_restarts=0, **env)
         if not gpu:  # torch uses exactly the cores Ray reserved for the actor
-            self.spec = replace(spec, threads=opts.cpus_per_actor)
+            self.job = job.on_device(device, opts.cpus_per_actor)
         # Work is submitted at once and queues on each actor while it starts and loads its model: the
         # driver does not wait for the pool as a whole.
         self.actors = [self._start() for _ in range(n)]
@@ -135,7 +137,7 @@ class ActorPool:
             self._emit("actors", {"identities": ray.get([a.identity.remote() for a in self.actors])})
 
     def _start(self):
-        return self.cls.remote(self.spec)
+        return self.cls.remote(self.job)
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         if self.opts.events is not None:
@@ -209,7 +211,7 @@ def _run_inputs(ray, pool: ActorPool, files: list[Path], out_dir: Path, report: 
                 echo(f"retry {f}: its worker died ({type(exc).__name__}); attempt {attempts[f] + 1}")
                 pending.appendleft(f)
                 continue
-            _discard_partials(out_dir, f, pool.spec.opts.pyramid_layout, names[f])
+            _discard_partials(out_dir, f, pool.job.opts.pyramid_layout, names[f])
             outcome = InputOutcome(str(f), "failed", error=f"its worker died {attempts[f]} times (limit "
                                    f"--ray-max-retries {pool.opts.max_retries}); last: {exc}")
         except ray.exceptions.RayTaskError as exc:
@@ -225,6 +227,49 @@ def _run_inputs(ray, pool: ActorPool, files: list[Path], out_dir: Path, report: 
         report.add(outcome, echo)
 
 
+class _ActorUnits:
+    """The scheduler's view of the actor pool: units to the least loaded actor, a dead actor replaced."""
+
+    def __init__(self, ray, pool: ActorPool, progress: ClusterProgress, plan_ref, units: list[range],
+                 key: str) -> None:
+        self.ray, self.pool, self.progress = ray, pool, progress
+        self.plan_ref, self.units, self.key = plan_ref, units, key
+        self.actor_of: dict[Any, Any] = {}  # running ref -> its actor
+        self.load = {id(a): 0 for a in pool.actors}
+
+    def submit(self, unit: int) -> Any:
+        actor = min(self.pool.actors, key=lambda a: self.load.get(id(a), 0))
+        self.load[id(actor)] = self.load.get(id(actor), 0) + 1
+        ref = actor.sample_unit.remote(self.plan_ref, list(self.units[unit]), self.pool.counter,
+                                       unit_key(self.key, unit))
+        self.actor_of[ref] = actor
+        return ref
+
+    def wait(self, handles: list[Any]) -> list[Any]:
+        ready, _ = self.ray.wait(handles, num_returns=1, timeout=POLL_SECONDS)
+        if not ready:
+            self.pool.poll(self.progress)
+        return ready
+
+    def result(self, handle: Any, unit: int) -> UnitResult:
+        actor = self.actor_of.pop(handle)
+        self.load[id(actor)] -= 1
+        try:
+            result: UnitResult = self.ray.get(handle)
+        except self.ray.exceptions.RayActorError as exc:
+            self.load.pop(id(actor), None)
+            self.load[id(self.pool.replace_dead(actor))] = 0
+            lost = [ref for ref, a in self.actor_of.items() if a is actor]  # its queued units die with it
+            for ref in lost:
+                self.actor_of.pop(ref)
+            raise WorkerLost(exc, lost) from None
+        except self.ray.exceptions.RayTaskError as exc:
+            raise SlideError(str(exc.cause if exc.cause else exc)) from None
+        self.pool.record(result.worker, len(self.units[unit]), result.seconds, result.cpu_seconds)
+        self.progress.settle(unit_key(self.key, unit), 0, len(self.units[unit]))
+        return result
+
+
 class BandStream:
     """The slide's tiles sampled by the pool in units of whole batches, yielded in tile order."""
 
@@ -232,68 +277,17 @@ class BandStream:
         self.ray, self.pool, self.progress = ray, pool, progress
 
     def __call__(self, slide: SlidePlan, steps: int, votes: int) -> Iterator[TileResult]:
-        ray, pool = self.ray, self.pool
         key = str(slide.path)
         self.progress.expect(key, len(slide.tiles))
-        per_row = slide.grid.cols
-        units = unit_slices(len(slide.tiles), per_row, pool.spec.opts.batch_size, pool.opts.band_rows)
-        plan_ref = ray.put(light_plan(slide))
-        window = WINDOW_PER_WORKER * len(pool.actors)
-        attempts = [0] * len(units)
-        running: dict[Any, tuple[int, Any]] = {}
-        done: dict[int, UnitResult] = {}
-        load = {id(a): 0 for a in pool.actors}
-        next_submit = next_yield = 0
-        retry: deque[int] = deque()
-
-        def submit(u: int) -> None:
-            actor = min(pool.actors, key=lambda a: load.get(id(a), 0))
-            load[id(actor)] = load.get(id(actor), 0) + 1
-            running[actor.sample_unit.remote(plan_ref, list(units[u]), pool.counter, unit_key(key, u))] = (u, actor)
-
-        while next_yield < len(units):
-            while retry:
-                submit(retry.popleft())
-            while next_submit < len(units) and next_submit - next_yield < window:
-                submit(next_submit)
-                next_submit += 1
-            while next_yield in done:
-                yield from done.pop(next_yield).results
-                next_yield += 1
-            if next_yield >= len(units):
-                break
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
-            if not ready:
-                pool.poll(self.progress)
-                continue
-            u, actor = running.pop(ready[0])
-            load[id(actor)] -= 1
-            try:
-                result: UnitResult = ray.get(ready[0])
-            except ray.exceptions.RayActorError as exc:
-                load.pop(id(actor), None)
-                new = pool.replace_dead(actor)
-                load[id(new)] = 0
-                for ref, (u2, a2) in list(running.items()):  # its queued units die with it
-                    if a2 is actor:
-                        running.pop(ref)
-                        retry.append(u2)
-                attempts[u] += 1
-                if attempts[u] > pool.opts.max_retries:
-                    raise SlideError(f"{slide.path}: tiles {units[u].start}-{units[u].stop - 1}: their worker died "
-                                     f"{attempts[u]} times (limit --ray-max-retries {pool.opts.max_retries}); "
-                                     f"last: {exc}") from None
-                retry.appendleft(u)
-                continue
-            except ray.exceptions.RayTaskError as exc:
-                cause = exc.cause if exc.cause else exc
-                raise SlideError(str(cause)) from None
-            pool.record(result.worker, len(units[u]), result.seconds, result.cpu_seconds)
-            self.progress.settle(unit_key(key, u), 0, len(units[u]))
-            done[u] = result
+        units = unit_slices(len(slide.tiles), slide.grid.cols, self.pool.job.opts.batch_size,
+                            self.pool.opts.band_rows)
+        actors = _ActorUnits(self.ray, self.pool, self.progress, self.ray.put(light_plan(slide)), units, key)
+        for result in in_order(actors, units, WINDOW_PER_WORKER * len(self.pool.actors), self.pool.opts.max_retries,
+                               describe=lambda r: f"{slide.path}: tiles {r.start}-{r.stop - 1}"):
+            yield from result.results
 
 
-def run_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, ray_opts: RayOptions, echo=print,
+def run_on_ray(files: list[Path], out_dir: Path, job: SegmentJob, ray_opts: RayOptions, echo=print,
                show_progress: bool = True, shard: tuple[int, int] = (0, 1),
                names: dict[Path, str] | None = None) -> tuple[RunReport, dict[str, Any]]:
     """Segment ``files`` on a Ray pool; returns the report and the run summary (also written to OUT).
@@ -308,32 +302,19 @@ def run_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, ray_opts: Ray
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     report = RunReport()
-    todo = pending_inputs(files, out_dir, spec.task, spec.opts, names, report, echo, spec.model_info)
+    todo = pending_inputs(files, out_dir, job, names, report, echo)
     if not todo:  # a rerun after everything finished: no actors to start
         summary = report.finish(t0, out_dir / run_summary_name(*shard),
                                 {"ray": {"unit": None, "actors": 0, "actor_deaths": 0, "per_actor": []}})
         return report, summary
-    pool = ActorPool(ray, spec, ray_opts)
+    pool = ActorPool(ray, job, ray_opts)
     progress = ClusterProgress(len(files), show_progress)
     use_bands = False
     try:
-        use_bands = spec.task == "monuseg" and (ray_opts.unit == "band" or (
-            ray_opts.unit == "auto" and len(todo) < len(pool.actors)))
+        use_bands = job.tiled and (ray_opts.unit == "band"
+                                   or (ray_opts.unit == "auto" and len(todo) < len(pool.actors)))
         if use_bands:
-            import torch
-
-            shape, cfg = ray.get(pool.actors[0].shape.remote())
-            run = TaskRun(shape, None, cfg, spec.opts, torch.device("cpu"), torch.float32,  # type: ignore[arg-type]
-                          spec.model_info, sample_stream=BandStream(ray, pool, progress))
-            threads = torch.get_num_threads()
-            torch.set_num_threads(DRIVER_THREADS)  # the cores are the actors': the driver only stitches and writes
-            try:
-                for f in todo:
-                    outcome = run_input(f, out_dir, run, NullProgress(), spec.task, names[f])
-                    progress.finished(outcome.status)
-                    report.add(outcome, echo)
-            finally:
-                torch.set_num_threads(threads)
+            _run_bands_on_ray(ray, pool, todo, out_dir, names, report, progress, echo)
         else:
             _run_inputs(ray, pool, todo, out_dir, report, progress, echo, names)
     except BaseException:
@@ -346,3 +327,21 @@ def run_on_ray(files: list[Path], out_dir: Path, spec: WorkerSpec, ray_opts: Ray
         pool.shutdown()
         summary = report.finish(t0, out_dir / run_summary_name(*shard), extra)
     return report, summary
+
+
+def _run_bands_on_ray(ray, pool: ActorPool, todo: list[Path], out_dir: Path, names: dict[Path, str],
+                      report: RunReport, progress: ClusterProgress, echo: Callable[[str], None]) -> None:
+    """The driver plans, stitches and writes each slide; the actors sample its units."""
+    import torch
+
+    _shape, cfg = ray.get(pool.actors[0].shape.remote())
+    cpu = torch.device("cpu")
+    job = pool.job
+    run = TaskRun(job, _shape, None, job.decoding_config(cfg), cpu, job.model_record(None),  # type: ignore[arg-type]
+                  sample_stream=BandStream(ray, pool, progress))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DRIVER_THREADS)  # the cores are the actors': the driver only stitches and writes
+    try:
+        run_banded(todo, out_dir, run, names, report, progress, echo)
+    finally:
+        torch.set_num_threads(threads)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from ..job import SegmentJob
 from ..wsi.batch import RunReport, finished_outcome
 
 __all__ = ["WINDOW_PER_WORKER", "pending_inputs", "unit_slices"]
@@ -25,14 +25,14 @@ def unit_slices(n_tiles: int, tiles_per_row: int, batch_size: int, band_rows: in
     return [range(s, min(s + per_unit, n_tiles)) for s in range(0, n_tiles, per_unit)]
 
 
-def pending_inputs(files: list[Path], out_dir: Path, task: str, opts, names: dict[Path, str],  # noqa: ANN001
-                   report: RunReport, echo: Callable[[str], None], model_info: dict[str, Any]) -> list[Path]:
+def pending_inputs(files: list[Path], out_dir: Path, job: SegmentJob, names: dict[Path, str], report: RunReport,
+                   echo: Callable[[str], None]) -> list[Path]:
     """The inputs not yet complete; the others are reported now, before any worker starts (a rerun
     after everything finished starts no worker at all): skipped, or failed when their outputs were
     made with other settings (:func:`cdal_fast.wsi.batch.finished_outcome`)."""
     todo = []
     for f in files:
-        finished = finished_outcome(task, out_dir / Path(names[f]).parent, f, opts, model_info)
+        finished = finished_outcome(job, out_dir / Path(names[f]).parent, f)
         if finished is None:
             todo.append(f)
         else:

@@ -1,4 +1,4 @@
-"""A segmentation worker: loads the model once, then runs whole inputs or units of one slide's tiles.
+"""A segmentation worker: loads the job's model once, then runs whole inputs or units of one slide's tiles.
 
 The same class is a Ray actor (``ray.remote(SegmentWorker)``) and a plain object in one process, so
 the Ray path and a single-process run execute the same code per input (:func:`run_input`) and per
@@ -10,37 +10,22 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..job import SegmentJob
 from ..network.config import ModelConfig
 from ..wsi.batch import InputOutcome, TaskRun, run_input
-from ..wsi.pipeline import SegmentOptions, SlidePlan, TileResult, read_tiles, sample_tiles
+from ..wsi.pipeline import SlidePlan, TileResult, read_tiles, sample_tiles
 from ..wsi.progress import NullProgress
 from ..wsi.readers import SlideError
 from .progress import CounterReporter, sender
 
-__all__ = ["WorkerSpec", "SamplerShape", "UnitResult", "SegmentWorker", "light_plan", "unreachable_input"]
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker needs to build its model and options (picklable, sent to every actor)."""
-
-    weights: str | None  # None: the shipped model of ``task``
-    task: str
-    steps: int | None
-    votes: int | None
-    backend: str
-    dtype: str
-    device: str  # "cpu", "cuda", "cuda:1", "auto" (resolved where the worker runs)
-    opts: SegmentOptions
-    model_info: dict[str, Any] = field(default_factory=dict)
-    threads: int | None = None  # torch intra-op threads (CPU actors: their share of cores)
+__all__ = ["SamplerShape", "UnitResult", "SegmentWorker", "light_plan", "unreachable_input"]
 
 
 @dataclass(frozen=True)
@@ -76,25 +61,19 @@ def light_plan(slide: SlidePlan) -> SlidePlan:
 class SegmentWorker:
     """Holds one model on one device; Ray creates one per actor, the local multi-device runner one per device."""
 
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, job: SegmentJob) -> None:
         from ..models import load_model
-        from ..runtime.backends import build_sampler
-        from ..sampling.inference import DTYPES, PatchRunner
 
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
-        name = spec.device
+        if job.threads:
+            torch.set_num_threads(job.threads)
+        name = job.sampler.device
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(name)
-        dtype = DTYPES[spec.dtype]
-        bundle = load_model(spec.weights, task=spec.task, device=device)
-        sampler = build_sampler(bundle.generator, spec.steps, spec.votes, spec.backend, device, dtype,
-                                bundle.content_sha256, max_batch=max(spec.opts.batch_size, 1), tta=spec.opts.tta)
-        runner = PatchRunner(sampler, device, dtype, batch_size=max(spec.opts.batch_size, 1), seed=spec.opts.seed)
-        self.spec = spec
-        self.run = TaskRun(sampler, runner, bundle.config, spec.opts, device, dtype,
-                           spec.model_info | {"device": str(device)})
+        job = job.on_device(str(device), job.threads)
+        bundle = load_model(job.model.weights, task=job.task, device=device, model=job.model.model)
+        self.job = job
+        self.run = TaskRun.local(job, job.build_sampler(bundle.generator, device), bundle.config, device)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
 
     def identity(self) -> dict[str, Any]:
@@ -119,7 +98,7 @@ class SegmentWorker:
         if not p.exists():
             outcome = InputOutcome(path, "failed", error=unreachable_input(p))
         else:
-            outcome = run_input(p, Path(out_dir), self.run, progress, self.spec.task, name)
+            outcome = run_input(p, Path(out_dir), self.run, progress, name)
         return outcome, self.name, time.perf_counter() - t0, time.process_time() - c0
 
     def sample_unit(self, slide: SlidePlan, indices: list[int], counter: Any = None, key: str = "") -> UnitResult:

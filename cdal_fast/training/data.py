@@ -25,11 +25,10 @@ from ..network.config import ModelConfig
 from ..sampling.imageio import read_image, read_mask, resize_image, resize_mask
 from ..sampling.preprocess import match_channels, normalise, to_chw_float
 from ..sampling.volume import normalise_volume, pad_to, window_starts
+from ..tasks import get_task
 from .augment import color_jitter, hed_jitter, random_affine_crop
 
 __all__ = ["TaskData", "MonusegData", "CxrData", "HippocampusData", "load_task_data"]
-
-TASKS = ("monuseg", "cxr", "hippocampus")
 
 
 @dataclass
@@ -87,6 +86,10 @@ class MonusegData:
         imgs, masks, names = _load_2d(root, names, tile_size, cfg.img_channels)
         return TaskData(cfg, imgs, masks, names, "monuseg")
 
+    @staticmethod
+    def from_split(data: Path, cfg: ModelConfig, split: str | None, split_file: str | Path | None) -> TaskData:
+        return MonusegData.load(data, cfg, split, split_file=split_file)
+
 
 class CxrData:
     """Chest radiographs and lung masks at the model size, with mild rotation/scale jitter."""
@@ -96,6 +99,10 @@ class CxrData:
         root = resolve_2d_root(data)
         imgs, masks, names = _load_2d(root, names, cfg.image_size, cfg.img_channels)
         return TaskData(cfg, imgs, masks, names, "cxr")
+
+    @staticmethod
+    def from_split(data: Path, cfg: ModelConfig, split: str | None, split_file: str | Path | None) -> TaskData:
+        return CxrData.load(data, cfg, read_split(resolve_2d_root(data), split, split_file))
 
 
 class HippocampusData:
@@ -117,13 +124,12 @@ class HippocampusData:
                 masks.append(F.one_hot(pl, cfg.mask_channels).permute(0, 3, 1, 2).float() * 2 - 1)
         return TaskData(cfg, torch.cat(imgs), torch.cat(masks), [], "none")
 
+    @staticmethod
+    def from_split(data: Path, cfg: ModelConfig, split: str | None, split_file: str | Path | None) -> TaskData:
+        return HippocampusData.load(data, cfg, read_split(data, split, split_file))
+
 
 def load_task_data(task: str, data: Path, cfg: ModelConfig, split: str | None = "train",
                    split_file: str | Path | None = None) -> TaskData:
-    if task == "monuseg":
-        return MonusegData.load(data, cfg, split, split_file=split_file)
-    if task == "cxr":
-        return CxrData.load(data, cfg, read_split(resolve_2d_root(data), split, split_file))
-    if task == "hippocampus":
-        return HippocampusData.load(data, cfg, read_split(data, split, split_file))
-    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    """``task``'s training tensors (its loader is named in :mod:`cdal_fast.tasks`)."""
+    return get_task(task).function("training_data")(data, cfg, split, split_file)

@@ -1,7 +1,9 @@
 """Run a task's job over many inputs: discovery, skip-if-done, per-file errors, progress, a run summary.
 
-Every task is one row of :data:`TASKS`: ``name -> (segment_fn, done_fn)`` with one signature for all,
-so adding a task (or a distributed runner calling these) needs no ``if task == ...`` chain.
+Each task's record (:mod:`cdal_fast.tasks`) names the functions below that segment one input and
+tell whether an input is done, with one signature for all tasks, so adding a task (or a distributed
+runner calling these) needs no ``if task == ...`` chain. What to run with comes as one
+:class:`cdal_fast.job.SegmentJob` (the settings) plus the sampler built from it.
 """
 
 from __future__ import annotations
@@ -9,17 +11,19 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..network.config import ModelConfig
 from ..sampling.inference import PatchRunner
 from ..sampling.sampler import SamplerLike
+from ..tasks import get_task
 from .dicom import is_dicom_folder
 from .locks import describe_owner, try_lock
+from .options import SegmentOptions
 from .outputs import (
     finished_summary,
     is_small_image,
@@ -28,11 +32,14 @@ from .outputs import (
     slide_stem,
     write_summary,
 )
-from .pipeline import SampleStream, SegmentOptions, decoding_config, segment_slide
+from .pipeline import SampleStream, segment_slide
 from .progress import TileProgress, TqdmProgress
 from .radiographs_volumes import VOLUME_SUFFIXES, radiograph_done, segment_radiograph, segment_volume, volume_done
 from .readers import DICOM_SUFFIXES, SLIDE_SUFFIXES
 from .resume import changed_settings
+
+if TYPE_CHECKING:
+    from ..job import SegmentJob
 
 RUN_SUMMARY = "run_summary.json"
 
@@ -42,8 +49,9 @@ def run_summary_name(shard_index: int = 0, shard_count: int = 1) -> str:
     return RUN_SUMMARY if shard_count == 1 else f"run_summary.shard-{shard_index}-of-{shard_count}.json"
 
 
-__all__ = ["RUN_SUMMARY", "run_summary_name", "find_inputs", "RunReport", "TaskRun", "TASKS", "InputOutcome",
-           "finished_outcome", "run_input", "segment_all"]
+__all__ = ["RUN_SUMMARY", "run_summary_name", "find_inputs", "RunReport", "TaskRun", "InputOutcome",
+           "finished_outcome", "run_input", "segment_all", "segment_slide_input", "slide_done",
+           "segment_radiograph_input", "radiograph_input_done", "segment_volume_input", "volume_input_done"]
 
 
 def _listed(f: Path) -> bool:
@@ -141,19 +149,33 @@ class RunReport:
 
 @dataclass
 class TaskRun:
-    """What every task's job needs besides the input: the sampler (and a patch runner over it), config, options."""
+    """What every input of a job needs: the job, its sampler (and a patch runner over it), the decoding
+    config (the job's threshold put in once), where it runs, and what the summaries record."""
 
+    job: SegmentJob
     sampler: SamplerLike
-    runner: PatchRunner | None  # None on a Ray driver that only plans, stitches and writes
-    cfg: ModelConfig
-    opts: SegmentOptions
+    runner: PatchRunner | None  # None on a distributed driver that only plans, stitches and writes
+    cfg: ModelConfig  # decodes with the job's threshold (SegmentJob.decoding_config)
     device: torch.device
-    dtype: torch.dtype
-    model_info: dict[str, Any]
+    record: dict[str, Any]  # the summaries' "model" entry (SegmentJob.model_record)
     sample_stream: SampleStream | None = None  # slides only: where tiles are sampled (None = here, on `sampler`)
 
-    def __post_init__(self) -> None:
-        self.cfg = decoding_config(self.cfg, self.opts)  # radiographs and volumes decode with run.cfg too
+    @property
+    def opts(self) -> SegmentOptions:
+        return self.job.opts
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.job.sampler.torch_dtype
+
+    @classmethod
+    def local(cls, job: SegmentJob, sampler: SamplerLike, cfg: ModelConfig, device: torch.device,
+              sample_stream: SampleStream | None = None) -> TaskRun:
+        """A run that samples in this process (a patch runner over ``sampler`` for radiographs and volumes)."""
+        runner = PatchRunner(sampler, device, job.sampler.torch_dtype, batch_size=job.opts.batch_size,
+                             seed=job.opts.seed)
+        return cls(job, sampler, runner, job.decoding_config(cfg), device, job.model_record(sampler, device),
+                   sample_stream)
 
 
 SegmentFn = Callable[[Path, Path, TaskRun, TileProgress], dict[str, Any]]
@@ -161,29 +183,30 @@ SegmentFn = Callable[[Path, Path, TaskRun, TileProgress], dict[str, Any]]
 DoneFn = Callable[[Path, Path, SegmentOptions], dict[str, Any] | None]
 
 
-def _segment_slide(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
-    return segment_slide(path, out_dir, run.sampler, run.cfg, run.opts, run.device, run.dtype, run.model_info,
+def segment_slide_input(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
+    return segment_slide(path, out_dir, run.sampler, run.cfg, run.opts, run.device, run.dtype, run.record,
                          progress=progress, sample_stream=run.sample_stream)
 
 
-def _slide_done(out_dir: Path, path: Path, opts: SegmentOptions) -> dict[str, Any] | None:
+def slide_done(out_dir: Path, path: Path, opts: SegmentOptions) -> dict[str, Any] | None:
     return finished_summary(out_dir, slide_stem(path), is_small_image(path), opts.pyramid_layout,
                             required_outputs(opts))
 
 
-def _segment_radiograph(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
-    return segment_radiograph(path, out_dir, run.runner, run.cfg, run.model_info, progress=progress)
+def segment_radiograph_input(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
+    return segment_radiograph(path, out_dir, run.runner, run.cfg, run.record, progress=progress)
 
 
-def _segment_volume(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
-    return segment_volume(path, out_dir, run.runner, run.cfg, run.model_info, progress=progress)
+def radiograph_input_done(out_dir: Path, path: Path, opts: SegmentOptions) -> dict[str, Any] | None:
+    return radiograph_done(out_dir, path)
 
 
-TASKS: dict[str, tuple[SegmentFn, DoneFn]] = {
-    "monuseg": (_segment_slide, _slide_done),
-    "cxr": (_segment_radiograph, lambda out_dir, path, _opts: radiograph_done(out_dir, path)),
-    "hippocampus": (_segment_volume, lambda out_dir, path, _opts: volume_done(out_dir, path)),
-}
+def segment_volume_input(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress) -> dict[str, Any]:
+    return segment_volume(path, out_dir, run.runner, run.cfg, run.record, progress=progress)
+
+
+def volume_input_done(out_dir: Path, path: Path, opts: SegmentOptions) -> dict[str, Any] | None:
+    return volume_done(out_dir, path)
 
 
 def error_text(exc: BaseException) -> str:
@@ -203,21 +226,20 @@ class InputOutcome:
     traceback: str = ""
 
 
-def finished_outcome(task: str, out_dir: Path, path: Path, opts: SegmentOptions,
-                     model_info: dict[str, Any]) -> InputOutcome | None:
+def finished_outcome(job: SegmentJob, out_dir: Path, path: Path) -> InputOutcome | None:
     """What a run does with an input whose outputs may already exist (``out_dir``: its folder).
 
     None: not complete (or ``--overwrite``), so run it. ``"skipped"``: complete, made with this
-    run's settings. ``"failed"``: complete but made with other settings (:mod:`.resume`); the error
+    job's settings. ``"failed"``: complete but made with other settings (:mod:`.resume`); the error
     names them, and the outputs stay as they are.
     """
-    if opts.overwrite:
+    if job.opts.overwrite:
         return None
-    summary = TASKS[task][1](out_dir, path, opts)
+    summary = get_task(job.task).function("done")(out_dir, path, job.opts)
     if summary is None:  # not complete
         return None
     # radiograph and volume summaries record no tissue options, so only slides compare them
-    changed = changed_settings(summary, model_info, opts, whole_slide=not is_small_image(path), slide=path)
+    changed = changed_settings(summary, job, whole_slide=not is_small_image(path), slide=path)
     if not changed:
         return InputOutcome(str(path), "skipped")
     return InputOutcome(str(path), "failed", error=(
@@ -225,35 +247,26 @@ def finished_outcome(task: str, out_dir: Path, path: Path, opts: SegmentOptions,
         f"({'; '.join(changed)}); rerun with --overwrite to replace them, or write to another --out"))
 
 
-def input_options(opts: SegmentOptions, cfg: ModelConfig) -> SegmentOptions:
-    """The options one input runs under: no nucleus objects from a multi-class model (none are expected)."""
-    return replace(opts, nuclei=False) if opts.nuclei and cfg.multiclass else opts
-
-
-def run_input(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress, task: str = "monuseg",
-              name: str | None = None) -> InputOutcome:
+def run_input(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress, name: str | None = None) -> InputOutcome:
     """The one per-input path of every runner (sequential, ``--shard``, ``--device`` lists, Ray).
 
     ``name`` is the input's output name (``outputs.output_names``; default: its stem): outputs go to
-    ``out_dir / name``'s folder. Skip if done with this run's settings (:func:`finished_outcome`;
+    ``out_dir / name``'s folder. Skip if done with this job's settings (:func:`finished_outcome`;
     done with others: ``"failed"``); otherwise take the input's lock (``locks.py``; owned by another
     live run: ``"locked"``), re-check completion under it and run. Any exception while
     processing the input is caught and returned as ``"failed"`` with its traceback.
     """
-    segment_fn = TASKS[task][0]
-    opts = input_options(run.opts, run.cfg)
-    if opts is not run.opts:
-        run = replace(run, opts=opts)
+    segment_fn = get_task(run.job.task).function("segment")
     name = name or slide_stem(path)
     sub_out = out_dir / Path(name).parent
-    if (finished := finished_outcome(task, sub_out, path, opts, run.model_info)) is not None:
+    if (finished := finished_outcome(run.job, sub_out, path)) is not None:
         return finished
     sub_out.mkdir(parents=True, exist_ok=True)
     lock = try_lock(out_dir, name)
     if lock is None:
         return InputOutcome(str(path), "locked", error=describe_owner(out_dir, name))
     with lock:
-        if (finished := finished_outcome(task, sub_out, path, opts, run.model_info)) is not None:
+        if (finished := finished_outcome(run.job, sub_out, path)) is not None:
             return finished  # finished by another run meanwhile
         try:
             return InputOutcome(str(path), "done", segment_fn(path, sub_out, run, progress))
@@ -261,11 +274,9 @@ def run_input(path: Path, out_dir: Path, run: TaskRun, progress: TileProgress, t
             return InputOutcome(str(path), "failed", error=error_text(exc), traceback=traceback.format_exc())
 
 
-def segment_all(files: list[Path], out_dir: Path, sampler: SamplerLike, cfg: ModelConfig, opts: SegmentOptions,
-                device: torch.device, dtype: torch.dtype, model_info: dict, echo=print,
-                show_progress: bool = True, task: str = "monuseg", names: dict[Path, str] | None = None,
-                summary_name: str = RUN_SUMMARY) -> RunReport:
-    """Segment ``files`` for ``task``: slides/images (monuseg), radiographs (cxr), volumes (hippocampus).
+def segment_all(files: list[Path], out_dir: Path, run: TaskRun, echo=print, show_progress: bool = True,
+                names: dict[Path, str] | None = None, summary_name: str = RUN_SUMMARY) -> RunReport:
+    """Segment ``files`` with ``run`` (its job's task: slides/images, radiographs or volumes).
 
     ``names`` are the output names (``outputs.output_names``; default: each file's stem, checked for
     collisions before anything runs). Each input goes through :func:`run_input`: worked under its lock
@@ -274,21 +285,16 @@ def segment_all(files: list[Path], out_dir: Path, sampler: SamplerLike, cfg: Mod
     summary is written at the end however the loop ends (also on Ctrl-C, with ``"interrupted": true``).
     ``summary_name``: concurrent jobs over one ``out_dir`` (``--shard``) each need their own run summary.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if names is None:
         names = output_names(files)
-    opts = input_options(opts, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = RunReport()
     t0 = time.perf_counter()
-    runner = PatchRunner(sampler, device, dtype, batch_size=max(opts.batch_size, 1), seed=opts.seed)
-    run = TaskRun(sampler, runner, cfg, opts, device, dtype, model_info)
     try:
         for n, f in enumerate(files, start=1):
             bar = TqdmProgress(f.name, n, len(files), enabled=show_progress)
             try:
-                outcome = run_input(f, out_dir, run, bar, task, names[f])
+                outcome = run_input(f, out_dir, run, bar, names[f])
             finally:
                 bar.close()
             report.add(outcome, echo)

@@ -42,7 +42,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import atomic_output
 from ..network.config import ModelConfig
-from ..nuclei import params as nuclei_defaults
 from ..sampling.decode import STD_TO_UNIT, U8_MAX, MaskChannels, MaskKind, object_pixels, prob_to_u8, u8_to_mask
 from ..sampling.preprocess import match_channels, normalise, to_chw_float
 from ..sampling.sampler import SamplerLike, SamplerNoise, draw_image_noise, position_generator, stack_noise
@@ -50,6 +49,7 @@ from .limits import DEFAULT_MAX_PIXELS, check_work_size
 from .mapfile import MapFile
 from .mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP, plausible_mpp
 from .nuclei_stage import LABELS_DTYPE, extract_nuclei, nuclei_enabled
+from .options import SegmentOptions
 from .outputs import (
     output_paths,
     slide_stem,
@@ -74,47 +74,6 @@ OVERLAY_RGB = (0, 255, 0)
 LEVEL_SLACK = 1.05  # read a pyramid level up to 5 % coarser than the working scale
 PREFETCH_BATCHES = 4  # per loader worker
 FLUSH_COLUMNS = 4096  # working columns per step when a finished band is encoded (bounds its float temporaries)
-
-
-@dataclass
-class SegmentOptions:
-    batch_size: int = 8
-    steps: int | None = None
-    votes: int | None = None
-    seed: int = 0
-    tile_overlap: int = 64  # model pixels; the CLI defaults to a quarter of the tile
-    workers: int = 2
-    mpp: float | None = None  # override of the slide's level-0 resolution
-    tissue: bool = True
-    save_prob: bool = False
-    save_uncertainty: bool = False
-    overwrite: bool = False
-    thumbnail_side: int = 2048
-    tissue_threshold: float | None = None  # saturation 0-255; None = Otsu
-    tissue_min_area_um2: float = DEFAULT_MIN_AREA_UM2
-    save_tissue: bool = False  # write NAME.tissue.png (the mask used, at thumbnail scale)
-    roi: str | None = None  # GeoJSON / mask image / folder of NAME.geojson (see roi.py)
-    pyramid_layout: str = "ome"  # "ome" (SubIFDs) or "openslide" (top-level IFDs); see writer.py
-    # Nuclei as objects (binary nucleus models only; see nuclei_stage.py and docs/nuclei.md)
-    nuclei: bool = True  # label nuclei and add their numbers to the JSON
-    nuclei_geojson: bool = True  # NAME.nuclei.geojson (QuPath detections)
-    nuclei_gzip: bool = False  # ... as NAME.nuclei.geojson.gz
-    nuclei_csv: bool = True  # NAME.nuclei.csv (one row per nucleus)
-    save_labels: bool = False  # NAME.labels.ome.tif (uint32 instance ids on the slide's grid)
-    nuclei_threshold: float = nuclei_defaults.DEFAULT_PROB_THRESHOLD  # tuned for AJI, apart from `threshold`
-    nuclei_h_um: float = nuclei_defaults.DEFAULT_MARKER_H_UM
-    nuclei_min_area_um2: float = nuclei_defaults.DEFAULT_MIN_AREA_UM2
-    max_pixels: float = DEFAULT_MAX_PIXELS  # bound on working pixels (the maps, the stitching band); --max-pixels
-    tta: bool = False  # test-time augmentation of the votes (--tta); workers build their sampler with it
-    threshold: float | None = None  # binary masks: P(object) cut (--threshold); None: the model config's
-
-
-def decoding_config(cfg: ModelConfig, opts: SegmentOptions) -> ModelConfig:
-    """``cfg`` with ``opts.threshold`` (``--threshold``) in place of the model's own, if one was given:
-    every stage that turns probabilities into masks reads the threshold from the config."""
-    if opts.threshold is None or opts.threshold == cfg.threshold:
-        return cfg
-    return replace(cfg, threshold=opts.threshold)
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -597,11 +556,13 @@ def segment_slide(path: Path, out_dir: Path, sampler: SamplerLike, cfg: ModelCon
                   progress: TileProgress | None = None, sample_stream: SampleStream | None = None) -> dict[str, Any]:
     """Segment ``path`` into ``out_dir`` by chaining the seven stages; returns the summary (also JSON).
 
+    ``cfg`` decodes probabilities as it says (its threshold): the job layer put the run's threshold in
+    it once (:meth:`cdal_fast.job.SegmentJob.decoding_config`).
+
     ``sample_stream`` replaces stages 2-3 (e.g. tiles sampled by Ray actors); results must come in tile order.
     """
     t0 = time.perf_counter()
     progress = progress or NullProgress()
-    cfg = decoding_config(cfg, opts)
     steps, votes = int(sampler.num_steps), int(sampler.votes)
     slide = plan_slide(path, out_dir, cfg, opts)
     progress.set_total(len(slide.tiles))

@@ -3,7 +3,8 @@
 * :class:`TiffSlide`: flat or pyramidal TIFF, BigTIFF, OME-TIFF, SVS-style TIFF through tifffile.
   Only the tiles/strips a region touches are read and decoded.
 * :class:`OpenSlideSlide`: vendor formats (SVS, NDPI, MRXS, ...) through OpenSlide, if installed.
-* ``dicom.DicomSlide``: DICOM WSI (a folder of instances, or a ``.dcm`` file) through OpenSlide 4.
+* :class:`DicomSlide`: DICOM WSI (a folder of instances, or a ``.dcm`` file) through OpenSlide 4, after
+  :mod:`.dicom` has checked the series.
 * :class:`SmallImage`: PNG / JPEG, read whole (they are small by nature).
 
 All return RGB uint8 arrays (H, W, 3); greyscale is expanded, alpha dropped. The level-0 resolution

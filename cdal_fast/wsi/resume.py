@@ -1,11 +1,10 @@
 """Resume only what this run would make: complete outputs made with other settings are not "done".
 
-A rerun into the same ``--out`` skips every input whose summary says complete. Before this check, a
-rerun with, say, ``--threshold 0.3`` skipped inputs finished at 0.4 and reported success, so the
-folder silently held results of settings nobody asked for. Now the settings that shape the outputs
-are read back from the input's summary and compared with this run's; an input finished under other
-settings is reported as a failure naming what differs (``--overwrite`` redoes it), never skipped
-and never overwritten unasked.
+A rerun into the same ``--out`` skips an input whose summary says complete only when the settings
+that shape the outputs, read back from that summary, equal this job's; an input finished under
+other settings is reported as a failure naming what differs (``--overwrite`` redoes it), never
+skipped (the folder would silently hold results of settings nobody asked for) and never
+overwritten unasked.
 
 Compared (each only where the old summary recorded it, so summaries of older versions still
 resume): the weights' SHA-256 (their path when the weights are unverified and carry no hash),
@@ -25,18 +24,20 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..hashing import file_sha256
 from .outputs import slide_stem
-from .pipeline import SegmentOptions
 from .readers import SlideError
 from .roi import roi_file
+
+if TYPE_CHECKING:
+    from ..job import SegmentJob
 
 __all__ = ["MODEL_KEYS", "OPTION_KEYS", "TISSUE_KEYS", "NUCLEI_KEYS", "run_settings", "recorded_settings",
            "changed_settings"]
 
-MODEL_KEYS = ("sha256", "steps", "votes", "tta", "threshold")  # from the run's model info
+MODEL_KEYS = ("sha256", "steps", "votes", "tta", "threshold")  # the job's (SegmentJob.resume_settings)
 OPTION_KEYS = ("seed", "tile_overlap", "mpp", "roi")
 TISSUE_KEYS = ("tissue", "tissue_threshold", "tissue_min_area_um2")  # compared for whole slides
 NUCLEI_KEYS = ("nuclei_threshold", "nuclei_h_um", "nuclei_min_area_um2")  # compared when nuclei are made
@@ -63,13 +64,13 @@ def _roi_sha256(roi: str, slide: Path) -> str | None:
         return None
 
 
-def run_settings(model_info: dict[str, Any], opts: SegmentOptions, whole_slide: bool = True,
-                 slide: Path | None = None) -> dict[str, Any]:
-    """This run's output-shaping settings: the model info the CLI records, plus the options, plus
-    the SHA-256 of ``slide``'s ROI file when there is an ROI and the input is given."""
+def run_settings(job: SegmentJob, whole_slide: bool = True, slide: Path | None = None) -> dict[str, Any]:
+    """This job's output-shaping settings: the model and sampler's, plus the slide options, plus the
+    SHA-256 of ``slide``'s ROI file when there is an ROI and the input is given."""
+    opts = job.opts
     options = asdict(opts)
     keys = OPTION_KEYS + (TISSUE_KEYS if whole_slide else ()) + (NUCLEI_KEYS if opts.nuclei else ())
-    settings = _model_settings(model_info)
+    settings = job.resume_settings()
     settings.update({k: options[k] for k in keys})
     if opts.roi and slide is not None:
         settings["roi_sha256"] = _roi_sha256(opts.roi, slide)
@@ -92,12 +93,12 @@ def recorded_settings(summary: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def changed_settings(summary: dict[str, Any], model_info: dict[str, Any], opts: SegmentOptions,
-                     whole_slide: bool = True, slide: Path | None = None) -> list[str]:
+def changed_settings(summary: dict[str, Any], job: SegmentJob, whole_slide: bool = True,
+                     slide: Path | None = None) -> list[str]:
     """``name recorded -> this run`` for every compared setting that differs (empty: resume), given
     the complete summary the completion check read. ``whole_slide``: False for PNG/JPEG tiles,
     which run no tissue detection; ``slide``: the input, whose ROI file's contents are compared."""
     before = recorded_settings(summary)
     # hash the ROI file only when the summary recorded one to compare with (it may be a large mask)
-    now = run_settings(model_info, opts, whole_slide, slide if "roi_sha256" in before else None)
+    now = run_settings(job, whole_slide, slide if "roi_sha256" in before else None)
     return [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]]

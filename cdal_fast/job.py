@@ -1,0 +1,214 @@
+"""The job layer: one frozen, validated :class:`SegmentJob` resolved once from what the user asked.
+
+``cdal-fast segment`` used to decide job policy inside the CLI (the batch size by device, the tile
+overlap and its range, nuclei for multi-class models, the TTA and threshold defaults, the untrained
+steps check) and to carry the result in three shapes (options, an untyped ``info`` dict, a worker
+spec). Here the CLI hands over the raw request (:class:`SegmentRequest`), :func:`resolve_segment_job`
+applies every default and check once, and the one resulting object travels to every runner: the
+single process, ``--shard`` jobs, the per-device workers and the Ray actors. It also says
+
+* what every summary records about the model and sampler (:meth:`SegmentJob.model_record`),
+* what a rerun compares to decide that outputs were made with these settings
+  (:meth:`SegmentJob.resume_settings`), and
+* how samplers are built (:meth:`SegmentJob.build_sampler`: the one place a job builds one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .network.config import ModelConfig
+from .runtime.backends import AUTO, BACKEND_CHOICES, build_sampler
+from .runtime.onnx_tensorrt import OnnxSampler
+from .sampling.inference import DTYPES
+from .sampling.sampler import SamplerLike
+from .tasks import get_task
+from .weights import ModelBundle
+from .wsi.options import OptionsError, SegmentOptions
+
+__all__ = ["AUTO", "BACKEND_CHOICES", "JobError", "ModelRef", "SamplerSettings", "SegmentRequest", "SegmentJob",
+           "resolve_segment_job", "backend_used", "GPU_BATCH", "CPU_BATCH", "OVERLAP_FRACTION"]
+
+GPU_BATCH = 8  # tiles per sampler call on a GPU (also the TensorRT engine's largest batch)
+CPU_BATCH = 1  # on a CPU bigger batches only cost memory
+OVERLAP_FRACTION = 4  # default tile overlap: a quarter of the tile
+
+
+class JobError(ValueError):
+    """A request that cannot become a job; ``param`` names the CLI option at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which weights a job runs (as asked, and as loaded: file, hash, whether it was verified)."""
+
+    weights: str | None  # --weights as given; None: the shipped ``model``
+    model: str | None  # the shipped model asked for (None: the task's default)
+    path: str
+    sha256: str  # "" when unverified
+    content_sha256: str  # over all tensor files: the key of exported-graph caches
+    verified: bool
+    preset: str
+    trained_steps: int
+
+    @classmethod
+    def of(cls, bundle: ModelBundle, weights: str | Path | None, model: str | None = None) -> ModelRef:
+        return cls(None if weights is None else str(weights), model, str(bundle.path), bundle.sha256,
+                   bundle.content_sha256, bundle.verified, bundle.config.name, bundle.config.num_steps)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How the sampler is built and run: every value effective (defaults applied)."""
+
+    backend: str  # as asked; "auto" resolves where the sampler is built
+    dtype: str  # a key of :data:`cdal_fast.sampling.inference.DTYPES`
+    device: str  # "cpu", "cuda", "cuda:1"; "auto" for workers that resolve it where they run
+    steps: int
+    votes: int
+    tta: bool
+    untrained_steps: bool = False
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """What the user asked for ``segment``, as parsed: None means "the default"."""
+
+    task: str = "monuseg"
+    model: str | None = None
+    weights: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    backend: str = AUTO
+    batch_size: int | None = None
+    steps: int | None = None
+    allow_untrained_steps: bool = False
+    votes: int | None = None
+    tta: bool | None = None
+    threshold: float | None = None
+    tile_overlap: int | None = None
+    nuclei: bool = True
+    options: dict[str, Any] = field(default_factory=dict)  # the other SegmentOptions fields, as given
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """Everything a runner needs besides the inputs (picklable: sent to every worker and actor)."""
+
+    task: str
+    model: ModelRef
+    sampler: SamplerSettings
+    threshold: float | None  # the decision threshold of binary masks; None for multi-class models
+    opts: SegmentOptions
+    threads: int | None = None  # torch intra-op threads (CPU workers sharing a machine)
+    extra_record: tuple[tuple[str, Any], ...] = ()  # runner facts for the summaries (e.g. the Ray address)
+
+    @classmethod
+    def of(cls, model: ModelBundle | ModelConfig, opts: SegmentOptions, *, task: str = "monuseg",
+           weights: str | None = None, backend: str = "eager", dtype: str = "float32", device: str = "cpu",
+           steps: int | None = None, votes: int | None = None, tta: bool | None = None,
+           threshold: float | None = None) -> SegmentJob:
+        """A job for ``model`` (loaded weights, or a bare config) with ``opts`` exactly as given: for
+        Python callers, tests and benches that set every option themselves (no CLI defaults applied)."""
+        if isinstance(model, ModelBundle):
+            cfg, ref = model.config, ModelRef.of(model, weights)
+        else:
+            cfg, ref = model, ModelRef(weights, None, weights or "", "", "", False, model.name, model.num_steps)
+        sampler = SamplerSettings(backend, dtype, device, steps or cfg.num_steps, votes or cfg.votes,
+                                  cfg.tta if tta is None else tta, steps is not None and steps != cfg.num_steps)
+        decided = None if cfg.multiclass else (cfg.threshold if threshold is None else threshold)
+        return cls(task, ref, sampler, decided, replace(opts, nuclei=opts.nuclei and not cfg.multiclass))
+
+    @property
+    def tiled(self) -> bool:
+        return get_task(self.task).tiled
+
+    def decoding_config(self, cfg: ModelConfig) -> ModelConfig:
+        """``cfg`` with the job's threshold: every stage that turns probabilities into masks reads it there."""
+        if self.threshold is None or self.threshold == cfg.threshold:
+            return cfg
+        return replace(cfg, threshold=self.threshold)
+
+    def on_device(self, device: str, threads: int | None = None) -> SegmentJob:
+        """The same job for one worker on ``device`` (with its share of CPU threads)."""
+        return replace(self, sampler=replace(self.sampler, device=device), threads=threads)
+
+    def with_record(self, **facts: Any) -> SegmentJob:
+        return replace(self, extra_record=(*self.extra_record, *facts.items()))
+
+    def build_sampler(self, generator: torch.nn.Module, device: torch.device) -> SamplerLike:
+        """The job's sampler on ``device``: the one place a job builds one."""
+        s = self.sampler
+        return build_sampler(generator, s.steps, s.votes, s.backend, device, s.torch_dtype, self.model.content_sha256,
+                             max_batch=self.opts.batch_size, tta=s.tta)
+
+    def model_record(self, sampler: SamplerLike | None = None, device: torch.device | str | None = None
+                     ) -> dict[str, Any]:
+        """What every output summary records under ``model`` (and a rerun reads back)."""
+        m, s = self.model, self.sampler
+        record = {"weights": m.path, "sha256": m.sha256, "weights_verified": m.verified, "preset": m.preset,
+                  "backend": backend_used(sampler, s.backend), "dtype": s.dtype,
+                  "device": str(device if device is not None else s.device), "steps": s.steps,
+                  "trained_steps": m.trained_steps, "votes": s.votes, "tta": s.tta, "threshold": self.threshold,
+                  "untrained_steps": s.untrained_steps}
+        return record | dict(self.extra_record)
+
+    def resume_settings(self) -> dict[str, Any]:
+        """The model and sampler settings a rerun compares (:mod:`cdal_fast.wsi.resume` adds the options)."""
+        settings = {"sha256": self.model.sha256, "steps": self.sampler.steps, "votes": self.sampler.votes,
+                    "tta": self.sampler.tta, "threshold": self.threshold}
+        if not self.model.sha256:  # unverified weights: no hash to tell them apart
+            settings["weights"] = self.model.path
+        return settings
+
+
+def backend_used(sampler: SamplerLike | None, backend: str) -> str:
+    """The backend name for the summaries: ``auto`` is recorded with what it resolved to."""
+    if backend != AUTO or sampler is None:
+        return backend
+    return f"{AUTO} -> {'onnx' if isinstance(sampler, OnnxSampler) else 'eager'}"
+
+
+def resolve_segment_job(request: SegmentRequest, bundle: ModelBundle, gpu: bool) -> SegmentJob:
+    """Apply every default and check of ``segment`` once.
+
+    ``bundle`` is the model (loaded for its config and hashes); ``gpu``: the sampling runs on a GPU
+    (decides the default batch size). Raises :class:`JobError` naming the option at fault.
+    """
+    cfg = bundle.config
+    sampler = _sampler_settings(request, cfg, gpu)
+    tile = cfg.image_size
+    overlap = tile // OVERLAP_FRACTION if request.tile_overlap is None else request.tile_overlap
+    if not 0 <= overlap < tile:
+        raise JobError(f"must be in [0, {tile}) for this model's {tile}-px tiles", "--tile-overlap")
+    batch = request.batch_size or (GPU_BATCH if gpu else CPU_BATCH)
+    try:
+        opts = SegmentOptions(batch_size=batch, tile_overlap=overlap, nuclei=request.nuclei and not cfg.multiclass,
+                              **request.options)
+    except OptionsError as exc:
+        raise JobError(str(exc)) from None
+    threshold = None if cfg.multiclass else (cfg.threshold if request.threshold is None else request.threshold)
+    return SegmentJob(request.task, ModelRef.of(bundle, request.weights, request.model), sampler, threshold, opts)
+
+
+def _sampler_settings(request: SegmentRequest, cfg: ModelConfig, gpu: bool) -> SamplerSettings:
+    untrained = request.steps is not None and request.steps != cfg.num_steps
+    if untrained and not request.allow_untrained_steps:
+        raise JobError(f"{request.steps} differs from the {cfg.num_steps} reverse steps this model was trained "
+                       "with; pass --allow-untrained-steps to run an untrained schedule anyway", "--steps")
+    if request.dtype not in DTYPES:
+        raise JobError(f"unknown dtype {request.dtype!r}; choose one of {', '.join(DTYPES)}", "--dtype")
+    return SamplerSettings(request.backend, request.dtype, request.device, request.steps or cfg.num_steps,
+                           request.votes or cfg.votes, cfg.tta if request.tta is None else request.tta, untrained)

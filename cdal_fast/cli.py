@@ -150,6 +150,30 @@ def train(config_path: Path, data: str | None, out: str | None, max_steps: int |
             _leave_process_group(finished)
 
 
+@main.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Distillation config JSON (see train/monuseg_fast.json).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Override the output folder.")
+@click.option("--max-steps", type=COUNT, default=None, help="Override the number of iterations.")
+@click.option("--max-minutes", type=MINUTES, default=None, help="Stop after this many minutes (checkpoint kept).")
+@click.option("--no-resume", is_flag=True, help="Start from the teacher even if OUT/last.pt exists.")
+def distill(config_path: Path, out: str | None, max_steps: int | None, max_minutes: float | None,
+            no_resume: bool) -> None:
+    """Distil a one-pass model from the diffusion ensemble's targets (scripts/distill_targets.py makes them).
+
+    Writes OUT/last.pt (resumable), OUT/best.{safetensors,json} (the best EMA student on the val split)
+    and OUT/log.jsonl. The student predicts the ensemble's vote mean and spread in one forward per tile.
+    """
+    from .training.distill import Distiller, load_distill_config
+
+    dc = load_distill_config(config_path, out=out, max_steps=max_steps, max_minutes=max_minutes)
+    run = Distiller(dc)
+    resumed = not no_resume and run.resume()
+    click.echo(f"{'resumed at step ' + str(run.step) if resumed else 'starting from the teacher'}: "
+               f"{len(run.images)} training tiles, out {dc.out}", err=True)
+    click.echo(json.dumps(run.fit()))
+
+
 def _leave_process_group(finished: bool) -> None:
     """Tear the process group down on all ranks together.
 
@@ -199,7 +223,7 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
     from .models import load_model
     from .nuclei.evaluation import INSTANCE_KEYS, mean_instance_scores
     from .sampling.inference import PatchRunner
-    from .sampling.sampler import FixedStepSampler
+    from .sampling.one_pass import sampler_for
     from .weights import WeightsError
 
     dev = _device(device)
@@ -210,7 +234,10 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
     untrained = check_steps(steps, bundle.config.num_steps, allow_untrained_steps)
     use_tta = bundle.config.tta if tta is None else tta
     cfg = bundle.config if threshold is None else replace(bundle.config, threshold=threshold)
-    sampler = FixedStepSampler(bundle.generator, steps, votes, tta=use_tta).to(dev)
+    try:
+        sampler = sampler_for(bundle.generator, steps, votes, tta=use_tta).to(dev)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     runner = PatchRunner(sampler, dev, batch_size=batch_size, seed=seed)
     name_list = [n for n in names.split(",") if n] if names else None
     try:

@@ -204,6 +204,13 @@ def resolve_segment_job(request: SegmentRequest, bundle: ModelBundle, gpu: bool)
 
 
 def _sampler_settings(request: SegmentRequest, cfg: ModelConfig, gpu: bool) -> SamplerSettings:
+    if cfg.one_pass:  # one forward: there are no steps, votes or TTA to choose
+        asked = [flag for flag, value in (("--steps", request.steps), ("--votes", request.votes),
+                                          ("--tta", request.tta)) if value]
+        if asked:
+            raise JobError(f"{cfg.name} is a one-pass model (it predicts the ensemble's mean and spread in one "
+                           f"forward): {', '.join(asked)} cannot be chosen", asked[0])
+        return SamplerSettings(request.backend, request.dtype, request.device, 1, 1, False)
     untrained = request.steps is not None and request.steps != cfg.num_steps
     if untrained and not request.allow_untrained_steps:
         raise JobError(f"{request.steps} differs from the {cfg.num_steps} reverse steps this model was trained "

@@ -60,6 +60,10 @@ class ModelConfig:
     votes: int = 5
     beta_min: float = 0.1
     beta_max: float = 20.0
+    # A one-pass model distilled from a diffusion ensemble (cdal_fast.sampling.one_pass): the same
+    # network run once, with no noise, whose head gives two maps per mask channel: the ensemble's
+    # vote-mean probability and its vote spread (uncertainty).
+    one_pass: bool = False
     # Preprocessing and decoding conventions. The defaults are cdal-fast's own; models imported
     # from the authors' checkpoints (cdal_fast.authors) carry the authors' (see docs/authors.md).
     volume_scaling: str = "zscore"  # 3D volumes: "zscore" (non-zero voxels) or "minmax" (to [-1, 1])

@@ -115,8 +115,10 @@ def check_model_config(cfg: Any) -> None:
     if cfg.mpp is not None:
         _float("mpp", cfg.mpp, 0.0, MAX_MPP, low_open=True)
     _float("dropout", cfg.dropout, 0.0, 0.99)
-    if not isinstance(cfg.tta, bool):
-        raise ConfigError(f"model config field tta: {cfg.tta!r} is not a boolean (allowed: true or false)")
+    for name in ("tta", "one_pass"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"model config field {name}: {getattr(cfg, name)!r} is not a boolean "
+                              "(allowed: true or false)")
     _float("threshold", cfg.threshold, 0.0, 1.0, low_open=True)
     if cfg.threshold == 1.0:
         raise ConfigError("model config field threshold: 1.0 is out of range (allowed: (0.0, 1.0), a vote mean "

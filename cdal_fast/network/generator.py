@@ -27,7 +27,10 @@ from .layers import (
     timestep_embedding,
 )
 
-__all__ = ["Generator"]
+__all__ = ["Generator", "HEAD_MAPS"]
+
+# maps per mask channel the head predicts: x0 (diffusion), or probability and uncertainty (one-pass)
+HEAD_MAPS = {False: 1, True: 2}
 
 
 class DownUnit(nn.Module):
@@ -160,7 +163,7 @@ class Generator(nn.Module):
         assert not hs_c, "every skip must be consumed exactly once"
 
         self.head_norm = nn.GroupNorm(gn_groups(in_ch), in_ch, eps=1e-6)
-        self.head_conv = conv(in_ch, cfg.mask_channels, 3, init_scale=1e-10)
+        self.head_conv = conv(in_ch, cfg.mask_channels * HEAD_MAPS[cfg.one_pass], 3, init_scale=1e-10)
 
     # -- public API ----------------------------------------------------------------------------
     def encode(self, image: torch.Tensor) -> torch.Tensor:

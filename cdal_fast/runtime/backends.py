@@ -27,7 +27,8 @@ from collections.abc import Callable
 import torch
 
 from ..network.generator import Generator
-from ..sampling.sampler import FixedStepSampler, SamplerLike
+from ..sampling.one_pass import sampler_for
+from ..sampling.sampler import SamplerLike
 from .backend_choice import AUTO, preference, resolve_backend
 from .graphs import GraphedSampler
 from .onnx_cache import cached_onnx
@@ -63,9 +64,9 @@ def _sampler_generator(generator: Generator, fused: bool, device: torch.device, 
 
 
 def _eager(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
-           dtype: torch.dtype, fused: bool = False, tta: bool = False, channels_last: bool = False) -> FixedStepSampler:
+           dtype: torch.dtype, fused: bool = False, tta: bool = False, channels_last: bool = False) -> SamplerLike:
     gen = _sampler_generator(generator, fused, device, dtype, channels_last)
-    sampler = FixedStepSampler(gen, steps, votes, tta=tta).to(device=device, dtype=dtype).eval()
+    sampler = sampler_for(gen, steps, votes, tta=tta).to(device=device, dtype=dtype).eval()
     if channels_last:  # convolutions then hand each other NHWC activations (the fused ops take both layouts)
         sampler.to(memory_format=torch.channels_last)
     return sampler

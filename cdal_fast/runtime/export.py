@@ -26,8 +26,8 @@ from torch import nn
 
 from ..atomic import atomic_output
 from ..network.generator import Generator
+from ..sampling.one_pass import sampler_for
 from ..sampling.rng import counter_normal
-from ..sampling.sampler import FixedStepSampler
 
 __all__ = ["ExportableSampler", "export_torchscript", "export_aoti"]
 
@@ -37,7 +37,7 @@ class ExportableSampler(nn.Module):
                  tta: bool = False) -> None:
         super().__init__()
         cfg = generator.cfg
-        self.sampler = FixedStepSampler(generator, steps, votes, tta=tta)
+        self.sampler = sampler_for(generator, steps, votes, tta=tta)
         self.tta = bool(tta)
         self.num_steps = self.sampler.num_steps
         self.votes = self.sampler.votes

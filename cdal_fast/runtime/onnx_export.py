@@ -1,9 +1,10 @@
 """Export of the unrolled fixed-step sampler as an ONNX graph, and reading a graph's metadata.
 
 The graph is :class:`~cdal_fast.sampling.sampler.FixedStepSampler` unrolled over its T steps and V
-votes with the noise as explicit inputs (standard ONNX ops only, opset 18: group norm as float32
-``GroupNormalization`` in reduced-precision graphs, ``InstanceNormalization`` in float32 ones), so its
-results are reproducible and comparable with the PyTorch sampler on the same noise:
+votes (for a one-pass model, :class:`~cdal_fast.sampling.one_pass.OnePassSampler`: one forward, no
+noise inputs) with the noise as explicit inputs (standard ONNX ops only, opset 18: group norm as
+float32 ``GroupNormalization`` in reduced-precision graphs, ``InstanceNormalization`` in float32
+ones), so its results are reproducible and comparable with the PyTorch sampler on the same noise:
 
     inputs  image (B, C_img, S, S) normalised, x_init (V*B, C_mask, S, S), z (T, V*B, nz),
             post (T, V*B, C_mask, S, S)                              (B is dynamic)
@@ -25,7 +26,8 @@ import torch
 
 from ..atomic import atomic_output
 from ..network.generator import Generator
-from ..sampling.sampler import FixedStepSampler, draw_noise, generators_from_seed
+from ..sampling.one_pass import sampler_for
+from ..sampling.sampler import draw_noise, generators_from_seed
 from .onnx_groupnorm import GROUP_NORM_OPSET, group_normalization_export
 from .requires import BackendError
 
@@ -62,7 +64,7 @@ class _TypedSampler(torch.nn.Module):
     """The sampler with float32 inputs and outputs around a ``dtype`` generator, so that a reduced
     precision graph (strongly typed TensorRT) keeps the interface of the float32 one."""
 
-    def __init__(self, sampler: FixedStepSampler, dtype: torch.dtype) -> None:
+    def __init__(self, sampler: torch.nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
         self.sampler, self.dtype = sampler, dtype
 
@@ -91,7 +93,7 @@ def export_onnx(generator: Generator, out: str | Path, steps: int | None = None,
 
     if precision not in EXPORT_DTYPES:
         raise BackendError(f"ONNX export precision must be one of {', '.join(EXPORT_DTYPES)}, got {precision!r}")
-    sampler = FixedStepSampler(export_copy(generator), steps, votes, tta=tta).to(EXPORT_DTYPES[precision]).eval()
+    sampler = sampler_for(export_copy(generator), steps, votes, tta=tta).to(EXPORT_DTYPES[precision]).eval()
     cfg = generator.cfg
     s = size or cfg.image_size
     n = draw_noise(sampler.num_steps, sampler.votes, cfg.mask_channels, cfg.nz, s, s, generators_from_seed(0, batch))

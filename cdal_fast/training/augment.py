@@ -22,11 +22,13 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.dev
 
 def random_affine_crop(image: torch.Tensor, mask: torch.Tensor, crop: int, g: torch.Generator,
                        max_rot_deg: float = 22.0, scale: tuple[float, float] = (0.75, 1.25),
-                       flips: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                       flips: bool = True, soft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Random crop of ``crop`` pixels with rotation, scale and flips.
 
     image (B, C, H, W) float, mask (B, Cm, H, W) float in [-1, 1]. Pixels that fall outside the
-    source are reflected, so no black corners teach the model a fake background.
+    source are reflected, so no black corners teach the model a fake background. ``soft``: the mask
+    channels are continuous maps (a teacher's probability and spread), resampled bilinearly and
+    returned as they are instead of re-binarised.
     """
     b, _, h, w = image.shape
     dev = image.device
@@ -58,6 +60,8 @@ def random_affine_crop(image: torch.Tensor, mask: torch.Tensor, crop: int, g: to
                         align_corners=False)
     msk = F.grid_sample(mask, grid.to(mask.dtype), mode="bilinear", padding_mode="reflection",
                         align_corners=False)
+    if soft:
+        return img, msk
     if mask.shape[1] == 1:
         msk = torch.where(msk >= 0, 1.0, -1.0).to(mask.dtype)
     else:  # one-hot: keep the class with the largest interpolated value

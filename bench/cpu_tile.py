@@ -192,6 +192,13 @@ def make_paths(bundle, work: Path, data: Path = DEFAULT_DATA) -> dict[str, Bench
         "onnx_int8_dynamic": BenchPath("onnxruntime int8 dynamic quantisation", lambda: onnx("tuned", "dynamic")),
         "onnx_int8_static": BenchPath("onnxruntime int8 static quantisation (QDQ, calibrated on 3 train crops)",
                                       lambda: onnx("tuned", "static")),
+        "onnx_int8_tta": BenchPath("--backend onnx_int8 (static int8, bundled calibration tiles), with the model's TTA",
+                                   lambda: _sampler_fn(build_sampler(gen, None, None, "onnx_int8", weights_sha256=sha,
+                                                                     tta=tta)), tta=tta),
+        "bf16_autocast_tta": BenchPath("eager, bf16 autocast, with the model's TTA", lambda: _sampler_fn(
+            build_sampler(gen, None, None, "eager", tta=tta), autocast=torch.bfloat16), tta=tta),
+        "onnx_tuned_tta": BenchPath("onnxruntime float32, tuned session, with the model's TTA", lambda: _sampler_fn(
+            build_sampler(gen, None, None, "onnx", weights_sha256=sha, tta=tta)), tta=tta),
         REFERENCE_TTA: BenchPath("eager float32 with test-time augmentation (reference for TTA paths)",
                                  lambda: _sampler_fn(build_sampler(gen, None, None, "eager", tta=True)), False, True),
         "auto": BenchPath(f"segment default: --backend auto -> {resolve_backend('cpu').backend}"

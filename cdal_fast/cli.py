@@ -90,6 +90,9 @@ def info() -> None:
         where = f"shipped  {p}" if p.is_file() else "not shipped"
         click.echo(f"model {model:12s} ({task}) {where}")
     from .runtime.backend_choice import resolve_backend
+    from .runtime.cpu_features import cpu_features
+
+    click.echo(f"CPU: {cpu_features().describe()}")
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:

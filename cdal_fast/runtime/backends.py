@@ -5,6 +5,7 @@
 * ``fused``: eager with latent modulation and attention routed through the ``cdal`` custom ops.
 * ``compile``: ``torch.compile`` of the sampler (useful on GPUs; compiles on first use).
 * ``onnx``: the unrolled sampler as an ONNX graph run by onnxruntime (exported once, cached).
+* ``onnx_int8``: that graph statically quantised to int8 (calibrated once, cached); CPUs with VNNI only.
 * ``tensorrt``: a TensorRT engine built from that graph (cached; needs a GPU and TensorRT).
 * ``graphs``: eager (fused ops when built) replayed as CUDA graphs per static input shape (GPU only).
 * ``auto``: the fastest measured of these for the device and dtype (:mod:`cdal_fast.runtime.backend_choice`).
@@ -30,8 +31,10 @@ from ..network.generator import Generator
 from ..sampling.one_pass import sampler_for
 from ..sampling.sampler import SamplerLike
 from .backend_choice import AUTO, preference, resolve_backend
+from .cpu_features import cpu_features
 from .graphs import GraphedSampler
 from .onnx_cache import cached_onnx
+from .onnx_quant import cached_int8_onnx
 from .onnx_tensorrt import DEFAULT_TRT_BATCH, OnnxSampler, TensorRTSampler, build_tensorrt_engine, onnx_providers
 from .requires import BackendError, require_cuda_device, require_ops, require_tensorrt
 
@@ -119,6 +122,20 @@ def _build_onnx(generator: Generator, steps: int | None, votes: int | None, devi
                        providers=providers)
 
 
+def _build_onnx_int8(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
+                     dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False,
+                     fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
+    """Static int8 graph (:mod:`.onnx_quant`), on a CPU with VNNI only (elsewhere its masks drift)."""
+    if device.type != "cpu":
+        raise BackendError("the onnx_int8 backend runs on a CPU (--device cpu)")
+    features = cpu_features()
+    if not features.vnni:
+        raise BackendError(f"the onnx_int8 backend needs a CPU with VNNI (AVX-512 VNNI, AVX-VNNI or AMX); this one "
+                           f"has none ({features.describe()}): without it int8 convolutions saturate")
+    return OnnxSampler(cached_int8_onnx(generator, steps, votes, weights_sha256, tta=tta), generator,
+                       weights_sha256)
+
+
 def _build_tensorrt(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
                     dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False,
                     fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
@@ -134,6 +151,7 @@ BUILDERS: dict[str, Builder] = {
     "fused": _build_fused,
     "compile": _build_compile,
     "onnx": _build_onnx,
+    "onnx_int8": _build_onnx_int8,
     "tensorrt": _build_tensorrt,
     "graphs": _build_graphs,
 }

@@ -159,6 +159,8 @@ class Distiller:
         teacher = load_model(dc.teacher)
         self.teacher_sha256 = teacher.sha256
         self.student = student_from_teacher(teacher.generator, dc.name, dc.threshold).train()
+        if dc.cpu_amp:  # oneDNN's bfloat16 convolutions want channels-last (as the cDAL trainer's cpu_amp)
+            self.student.to(memory_format=torch.channels_last)
         self.ema = student_from_teacher(teacher.generator, dc.name, dc.threshold).eval()
         self.ema.load_state_dict(self.student.state_dict())
         self.cfg = self.student.cfg
@@ -186,6 +188,8 @@ class Distiller:
 
     def train_step(self) -> dict[str, float]:
         image, target = self.batch()
+        if self.dc.cpu_amp:
+            image = image.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dc.cpu_amp):
             y = one_pass_head(self.student, image, self.cfg.mask_channels, self.cfg.nz, self.cfg.num_steps - 1)
         prob, unc = maps_from_head(y, self.cfg.mask_channels, object_sign(self.cfg))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_output
+from .cache import cache_dir  # re-exported: callers import it from here
 from .config import INFERENCE_FIELDS
 from .generator import Generator
 from .onnx_groupnorm import GROUP_NORM_OPSET, group_normalization_export
@@ -46,12 +46,6 @@ __all__ = ["export_onnx", "OnnxSampler", "TensorRTSampler", "build_tensorrt_engi
 
 INPUTS = ["image", "x_init", "z", "post"]
 OUTPUTS = ["prob", "std"]
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("CDAL_FAST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cdal-fast")
-    return Path(root)
 
 
 def _meta(generator: Generator, steps: int, votes: int, size: int, weights_sha256: str,

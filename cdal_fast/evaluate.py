@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .config import ModelConfig
 from .data.datasets import HippocampusData, find_pairs, read_split, resolve_2d_root
 from .decode import to_labels
+from .extras import import_extra
 from .imageio import read_image, read_mask, resize_mask
 from .inference import VOLUME_STRIDE, PatchRunner, predict_image, predict_monuseg_tile, predict_volume, volume_windows
 from .metrics import dice_iou, per_class_dice_iou
@@ -94,8 +95,7 @@ def volume_affine(data: Path, name: str, cfg: ModelConfig) -> np.ndarray | None:
     """The voxel-to-world affine of image ``name`` when the model needs an orientation, else None."""
     if cfg.volume_orientation == "native":
         return None
-    import nibabel as nib
-
+    nib = import_extra("nibabel", "the hippocampus evaluation (NIfTI volumes)")
     paths = sorted((data / "imagesTr").glob(f"{name}.nii*"))
     if not paths:
         raise FileNotFoundError(f"image {name!r} not found in {data / 'imagesTr'}")

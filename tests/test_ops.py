@@ -201,7 +201,7 @@ def test_fused_model_matches_plain_sampler(preset):
 
 
 def test_set_fused_without_extension_keeps_plain_path(monkeypatch):
-    monkeypatch.setattr(ops, "_LOADED", False)
+    monkeypatch.setattr(ops, "_STATUS", ops.ExtensionStatus(ops.PLAIN, "the test says so"))
     g = Generator(get_preset("tiny")).set_fused(True)
     assert not g.mid0.norm0.fused
     torch.jit.script(FixedStepSampler(g))  # the custom op is never referenced

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..extras import import_extra
 from ..imageio import IMAGE_SUFFIXES, read_image, read_mask, resize_image, resize_mask
 from ..preprocess import match_channels, normalise, to_chw_float
 from ..volume import normalise_volume, pad_to, window_starts
@@ -151,8 +152,7 @@ class HippocampusData:
 
     @staticmethod
     def read_pairs(data: Path, names: list[str] | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        import nibabel as nib
-
+        nib = import_extra("nibabel", "the hippocampus data (NIfTI volumes)")
         img_dir, lab_dir = data / "imagesTr", data / "labelsTr"
         if not img_dir.is_dir() or not lab_dir.is_dir():
             raise FileNotFoundError(f"{data} must contain imagesTr/ and labelsTr/ folders")

@@ -23,6 +23,7 @@ import torch
 from ..atomic import atomic_output
 from ..config import ModelConfig
 from ..decode import labels_to_mask, to_labels
+from ..extras import import_extra
 from ..inference import PatchRunner, predict_image, predict_volume, volume_windows
 from ..preprocess import match_channels
 from .outputs import complete_summary, write_png, write_summary
@@ -87,8 +88,7 @@ def segment_radiograph(path: Path, out_dir: Path, runner: PatchRunner, cfg: Mode
 def segment_volume(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelConfig,
                    model_info: dict | None = None, progress: TileProgress | None = None) -> dict[str, Any]:
     """Label map of a NIfTI volume by the evaluation protocol's sliding window, written with its affine."""
-    import nibabel as nib
-
+    nib = import_extra("nibabel", f"{path}: reading NIfTI volumes", SlideError)
     t0 = time.perf_counter()
     progress = progress or NullProgress()
     if not is_volume(path):

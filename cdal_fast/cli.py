@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,13 +79,18 @@ def main() -> None:
 
 @main.command()
 def info() -> None:
-    """Show versions, devices, the C++ op library and the shipped models."""
+    """Show versions, devices, the C++ op library (prebuilt, compiled on first use, or plain PyTorch, and why), the
+    CPU's reduced-precision features and the shipped models. The first call with a torch the package was not built
+    for compiles the ops (docs/install.md)."""
     from .models import MODEL_DIR, SHIPPED
     from .network import ops
 
     click.echo(f"cdal-fast {__version__}, torch {torch.__version__}")
     click.echo(f"CUDA device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
-    click.echo(f"C++ ops (torch.ops.cdal): {'loaded' if ops.extension_available() else 'not built'}")
+    with warnings.catch_warnings():  # the line below says it, with the reason
+        warnings.simplefilter("ignore", RuntimeWarning)
+        status = ops.extension_status()
+    click.echo(f"C++ ops (torch.ops.cdal): {status.describe()}")
     for model, task in SHIPPED.items():
         p = MODEL_DIR / f"{model}.safetensors"
         where = f"shipped  {p}" if p.is_file() else "not shipped"

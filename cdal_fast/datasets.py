@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .extras import import_extra
 from .sampling.imageio import IMAGE_SUFFIXES
 
 __all__ = ["find_pairs", "read_split", "resolve_2d_root", "read_volume_pairs", "make_split"]
@@ -71,8 +72,7 @@ def resolve_2d_root(data: Path) -> Path:
 
 def read_volume_pairs(data: Path, names: list[str] | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, volume, labels) of ``data/imagesTr`` and ``data/labelsTr`` (optionally only ``names``)."""
-    import nibabel as nib
-
+    nib = import_extra("nibabel", "the hippocampus data (NIfTI volumes)")
     img_dir, lab_dir = data / "imagesTr", data / "labelsTr"
     if not img_dir.is_dir() or not lab_dir.is_dir():
         raise FileNotFoundError(f"{data} must contain imagesTr/ and labelsTr/ folders")

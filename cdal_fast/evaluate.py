@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .datasets import find_pairs, read_split, read_volume_pairs, resolve_2d_root
+from .extras import import_extra
 from .metrics import dice_iou, per_class_dice_iou
 from .network.config import ModelConfig
 from .sampling.decode import to_labels
@@ -114,8 +115,7 @@ def volume_affine(data: Path, name: str, cfg: ModelConfig) -> np.ndarray | None:
     """The voxel-to-world affine of image ``name`` when the model needs an orientation, else None."""
     if cfg.volume_orientation == "native":
         return None
-    import nibabel as nib
-
+    nib = import_extra("nibabel", "the hippocampus evaluation (NIfTI volumes)")
     paths = sorted((data / "imagesTr").glob(f"{name}.nii*"))
     if not paths:
         raise FileNotFoundError(f"image {name!r} not found in {data / 'imagesTr'}")

@@ -268,6 +268,7 @@ def build(kit: Kit) -> None:
 def _drop_extension(kit: Kit, why: str) -> None:
     """Later steps run without the extension rather than hit NotImplementedError in a half build."""
     kit.extension = False
+    kit.env["CDAL_FAST_NO_EXTENSION"] = "1"  # else the op loader would compile the sources on first use
     if not kit.dry:
         for lib in (REPO / "cdal_fast").glob("_C*.so"):
             lib.unlink()

@@ -201,7 +201,9 @@ def test_fused_model_matches_plain_sampler(preset):
 
 
 def test_set_fused_without_extension_keeps_plain_path(monkeypatch):
-    monkeypatch.setattr(ops, "_LOADED", False)
+    from cdal_fast.network import op_library
+
+    monkeypatch.setattr(op_library, "_STATUS", op_library.ExtensionStatus(op_library.PLAIN, "the test says so"))
     g = Generator(get_preset("tiny")).set_fused(True)
     assert not g.mid0.norm0.fused
     torch.jit.script(FixedStepSampler(g))  # the custom op is never referenced

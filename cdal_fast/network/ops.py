@@ -1,28 +1,28 @@
 """Thin Python wrappers of the ``cdal`` custom ops and their plain-PyTorch references.
 
 The references are the ground truth for the parity tests and the path the model takes when
-``fused=False`` or the compiled extension is missing. The fused wrappers call
-``torch.ops.cdal.*``, which the C++ extension (``cdal_fast._C``) registers with
-``TORCH_LIBRARY``; when it is not built they fall back to the reference with one warning.
+``fused=False`` or the op library cannot be had (:mod:`.op_library` loads it: prebuilt, compiled on
+first use, or none, and says why). The fused wrappers call ``torch.ops.cdal.*``, which the C++
+library registers with ``TORCH_LIBRARY``.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
+
+from .op_library import ExtensionStatus, extension_available, extension_status
 
 __all__ = [
     "skip_rescale",
     "extension_available",
+    "extension_status",
+    "ExtensionStatus",
     "adagn_silu",
     "adagn_silu_reference",
     "self_attention",
     "self_attention_reference",
 ]
-
-_LOADED: bool | None = None
 
 
 def skip_rescale(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -33,25 +33,6 @@ def skip_rescale(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     module constant because TorchScript cannot read a global float.
     """
     return (x + h) * 0.7071067811865476
-
-
-def extension_available() -> bool:
-    """Load the compiled op library once; False (with one warning) if it is not built."""
-    global _LOADED
-    if _LOADED is None:
-        try:
-            from .. import _C  # noqa: F401  (registers torch.ops.cdal.*)
-
-            _LOADED = True
-        except ImportError as exc:
-            _LOADED = False
-            warnings.warn(
-                f"cdal_fast C++ extension not available ({exc}); fused ops fall back to plain "
-                "PyTorch. Build it with `pip install --no-build-isolation -e .`.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return _LOADED
 
 
 def adagn_silu_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
@@ -84,7 +65,7 @@ def adagn_silu(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
     """Fused latent modulation (``torch.ops.cdal.adagn_silu``); maths of :func:`adagn_silu_reference`.
 
     Callers make sure the library is loaded (:func:`extension_available`); the model only routes
-    here after :meth:`cdal_fast.network.generator.Generator.set_fused` succeeded.
+    here after :meth:`cdal_fast.generator.Generator.set_fused` succeeded.
     """
     return torch.ops.cdal.adagn_silu(x, gamma, beta, bias, groups, eps)
 

@@ -68,9 +68,8 @@ def _module_missing(*modules: str) -> str | None:
 def _ops_missing() -> str | None:
     from ..network import ops
 
-    if ops.extension_available():
-        return None
-    return "the C++ op library is not built (python setup.py build_ext --inplace)"
+    status = ops.extension_status()
+    return None if status.loaded else f"the C++ op library is not available ({status.reason})"
 
 
 # backend -> a check returning None when everything it needs is importable, else what is missing

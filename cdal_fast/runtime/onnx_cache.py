@@ -14,18 +14,12 @@ import re
 import socket
 from pathlib import Path
 
+from ..cache import cache_dir
 from ..network.generator import Generator
 from .onnx_export import GRAPH_FORMAT, export_onnx, onnx_metadata
 from .requires import BackendError
 
 __all__ = ["cache_dir", "cached_onnx", "remove_orphaned_graphs"]
-
-
-def cache_dir() -> Path:
-    """``$CDAL_FAST_CACHE``, else ``$XDG_CACHE_HOME/cdal-fast`` (``~/.cache/cdal-fast``)."""
-    root = os.environ.get("CDAL_FAST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cdal-fast")
-    return Path(root)
 
 
 _SAFE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_output
+from ..cache import cache_dir
 from ..network.config import INFERENCE_FIELDS
 from ..network.generator import Generator
 from ..sampling.sampler import SAMPLER_ATTRS
-from .onnx_cache import cache_dir
 from .onnx_export import INPUTS, OUTPUTS, onnx_metadata, read_meta
 from .ort_options import tuned_session_options
 from .requires import BackendError, require_tensorrt

@@ -21,9 +21,10 @@ class BackendError(RuntimeError):
 
 def require_ops() -> None:
     """Fail with the build instruction when the ``cdal`` C++ op library is not built."""
-    if not ops.extension_available():
-        raise BackendError("the fused ops need the C++ op library: run `bash scripts/setup.sh` "
-                           "(or `pip install --no-build-isolation -e .`) to build it")
+    status = ops.extension_status()
+    if not status.loaded:
+        raise BackendError(f"the fused ops need the C++ op library, which is not available: {status.reason} "
+                           "(docs/install.md, 'The C++ ops')")
 
 
 def require_cuda_device(device: torch.device | str, backend: str, what: str) -> None:

@@ -5,19 +5,43 @@ Shared by inference (`segment`, `eval`) and the training data package, so it liv
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["read_image", "read_mask", "resize_image", "resize_mask", "IMAGE_SUFFIXES", "ImageReadError"]
+from ..extras import EXTRA_OF, install_hint
+
+__all__ = ["read_image", "read_mask", "resize_image", "resize_mask", "IMAGE_SUFFIXES", "ImageReadError",
+           "undecodable_tiff"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
 class ImageReadError(RuntimeError):
     """A file could not be decoded as an image."""
+
+
+def undecodable_tiff(compression: int) -> str | None:
+    """Why tifffile cannot decode TIFF ``compression`` here, naming the extra when that is the cause (None: it can).
+
+    Without imagecodecs tifffile decodes only uncompressed, zlib/deflate, LZMA, Zstandard and PackBits
+    data; scanners' TIFFs are often JPEG, LZW or JPEG 2000. Checked when a file is opened, so that
+    the user reads one line with the fix, not a decoder's KeyError in the middle of a run.
+    """
+    import tifffile
+
+    if compression in tifffile.TIFF.DECOMPRESSORS:
+        return None
+    try:
+        name = tifffile.COMPRESSION(compression).name
+    except ValueError:
+        name = f"code {compression}"
+    if importlib.util.find_spec("imagecodecs") is None:
+        return f"its {name} compression needs the imagecodecs package: {install_hint(EXTRA_OF['imagecodecs'])}"
+    return f"tifffile cannot decode its {name} compression"
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -27,7 +51,10 @@ def read_image(path: str | Path) -> np.ndarray:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
-            arr = tifffile.imread(path, key=0)
+            with tifffile.TiffFile(path) as tif:
+                if (why := undecodable_tiff(tif.pages[0].compression)) is not None:
+                    raise ImageReadError(f"cannot read image {path}: {why}")
+                arr = tif.asarray(key=0)
         else:
             from PIL import Image
 
@@ -35,6 +62,8 @@ def read_image(path: str | Path) -> np.ndarray:
                 if im.mode not in ("L", "RGB"):
                     im = im.convert("RGB")
                 arr = np.asarray(im)
+    except ImageReadError:
+        raise
     except Exception as exc:  # decoders raise many types; name the file and the cause
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
     if arr.ndim == 2:

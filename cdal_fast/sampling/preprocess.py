@@ -10,6 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..extras import import_extra
 from ..network.config import ModelConfig
 from .volume import normalise_volume
 
@@ -94,10 +95,9 @@ def orient_volume(vol: np.ndarray, affine: np.ndarray | None,
     if affine is None:
         raise ValueError(f"model {cfg.name!r} needs volumes reoriented to {cfg.volume_orientation}, "
                          "which needs the volume's affine (none was given)")
-    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
-
-    source = io_orientation(affine)
-    target = axcodes2ornt(tuple(cfg.volume_orientation))
-    forward, back = ornt_transform(source, target), ornt_transform(target, source)
-    return np.ascontiguousarray(apply_orientation(vol, forward)), lambda a: np.ascontiguousarray(
-        apply_orientation(np.asarray(a), back))
+    orientations = import_extra("nibabel.orientations", "reorienting volumes")
+    source = orientations.io_orientation(affine)
+    target = orientations.axcodes2ornt(tuple(cfg.volume_orientation))
+    forward, back = orientations.ornt_transform(source, target), orientations.ornt_transform(target, source)
+    return np.ascontiguousarray(orientations.apply_orientation(vol, forward)), lambda a: np.ascontiguousarray(
+        orientations.apply_orientation(np.asarray(a), back))

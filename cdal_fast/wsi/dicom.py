@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..extras import import_extra
 from .errors import SlideError
 
 __all__ = ["WSI_SOP_CLASS", "is_dicom_file", "is_dicom_folder", "dicom_files", "level0_instance"]
@@ -52,8 +53,7 @@ def is_dicom_folder(folder: Path) -> bool:
 
 def level0_instance(path: Path) -> Path:
     """Check the series is one whole-slide image; return its full-resolution instance."""
-    import pydicom
-
+    pydicom = import_extra("pydicom", f"{path}: reading DICOM slides", SlideError)
     files = dicom_files(path.parent if path.is_file() else path)  # OpenSlide reads the series from the folder
     if not files:
         raise SlideError(f"{path}: no DICOM files in the folder")

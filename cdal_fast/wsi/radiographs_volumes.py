@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_output
+from ..extras import import_extra
 from ..network.config import ModelConfig
 from ..sampling.decode import labels_to_mask, to_labels
 from ..sampling.inference import PatchRunner, predict_image, predict_volume, volume_windows
@@ -87,8 +88,7 @@ def segment_radiograph(path: Path, out_dir: Path, runner: PatchRunner, cfg: Mode
 def segment_volume(path: Path, out_dir: Path, runner: PatchRunner, cfg: ModelConfig,
                    model_info: dict | None = None, progress: TileProgress | None = None) -> dict[str, Any]:
     """Label map of a NIfTI volume by the evaluation protocol's sliding window, written with its affine."""
-    import nibabel as nib
-
+    nib = import_extra("nibabel", f"{path}: reading NIfTI volumes", SlideError)
     t0 = time.perf_counter()
     progress = progress or NullProgress()
     if not is_volume(path):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..extras import import_extra
+from ..sampling.imageio import undecodable_tiff
 from .dicom import is_dicom_folder, level0_instance
 from .errors import SlideError
 from .mpp import MppInfo, plausible_mpp, settle_mpp
@@ -149,6 +151,8 @@ class TiffSlide(SlideReader):
     def _check_page(self, level: int, page) -> None:
         """Sizes, tile table and byte ranges of one level, before anything is allocated from them."""
         where = f"{self.path}: level {level}"
+        if (why := undecodable_tiff(page.compression)) is not None:
+            raise SlideError(f"{where}: {why}")
         w, h = int(page.imagewidth), int(page.imagelength)
         if w <= 0 or h <= 0:
             raise SlideError(f"{where} is {w}x{h} px: an image needs at least one pixel in each direction")
@@ -289,13 +293,7 @@ class OpenSlideSlide(SlideReader):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            import openslide
-        except ImportError:
-            raise SlideError(
-                f"{self.path}: {self.path.suffix} slides need OpenSlide; install it with "
-                "`pip install openslide-python openslide-bin` (or convert the slide to OME-TIFF)"
-            ) from None
+        openslide = import_extra("openslide", f"{self.path}: reading {self.path.suffix} slides", SlideError)
         try:
             self._s = openslide.OpenSlide(str(self.path))
         except Exception as exc:

@@ -146,7 +146,8 @@ def calibration_feeds(data: Path, cfg: ModelConfig, count: int = CALIBRATION_CRO
     return feeds
 
 
-def make_paths(bundle, work: Path, data: Path = DEFAULT_DATA) -> dict[str, BenchPath]:  # noqa: ANN001  (a ModelBundle)
+def make_paths(bundle, work: Path, data: Path = DEFAULT_DATA,  # noqa: ANN001  (a ModelBundle)
+               student: Path | None = None) -> dict[str, BenchPath]:
     """Every CPU path, built lazily (a path whose pieces are missing is skipped, with the reason)."""
     gen, sha = bundle.generator.eval(), bundle.content_sha256
     tta = bool(getattr(bundle.config, "tta", False))  # what segment does with the model by default
@@ -199,12 +200,22 @@ def make_paths(bundle, work: Path, data: Path = DEFAULT_DATA) -> dict[str, Bench
             build_sampler(gen, None, None, "eager", tta=tta), autocast=torch.bfloat16), tta=tta),
         "onnx_tuned_tta": BenchPath("onnxruntime float32, tuned session, with the model's TTA", lambda: _sampler_fn(
             build_sampler(gen, None, None, "onnx", weights_sha256=sha, tta=tta)), tta=tta),
+        "student": BenchPath(f"one-pass student {student} (--backend auto; Dice column: against the teacher's "
+                             "eager float32)", lambda: _student_fn(student)),
         REFERENCE_TTA: BenchPath("eager float32 with test-time augmentation (reference for TTA paths)",
                                  lambda: _sampler_fn(build_sampler(gen, None, None, "eager", tta=True)), False, True),
         "auto": BenchPath(f"segment default: --backend auto -> {resolve_backend('cpu').backend}"
                           + (", TTA (the model's default)" if tta else ""), lambda: _sampler_fn(
             build_sampler(gen, None, None, "auto", weights_sha256=sha, tta=tta)), tta=tta),
     }
+
+
+def _student_fn(student: Path | None) -> TileFn:
+    """A one-pass model as segment runs it (``--backend auto``): one forward, the noise ignored."""
+    if student is None:
+        raise ValueError("no --student weights given")
+    bundle = load_model(student)
+    return _sampler_fn(build_sampler(bundle.generator, 1, 1, "auto", weights_sha256=bundle.content_sha256))
 
 
 def _spread(values: list[float]) -> tuple[float, float, float]:
@@ -218,7 +229,7 @@ def run(args: argparse.Namespace) -> None:
     noises = [draw_noise(cfg.num_steps, cfg.votes, cfg.mask_channels, cfg.nz, cfg.image_size, cfg.image_size,
                          generators_from_seed(i, 1)) for i in range(len(crops))]
     with tempfile.TemporaryDirectory() as tmp:
-        all_paths = make_paths(bundle, Path(tmp), args.data)
+        all_paths = make_paths(bundle, Path(tmp), args.data, args.student)
         names = [n for n in (args.paths or all_paths) if not (args.quick and not args.paths and n in QUICK_SKIP)]
         required = [BASELINE, REFERENCE] + ([REFERENCE_TTA] if any(all_paths[n].tta for n in names) else [])
         names = [*required, *(n for n in names if n not in required)]
@@ -320,6 +331,7 @@ def write_table(rows: list[dict], loads: list[float], cfg: ModelConfig, crops: l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", type=Path, default=None, help="default: the shipped MoNuSeg model")
+    ap.add_argument("--student", type=Path, default=None, help="a one-pass model for the 'student' path")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MoNuSeg folder with split.json (val tiles)")
     ap.add_argument("--tiles", type=int, default=None, help="validation crops (default 4; --quick 2)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5; --quick 2)")

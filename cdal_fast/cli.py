@@ -101,8 +101,22 @@ def info() -> None:
     click.echo(f"CPU: {cpu_features().describe()}")
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    cfg = _default_model_config()
     for dev in devices:
-        click.echo(f"--backend auto on {dev}, float32: {resolve_backend(dev, torch.float32).describe()}")
+        click.echo(f"--backend auto on {dev}, float32 ({cfg.name if cfg else 'any model'}): "
+                   f"{resolve_backend(dev, torch.float32, cfg).describe()}")
+
+
+def _default_model_config() -> ModelConfig | None:
+    """The default shipped model's config (for what auto picks for it), None when it is not shipped."""
+    from .models import default_weights
+    from .network.config import load_config
+    from .weights import WeightsError, weights_paths
+
+    try:
+        return load_config(weights_paths(default_weights())[1])
+    except (WeightsError, OSError, ValueError):
+        return None
 
 
 @main.command()

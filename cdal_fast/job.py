@@ -178,7 +178,9 @@ def backend_used(sampler: SamplerLike | None, backend: str) -> str:
     """The backend name for the summaries: ``auto`` is recorded with what it resolved to."""
     if backend != AUTO or sampler is None:
         return backend
-    return f"{AUTO} -> {'onnx' if isinstance(sampler, OnnxSampler) else 'eager'}"
+    if isinstance(sampler, OnnxSampler):
+        return f"{AUTO} -> {'onnx_int8' if sampler.quantisation else 'onnx'}"
+    return f"{AUTO} -> eager"
 
 
 def resolve_segment_job(request: SegmentRequest, bundle: ModelBundle, gpu: bool) -> SegmentJob:

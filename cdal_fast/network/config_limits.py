@@ -115,7 +115,7 @@ def check_model_config(cfg: Any) -> None:
     if cfg.mpp is not None:
         _float("mpp", cfg.mpp, 0.0, MAX_MPP, low_open=True)
     _float("dropout", cfg.dropout, 0.0, 0.99)
-    for name in ("tta", "one_pass"):
+    for name in ("tta", "one_pass", "cpu_int8"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"model config field {name}: {getattr(cfg, name)!r} is not a boolean "
                               "(allowed: true or false)")

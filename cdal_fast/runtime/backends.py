@@ -196,8 +196,8 @@ def _build_auto(generator: Generator, steps: int | None, votes: int | None, devi
     The candidates come from :func:`cdal_fast.runtime.backend_choice.resolve_backend`'s measured order, so a
     failure costs speed, never the run; ``eager`` needs nothing and ends every chain.
     """
-    order, _ = preference(device, dtype)
-    start = order.index(resolve_backend(device, dtype).backend)
+    order, _ = preference(device, dtype, generator.cfg)
+    start = order.index(resolve_backend(device, dtype, generator.cfg).backend)
     errors = []
     for name in dict.fromkeys((*order[start:], "eager")):
         try:

@@ -105,6 +105,7 @@ class OnnxSampler(torch.nn.Module):
         _check_matches(meta, generator, weights_sha256, path)
         _set_sampler_attrs(self, meta)
         self.size = int(meta["cdal_size"])
+        self.quantisation = meta.get("cdal_quantisation", "")  # "" for a float graph (onnx_quant.py sets it)
         # The exporter drops inputs the graph never reads (``post`` when no step adds posterior
         # noise, e.g. T = 1), and onnxruntime refuses feeds it does not declare: feed what it has.
         self.input_names = [i.name for i in self.session.get_inputs()]

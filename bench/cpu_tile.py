@@ -325,7 +325,7 @@ def write_table(rows: list[dict], loads: list[float], cfg: ModelConfig, crops: l
             f"of the baseline's time in that round / the path's (x_min..x_max their range); dice_min: the lowest "
             f"mask Dice vs eager_fp32 (eager_fp32_tta for paths with test-time augmentation) on the same tile "
             f"and noise.")
-    write_results("cpu_tile", rows, COLUMNS, args.out, extra={"load_average_per_round": loads}, note=note)
+    write_results(args.name, rows, COLUMNS, args.out, extra={"load_average_per_round": loads}, note=note)
 
 
 def main() -> None:
@@ -338,6 +338,7 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", default=None, help="subset of paths (authors and eager_fp32 always run)")
     ap.add_argument("--quick", action="store_true", help=f"2 rounds on 2 tiles, without {', '.join(QUICK_SKIP)}")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--name", default="cpu_tile", help="result file name (a CPU of another kind: another name)")
     args = ap.parse_args()
     args.tiles = args.tiles or (2 if args.quick else 4)
     args.repeats = args.repeats or (2 if args.quick else 5)

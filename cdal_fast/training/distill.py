@@ -14,9 +14,11 @@ starting near the targets' mean spread). One training step:
 * AdamW, warm-up then cosine decay, an EMA of the weights (the EMA is validated and exported).
 
 Validation is the published scoring protocol on the ``val`` split (Dice/IoU, and AJI/PQ on the
-tiles with XML nuclei) of the EMA student; the best is exported as ``OUT/best`` (safetensors + JSON
-with provenance). ``OUT/last.pt`` (weights, EMA, optimiser, schedule, every RNG) resumes a stopped
-run bit for bit; ``OUT/log.jsonl`` records every logged step and validation.
+tiles with XML nuclei) of the EMA student; the best (``select``: by Dice, or by Dice + AJI) is
+exported as ``OUT/best`` (safetensors + JSON with provenance), and with ``keep_validated`` every
+validated student as ``OUT/validated/step_N``. ``OUT/last.pt`` (weights, EMA, optimiser, schedule,
+every RNG) resumes a stopped run bit for bit; ``OUT/log.jsonl`` records every logged step and
+validation.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = ["DistillConfig", "load_distill_config", "student_from_teacher", "load
 
 BCE_EPS = 1e-4  # probabilities clamped away from 0 and 1 before the log
 INITIAL_UNCERTAINTY = 0.05  # about the teachers' mean vote spread on MoNuSeg: where the new map starts
+SELECTIONS = ("dice", "dice+aji")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class DistillConfig:
     w_gt: float = 0.0
     hed_sigma: float = 0.05
     threshold: float = 0.4  # the student's decision threshold (its config; the teacher's to start with)
+    select: str = "dice"  # what "best" maximises on validation: "dice", or "dice+aji" (masks and objects alike)
+    keep_validated: bool = False  # also keep every validated student as OUT/validated/step_N (pick later)
     val_split: str = "val"
     val_every: int = 200
     val_at_start: bool = True
@@ -88,6 +93,8 @@ class DistillConfig:
         bad = [k for k, v in positive.items() if not v > 0]
         if bad or not 0 < self.threshold < 1 or not 0 <= self.ema < 1:
             raise ValueError(f"distill config: {', '.join(bad) or 'threshold/ema'} out of range")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"distill config: select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
 
 
 def load_distill_config(path: str | Path, **overrides: Any) -> DistillConfig:
@@ -169,7 +176,7 @@ class Distiller:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.gen = torch.Generator().manual_seed(dc.seed)
         self.step = 0
-        self.best_dice = -1.0
+        self.best_score = -1.0
 
     def _lr_factor(self, step: int) -> float:
         dc = self.dc
@@ -212,7 +219,7 @@ class Distiller:
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"student": self.student.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(), "step": self.step, "best_dice": self.best_dice,
+                "sched": self.sched.state_dict(), "step": self.step, "best_dice": self.best_score,
                 "gen": self.gen.get_state(), "cpu_rng": torch.get_rng_state(), "config": json.dumps(asdict(self.dc))}
 
     def resume(self) -> bool:
@@ -223,7 +230,9 @@ class Distiller:
         self.ema.load_state_dict(st["ema"])
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
-        self.step, self.best_dice = int(st["step"]), float(st["best_dice"])
+        self.step, self.best_score = int(st["step"]), float(st.get("best_score", st.get("best_dice", -1.0)))
+        if st.get("select", "dice") != self.dc.select:  # another rule's scores do not compare: the next one exports
+            self.best_score = -1.0
         self.gen.set_state(st["gen"])
         torch.set_rng_state(st["cpu_rng"])
         return True
@@ -239,13 +248,16 @@ class Distiller:
         self._log({"step": self.step, "val_dice": res.dice, "val_iou": res.iou, "val_aji": inst.get("aji"),
                    "val_pq": inst.get("pq"), "val_seconds": round(time.monotonic() - t0, 1),
                    "elapsed_s": round(time.monotonic() - start, 1)})
-        if res.dice > self.best_dice:
-            self.best_dice = float(res.dice)
-            prov = {"task": "monuseg", "kind": "one-pass student distilled from a cDAL ensemble", "step": self.step,
+        score = float(res.dice) + (float(inst.get("aji", 0.0)) if self.dc.select == "dice+aji" else 0.0)
+        prov = {"task": "monuseg", "kind": "one-pass student distilled from a cDAL ensemble", "step": self.step,
                     "distill_config": asdict(self.dc), "teacher_sha256": self.teacher_sha256,
                     "targets": {k: v for k, v in self.targets_meta.items() if k != "tiles"},
                     "val_dice": res.dice, "val_iou": res.iou, "val_instance": inst, "val_rows": res.rows,
-                    "val_threshold": self.cfg.threshold, "device": "cpu"}
+                    "val_threshold": self.cfg.threshold, "device": "cpu", "selected_by": self.dc.select}
+        if self.dc.keep_validated:
+            export_best(self.out / "validated" / f"step_{self.step}", self.ema, prov, self.teacher_sha256)
+        if score > self.best_score:
+            self.best_score = score
             export_best(self.out / "best", self.ema, prov, self.teacher_sha256)
 
     def fit(self) -> dict[str, Any]:
@@ -273,5 +285,5 @@ class Distiller:
         if self.step % dc.val_every != 0:
             self._validate_and_select(start)
         save_checkpoint(self.out / "last.pt", self.state_dict())
-        return {"step": self.step, "best_dice": self.best_dice, "stop": stop,
+        return {"step": self.step, "best_dice": self.best_score, "stop": stop,
                 "minutes": (time.monotonic() - start) / 60, **last}

@@ -117,6 +117,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.count, args.dir)))
         return
+    load_before = [round(v, 2) for v in os.getloadavg()]
     rows = []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     for fmt in args.formats:
@@ -138,7 +139,8 @@ def main() -> None:
             "nuclei repeated over a grid), each format by NucleiWriters alone in a fresh process. seconds: the "
             "whole stream; writer_seconds: minus the stream alone (row `stream`, no file). peak_rss_mb: the "
             "process's peak; rss_before_writing_mb: after imports and the templates. "
-            f"Load average before: {[round(v, 2) for v in os.getloadavg()]} on {os.cpu_count()} CPUs.")
+            f"Load average (1/5/15 min) before {load_before}, after {[round(v, 2) for v in os.getloadavg()]} on "
+            f"{os.cpu_count()} CPUs (a shared machine: other jobs ran alongside).")
     cols = ["format", "nuclei", "seconds", "writer_seconds", "nuclei_per_s", "size_mb", "bytes_per_nucleus",
             "peak_rss_mb", "rss_before_writing_mb"]
     write_results("nuclei_table_scale", rows, cols, args.out, note=note)

@@ -424,9 +424,12 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     installed. For each slide OUT gets NAME.mask.ome.tif
     (pyramidal, same pixel grid as the slide; 255 = object), NAME.overlay.png, NAME.json, the nuclei
     as objects (NAME.nuclei.geojson for QuPath's File > Import objects, NAME.nuclei.csv with one row
-    per nucleus; count, density and area quartiles in the JSON), and with the flags
-    NAME.prob.ome.tif / NAME.uncertainty.ome.tif / NAME.labels.ome.tif; PNG/JPEG inputs get PNG
-    masks and the same nucleus files in image pixel coordinates.
+    per nucleus with stain optical densities; count, density and area quartiles in the JSON; with
+    --stain h-dab an IHC class per nucleus and positive %, H-score and counts per class), QC heatmaps,
+    and with the flags NAME.prob.ome.tif / NAME.uncertainty.ome.tif / NAME.labels.ome.tif /
+    NAME.nuclei.parquet; PNG/JPEG inputs get PNG masks and the same nucleus files in image pixel
+    coordinates. OUT/report.html shows every input (overlay, heatmaps, numbers, failures), rewritten
+    as each one finishes.
     With --model cxr, PNG/JPEG radiographs give NAME.mask.png (255 = lung); with --model
     hippocampus, NIfTI volumes give NAME.labels.nii.gz with the input's affine.
     A rerun into the same --out resumes: inputs finished with the same settings are skipped; inputs

@@ -110,3 +110,6 @@ def test_stain_options_reach_the_slide_and_a_missing_stain_reference_is_named(tm
     assert res.exit_code == 2 and "stain reference" in res.output and "stain_reference.py" in res.output
     res = CliRunner().invoke(main, ["segment", str(image), "--out", str(out), "--stain", "he"])
     assert res.exit_code == 2 and "--stain" in res.output
+    res = CliRunner().invoke(main, ["eval", "--task", "monuseg", "--data", str(tmp_path),
+                                    "--weights", str(tiny_weights), "--stain-normalise"])
+    assert res.exit_code == 2 and "stain reference" in res.output

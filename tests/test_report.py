@@ -151,3 +151,29 @@ def test_segment_on_the_bundled_sample_writes_positivity_and_the_report(tmp_path
     assert pos["h_score"] is not None and pos["per_mm2_tissue"] is not None
     row = _rows((out / "report.html").read_text())[0]
     assert "sample_ihc" in row and "H-score" in row and row.count("data:image/") == 3
+
+
+def test_qc_heatmaps_count_nuclei_and_uncertainty_per_sampled_cell():
+    from cdal_fast.wsi.qc import QcMaps, colourise
+    from cdal_fast.wsi.tiling import Coverage, TileGrid
+
+    grid = TileGrid(300, 400, 64, 0)
+    tiles = [t for t in grid.iter_tiles() if t.row < 2]  # rows 0-127 sampled, the rest never reached
+    cov = Coverage(300, 400, 64, tiles)
+    qc = QcMaps.for_map(300, 400, 0.5)  # 25 um cells: 50 px
+    assert qc.cell == 50 and qc.shape == (6, 8)
+    std = np.zeros((300, 400), np.float32)
+    std[:, 100:150] = 0.2
+    for y in range(0, 300, 64):  # bands of any height, as the nucleus step reads them
+        qc.add_band(y, std[y:y + 64, 30:], 30, cov)  # the crop starts at column 30
+    for x, y in [(10, 10), (20, 30), (120, 60), (399, 120)]:
+        qc.add_nucleus(x, y)
+    dens, unc = qc.density_per_mm2(), qc.mean_uncertainty()
+    cell_mm2 = 50 * 50 * 0.25 / 1e6
+    assert np.isnan(dens[0, 0])  # columns 0-29 were not fed: 40 % of the cell sampled, drawn grey
+    assert dens[1, 2] == pytest.approx(1 / cell_mm2) and dens[0, 2] == 0
+    assert unc[0, 2] == pytest.approx(0.2) and unc[0, 1] == pytest.approx(0.0)
+    assert np.isnan(dens[3:]).all() and np.isnan(unc[3:]).all()  # never sampled
+    rgb = colourise(np.array([[0.0, 0.5, 1.0, np.nan]]), 1.0)
+    lightness = rgb[0, :3].astype(int).sum(axis=1)
+    assert lightness[0] < lightness[1] < lightness[2] and tuple(rgb[0, 3]) == (225, 225, 225)

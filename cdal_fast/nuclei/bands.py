@@ -83,6 +83,7 @@ class BandLabeller:
         self.stain = stain
         self._footprint = ring_footprint(ring_um / grid.mpp) if stain is not None else None
         self.reach = self._footprint.shape[0] // 2 if stain is not None else 0  # rows a ring reaches
+        self.context_rows = max(CONTEXT_ROWS, self.reach)  # rows always kept above what comes next
         self._rgb = np.zeros((0, self.width, 3), np.uint8) if stain is not None else None
         self._holding = False  # unfinished components in the buffer
         self._top = 0  # map row of the buffer's first row
@@ -138,23 +139,32 @@ class BandLabeller:
             raise ValueError(f"BandLabeller.feed: {self._seen} rows fed, more than the declared height {self.height}")
         return self._emit(final=False)
 
-    def skip_background(self, rows: int) -> None:
+    def skip_background(self, rows: int, rgb_tail: np.ndarray | None = None) -> None:
         """Advance over ``rows`` map rows known to be background (e.g. no sampled tile reached them)
-        without reading them. Exactly what feeding those rows as zeros does, and allowed only while no
-        unfinished component is held: it needs the real rows below it to be closed. (The context rows
-        kept for rings are dropped: no nucleus lies within a ring's reach of unsampled rows, whose
-        probability the blending window keeps at zero.)"""
+        without reading them: exactly what feeding those rows as zeros does. Allowed only while no
+        unfinished component is held (it needs the real rows below it to be closed). The buffer then
+        holds the last ``min(rows, context_rows)`` of them as background, the context the next rows'
+        components are labelled (and ringed) with; with stain measurements ``rgb_tail`` gives their
+        slide pixels (uint8, that many rows x width x 3)."""
         if self._finished:
             raise RuntimeError("BandLabeller.skip_background after finish()")
         if self._holding:
             raise ValueError(f"BandLabeller.skip_background: {self._prob.shape[0]} rows of unfinished components "
                              "are held; feed the next rows instead")
-        self._drop(self._prob.shape[0])
         if self.height is not None and self._seen + rows > self.height:
             raise ValueError(f"BandLabeller.skip_background: {self._seen + rows} rows, more than the declared "
                              f"height {self.height}")
+        keep = min(int(rows), self.context_rows)
+        if self._rgb is not None and (rgb_tail is None or rgb_tail.shape != (keep, self.width, 3)):
+            raise ValueError(f"BandLabeller.skip_background: stains are measured, so the last {keep} skipped rows' "
+                             f"uint8 rgb ({keep}, {self.width}, 3) are needed")
+        self._drop(self._prob.shape[0])
         self._seen += int(rows)
-        self._top = self._seen
+        self._top = self._seen - keep
+        self._prob = np.zeros((keep, self.width), np.float32)
+        self._std = np.zeros((keep, self.width), np.float32)
+        if self._rgb is not None:
+            self._rgb = np.array(rgb_tail, np.uint8)
 
     def finish(self) -> list[Nucleus]:
         """Emit everything still held (the slide's last rows); call once after the last band."""
@@ -210,14 +220,15 @@ class BandLabeller:
         target[inside] = lut[labels[inside]].astype(target.dtype)
 
     def _trim(self, comps: np.ndarray, open_mask: np.ndarray) -> None:
-        """Drop rows above the context (CONTEXT_ROWS, or a ring's reach) before the topmost unfinished component;
-        with none, keep only a ring's reach of rows (none without stains)."""
+        """Drop rows above the context (``context_rows``: CONTEXT_ROWS, or a ring's reach) before the topmost
+        unfinished component; with none, keep the last ``context_rows`` rows (the background above whatever
+        starts in the next band: its distance transform and its ring see the rows a whole-slide run sees)."""
         rows_open = np.flatnonzero(open_mask.any(axis=1))
         self._holding = bool(rows_open.size)
         if rows_open.size:
-            keep_from = max(0, int(rows_open[0]) - max(CONTEXT_ROWS, self.reach))
-        else:  # nothing unfinished: keep only the rows a next nucleus's ring may reach up into
-            keep_from = max(0, self._prob.shape[0] - self.reach)
+            keep_from = max(0, int(rows_open[0]) - self.context_rows)
+        else:
+            keep_from = max(0, self._prob.shape[0] - self.context_rows)
         self._drop(keep_from)
 
     def _drop(self, keep_from: int) -> None:

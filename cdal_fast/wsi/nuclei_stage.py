@@ -176,7 +176,14 @@ def _labelled_bands(labeller: Any, prob_map: MapFile, std_map: MapFile, coverage
     for y in range(0, height, rows):
         n = min(rows, height - y)
         if not labeller.holding and not coverage.any(y, y + n):
-            labeller.skip_background(n)  # no sampled tile reached these rows: nothing to read or label
+            # no sampled tile reached these rows: nothing to label; the labeller keeps its last few rows as
+            # context, whose slide pixels a ring may need when sampled rows follow
+            keep = min(n, labeller.context_rows)
+            tail = None
+            if rgb_rows is not None:
+                tail = (rgb_rows.read(y + n - keep, keep, c0, c1) if coverage.any(y + n, y + n + rows)
+                        else np.full((keep, c1 - c0, 3), 255, np.uint8))  # dropped at the next skip anyway
+            labeller.skip_background(n, rgb_tail=tail)
             continue
         prob = np.asarray(prob_map[y:y + n][:, c0:c1], np.float32) / U8_MAX
         std = np.asarray(std_map[y:y + n][:, c0:c1], np.float32) * std_scale

@@ -9,7 +9,9 @@ when nuclei are labelled), then written as two small colour PNGs beside the outp
   diffusion votes disagree, i.e. where the model is unsure and a pathologist should look.
 
 Cells hold at least :data:`MIN_CELL_UM` um (a density needs area to be more than 0 or 1 nucleus)
-and at most :data:`MAX_CELLS` on the long side. Cells no sampled tile reached are drawn grey.
+and at most :data:`MAX_CELLS` on the long side. Cells of which less than :data:`MIN_SAMPLED_FRACTION`
+was sampled (no tile reached them, or a sliver at the slide's edge, whose density would be noise)
+are drawn grey.
 Memory: three float64 arrays of at most 256 x 256 cells, plus one band-sized mask while a band is added.
 """
 
@@ -28,6 +30,7 @@ __all__ = ["MIN_CELL_UM", "MAX_CELLS", "QcMaps", "colourise", "qc_scale"]
 MIN_CELL_UM = 25.0
 MAX_CELLS = 256
 CHUNK_COLUMNS = 4096  # a band is added this many columns at a time (small temporaries)
+MIN_SAMPLED_FRACTION = 0.5  # of a whole cell's area, for the cell to be drawn
 UNSAMPLED_RGB = (225, 225, 225)
 # A dark-to-light ramp (lightness rises monotonically), so a printout in grey keeps the order.
 RAMP = np.array([(24, 20, 64), (88, 36, 128), (170, 60, 120), (232, 120, 60), (250, 214, 120), (255, 250, 220)],
@@ -98,16 +101,19 @@ class QcMaps:
         c = min(self.shape[1] - 1, max(0, int(x_work // self.cell)))
         self.nuclei[r, c] += 1
 
+    def _drawn(self) -> np.ndarray:
+        return self.pixels >= MIN_SAMPLED_FRACTION * self.cell * self.cell
+
     def density_per_mm2(self) -> np.ndarray:
-        """Nuclei per mm^2 of sampled area per cell (NaN where nothing was sampled)."""
+        """Nuclei per mm^2 of sampled area per cell (NaN where too little was sampled)."""
         area_mm2 = self.pixels * (self.mpp * self.mpp) / 1e6
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(self.pixels > 0, self.nuclei / area_mm2, np.nan)
+            return np.where(self._drawn(), self.nuclei / area_mm2, np.nan)
 
     def mean_uncertainty(self) -> np.ndarray:
-        """Mean vote std per cell (NaN where nothing was sampled)."""
+        """Mean vote std per cell (NaN where too little was sampled)."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(self.pixels > 0, self.std_sum / self.pixels, np.nan)
+            return np.where(self._drawn(), self.std_sum / self.pixels, np.nan)
 
     def write(self, density_path: Path | None, uncertainty_path: Path) -> dict:
         """Write the heatmap PNGs (density only when nuclei were counted); their colour scales, for the summary."""

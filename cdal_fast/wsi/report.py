@@ -149,14 +149,15 @@ STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{font-size:1.4em;margin:0 0 .2em} .meta{color:#555;margin-bottom:1em}
 table{border-collapse:collapse;background:#fff} th,td{border:1px solid #ddd;padding:6px;vertical-align:top}
-th{background:#eee;text-align:left} td.name{max-width:16em;word-break:break-all} .src{color:#777;font-size:.85em}
+th{background:#eee;text-align:left} .src{color:#777;font-size:.85em}
+td.name{min-width:9em;max-width:14em;word-break:break-all}
 img{display:block} img.heat{image-rendering:pixelated;image-rendering:crisp-edges}
 dl{display:grid;grid-template-columns:auto auto;gap:0 .8em;margin:0} dt{color:#666} dd{margin:0}
-td.num{min-width:19em}
+td.num{min-width:15em;max-width:19em}
 .state{padding:2px 6px;border-radius:3px;background:#ddd;white-space:nowrap}
 .state.done,.state.skipped{background:#cfe9cf} .state.failed{background:#f4c2c2} .state.pending{background:#eee}
-.state.locked{background:#fde9b5} .error{color:#a00;white-space:pre-wrap;max-width:28em}
-.warn{color:#8a5a00;max-width:28em} .none{color:#999;width:6em}
+.state.locked{background:#fde9b5} .error{color:#a00;white-space:pre-wrap;overflow-wrap:anywhere;max-width:22em}
+.warn{color:#8a5a00;overflow-wrap:anywhere;max-width:22em} .none{color:#999;width:6em}
 .legend{font-size:.8em;color:#555;margin-top:2px}
 .ramp{display:inline-block;width:60px;height:8px;margin-right:4px;vertical-align:middle;
 background:linear-gradient(90deg,#181440,#582480,#aa3c78,#e8783c,#fad678,#fffadc)}

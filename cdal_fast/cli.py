@@ -29,8 +29,10 @@ from .cli_options import (
     MAX_PIXELS,
     MINUTES,
     MPP,
+    OD_THRESHOLDS,
     OVERLAP,
     PROBABILITY,
+    RING_UM,
     SEED,
     STEPS,
     THRESHOLD_OPTION,
@@ -42,6 +44,7 @@ from .cli_options import (
 )
 from .job import AUTO, BACKEND_CHOICES, JobError, SegmentJob, SegmentRequest, resolve_segment_job
 from .nuclei import params as nuclei_defaults
+from .nuclei import stain as stain_defaults
 from .runtime.requires import BackendError
 from .sampling.inference import DTYPES
 from .tasks import TASK_NAMES, TASKS, task_of_model
@@ -197,6 +200,17 @@ def distill(config_path: Path, out: str | None, max_steps: int | None, max_minut
     click.echo(json.dumps(run.fit()))
 
 
+def _stain_normaliser(bundle: ModelBundle):
+    """The per-image stain normaliser onto ``bundle``'s stored reference (a usage error without one)."""
+    from .nuclei.stain import StainNormaliser
+    from .stain_reference import StainReferenceError, load_stain_reference
+
+    try:
+        return StainNormaliser(load_stain_reference(bundle.path))
+    except StainReferenceError as exc:
+        raise click.BadParameter(str(exc), param_hint="--stain-normalise") from None
+
+
 def _leave_process_group(finished: bool) -> None:
     """Tear the process group down on all ranks together.
 
@@ -235,12 +249,15 @@ def _leave_process_group(finished: bool) -> None:
 @click.option("--batch-size", type=BATCH, default=4, show_default=True, help="Patches per sampler call.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--limit", type=COUNT, default=None, help="Score only the first N images (quick checks).")
+@click.option("--stain-normalise", is_flag=True,
+              help="Map each image's stains (Macenko estimate) onto the model's stain reference (NAME.stain.json "
+                   "beside the weights) before the protocol runs.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write means and per-image rows here.")
 def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, split_file: Path | None,
              names: str | None, steps: int | None, allow_untrained_steps: bool,
              votes: int | None, tta: bool | None, threshold: float | None, seed: int, batch_size: int, device: str,
-             limit: int | None, json_out: Path | None) -> None:
+             limit: int | None, stain_normalise: bool, json_out: Path | None) -> None:
     """Score a model on a labelled folder with the spec's section-8 protocol (Dice and IoU)."""
     from .evaluate import evaluate_task
     from .models import load_model
@@ -263,10 +280,11 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
         raise click.UsageError(str(exc)) from None
     runner = PatchRunner(sampler, dev, batch_size=batch_size, seed=seed)
     name_list = [n for n in names.split(",") if n] if names else None
+    transform = _stain_normaliser(bundle) if stain_normalise else None
     try:
         res = evaluate_task(task, data, cfg, runner, split=split, names=name_list, limit=limit,
-                            split_file=split_file)
-    except (FileNotFoundError, KeyError) as exc:
+                            split_file=split_file, image_transform=transform)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     for r in res.rows:
         inst = "".join(f"  {k} {r[k]:.4f}" for k in INSTANCE_KEYS if k in r)
@@ -277,8 +295,12 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
     if inst_mean is not None:
         click.echo(f"{'MEAN instance':40s} " + "  ".join(f"{k} {inst_mean[k]:.4f}" for k in INSTANCE_KEYS)
                    + f"  (n={inst_mean['n']} tiles with XML nuclei)")
+    if transform is not None:
+        click.echo(f"stain normalisation: each image's stains (Macenko) mapped onto the model's reference; "
+                   f"{transform.skipped} image(s) too unstained to estimate were left as they are")
     if json_out:
         payload = res.to_dict() | {"weights": str(bundle.path), "seed": seed, "tta": use_tta,
+                                   "stain_normalise": stain_normalise,
                                    "threshold": None if cfg.multiclass else cfg.threshold,
                                    "trained_steps": bundle.config.num_steps,
                                    "untrained_steps": untrained}
@@ -363,6 +385,33 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
               help="Smallest nucleus kept, in um^2.")
 @click.option("--save-labels", is_flag=True,
               help="Also write NAME.labels.ome.tif: uint32 nucleus ids (= the CSV's id) on the slide's pixel grid.")
+@click.option("--nuclei-parquet", is_flag=True,
+              help="Also write NAME.nuclei.parquet: the CSV's columns plus each outline (WKB, GeoParquet metadata), "
+                   "streamed in row groups. Needs pyarrow (pip install 'cdal-fast[parquet]').")
+@click.option("--stain", type=click.Choice(list(stain_defaults.STAIN_CHOICES)), default="h-e", show_default=True,
+              help="Stains measured under each nucleus by colour deconvolution (optical density of haematoxylin and "
+                   "eosin, or of haematoxylin and DAB): h-dab also classifies each nucleus Negative / 1+ / 2+ / 3+ "
+                   "and adds positive %, H-score and counts per class to NAME.json; none: no stain measurements.")
+@click.option("--stain-vectors", type=click.Choice(["default", "estimate"]), default="default", show_default=True,
+              help="default: Ruifrok & Johnston's stain vectors; estimate: each slide's own (Macenko, from up to 16 "
+                   "of its sampled tiles; the default vectors, with a warning, when it cannot be estimated).")
+@click.option("--cell-ring", "cell_ring_um", type=RING_UM, default=stain_defaults.DEFAULT_RING_UM, show_default=True,
+              help="Width in um of the ring around each nucleus measured as its cytoplasm (cell = nucleus + ring); "
+                   "other nuclei are excluded from it.")
+@click.option("--positivity-thresholds", type=OD_THRESHOLDS, default="0.2,0.4,0.6", show_default=True,
+              help="--stain h-dab: DAB OD means at which a nucleus becomes 1+, 2+, 3+ (QuPath's defaults).")
+@click.option("--positivity-compartment", type=click.Choice(list(stain_defaults.COMPARTMENTS)), default="nucleus",
+              show_default=True,
+              help="--stain h-dab: whose DAB OD mean decides the class: nucleus (nuclear markers: Ki-67, ER, PR), "
+                   "cell or cytoplasm (the ring; membrane or cytoplasmic markers).")
+@click.option("--stain-normalise", is_flag=True,
+              help="Map each slide's stains (a Macenko estimate from its sampled tiles) onto the model's reference "
+                   "(NAME.stain.json beside the weights, estimated from its training tiles) before sampling. Off by "
+                   "default: see docs/nuclei.md for its measured effect. Measurements use the slide's own pixels.")
+@click.option("--report/--no-report", default=True, show_default=True,
+              help="Write OUT/report.html (one self-contained page: a row per input with overlay, density and "
+                   "uncertainty heatmaps, counts, positivity, timings, warnings and failures), updated as inputs "
+                   "finish.")
 @click.option("--overwrite", is_flag=True,
               help="Redo inputs whose outputs are already complete (needed to replace outputs made with "
                    "other settings).")
@@ -398,9 +447,12 @@ def segment(inputs: tuple[Path, ...], out_dir: Path, task: str, weights: Path | 
     installed. For each slide OUT gets NAME.mask.ome.tif
     (pyramidal, same pixel grid as the slide; 255 = object), NAME.overlay.png, NAME.json, the nuclei
     as objects (NAME.nuclei.geojson for QuPath's File > Import objects, NAME.nuclei.csv with one row
-    per nucleus; count, density and area quartiles in the JSON), and with the flags
-    NAME.prob.ome.tif / NAME.uncertainty.ome.tif / NAME.labels.ome.tif; PNG/JPEG inputs get PNG
-    masks and the same nucleus files in image pixel coordinates.
+    per nucleus with stain optical densities; count, density and area quartiles in the JSON; with
+    --stain h-dab an IHC class per nucleus and positive %, H-score and counts per class), QC heatmaps,
+    and with the flags NAME.prob.ome.tif / NAME.uncertainty.ome.tif / NAME.labels.ome.tif /
+    NAME.nuclei.parquet; PNG/JPEG inputs get PNG masks and the same nucleus files in image pixel
+    coordinates. OUT/report.html shows every input (overlay, heatmaps, numbers, failures), rewritten
+    as each one finishes.
     With --model cxr, PNG/JPEG radiographs give NAME.mask.png (255 = lung); with --model
     hippocampus, NIfTI volumes give NAME.labels.nii.gz with the input's affine.
     A rerun into the same --out resumes: inputs finished with the same settings are skipped; inputs

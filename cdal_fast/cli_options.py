@@ -15,10 +15,11 @@ import click
 
 from .network.config_limits import INT_LIMITS, MAX_STEPS, MAX_VOTES
 from .wsi.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
+from .wsi.options import MAX_CELL_RING_UM
 
 __all__ = ["STEPS", "VOTES", "BATCH", "WORKERS", "SEED", "COUNT", "MINUTES", "MPP", "MAX_PIXELS", "OVERLAP",
            "TILE_SIZE", "PROBABILITY", "MARKER_H_UM", "AREA_UM2", "ALLOW_UNTRAINED_STEPS_HELP", "TTA_OPTION",
-           "check_steps"]
+           "RING_UM", "OD_THRESHOLDS", "check_steps"]
 
 MAX_BATCH = 4096  # tiles per sampler call; far beyond any GPU's memory for the shipped models
 MAX_WORKERS = 64  # tile-reading processes
@@ -54,6 +55,27 @@ TILE_SIZE = click.IntRange(*INT_LIMITS["image_size"])
 PROBABILITY = FiniteFloatRange(0, 1, min_open=True, max_open=True)  # mask and nucleus thresholds
 MARKER_H_UM = FiniteFloatRange(0, MAX_MARKER_H_UM, min_open=True)
 AREA_UM2 = FiniteFloatRange(0, MAX_AREA_UM2)
+RING_UM = FiniteFloatRange(0, MAX_CELL_RING_UM)  # --cell-ring: width of the cytoplasm ring
+
+
+class ThresholdTriple(click.ParamType):
+    """Three increasing positive optical densities, ``A,B,C`` (``--positivity-thresholds 0.2,0.4,0.6``)."""
+
+    name = "OD,OD,OD"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        try:
+            parts = tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not three comma-separated numbers (e.g. 0.2,0.4,0.6).", param, ctx)
+        if len(parts) != 3 or not all(math.isfinite(v) for v in parts) or not 0 < parts[0] < parts[1] < parts[2]:
+            self.fail(f"{value!r}: need three increasing positive optical densities (e.g. 0.2,0.4,0.6).", param, ctx)
+        return parts
+
+
+OD_THRESHOLDS = ThresholdTriple()
 
 ALLOW_UNTRAINED_STEPS_HELP = (
     "Allow --steps different from the T the model was trained with. The schedule then differs from "

@@ -70,17 +70,25 @@ def _instance_truth(root: Path, name: str) -> Path | None:
     return annotation_path(root, name)
 
 
+ImageTransform = Callable[[np.ndarray], np.ndarray]  # uint8 RGB -> uint8 RGB, before the protocol (e.g. stains)
+
+
 def _evaluate_2d(task: str, data: Path, cfg: ModelConfig, runner: PatchRunner, split: str | None,
                  limit: int | None, progress: bool, names: list[str] | None, split_file: str | Path | None,
-                 predict: Callable[[torch.Tensor, ModelConfig, PatchRunner], torch.Tensor]) -> EvalResult:
+                 predict: Callable[[torch.Tensor, ModelConfig, PatchRunner], torch.Tensor],
+                 image_transform: ImageTransform | None = None) -> EvalResult:
     """A 2D protocol: ``predict`` gives each image's (1, S, S) probability; Dice/IoU at that size, and
-    instance scores where the task's tiles carry XML nuclei."""
+    instance scores where the task's tiles carry XML nuclei. ``image_transform`` changes each image's
+    pixels first (``eval --stain-normalise``)."""
     root = resolve_2d_root(data)
     pairs = find_pairs(root, names if names is not None else read_split(root, split, split_file))[:limit]
     with_instances = get_task(task).nuclei_annotations
     rows = []
     for name, ip, mp in tqdm(pairs, desc=f"eval {task}", disable=not progress, leave=False):
-        img = match_channels(to_chw_float(read_image(ip)), cfg.img_channels)
+        pixels = read_image(ip)
+        if image_transform is not None:
+            pixels = image_transform(np.ascontiguousarray(pixels[..., :3]))
+        img = match_channels(to_chw_float(pixels), cfg.img_channels)
         mask = torch.from_numpy(read_mask(mp))
         prob = predict(img, cfg, runner)
         target = resize_mask(mask, prob.shape[-1])
@@ -97,18 +105,18 @@ def _evaluate_2d(task: str, data: Path, cfg: ModelConfig, runner: PatchRunner, s
 
 def evaluate_monuseg(data: Path, cfg: ModelConfig, runner: PatchRunner, split: str | None = None,
                      names: list[str] | None = None, limit: int | None = None, progress: bool = True,
-                     split_file: str | Path | None = None) -> EvalResult:
+                     split_file: str | Path | None = None, image_transform: ImageTransform | None = None) -> EvalResult:
     """Tiles resized to 512, four 256 patches, the stitched vote mean scored at 512x512."""
     return _evaluate_2d("monuseg", data, cfg, runner, split, limit, progress, names, split_file,
-                        lambda img, c, r: predict_monuseg_tile(img, c, r)[None])
+                        lambda img, c, r: predict_monuseg_tile(img, c, r)[None], image_transform)
 
 
 def evaluate_cxr(data: Path, cfg: ModelConfig, runner: PatchRunner, split: str | None = None,
                  names: list[str] | None = None, limit: int | None = None, progress: bool = True,
-                 split_file: str | Path | None = None) -> EvalResult:
+                 split_file: str | Path | None = None, image_transform: ImageTransform | None = None) -> EvalResult:
     """Whole radiographs at the model size; the lung class scored at that size."""
     return _evaluate_2d("cxr", data, cfg, runner, split, limit, progress, names, split_file,
-                        lambda img, c, r: predict_image(img, c, r)[:1])
+                        lambda img, c, r: predict_image(img, c, r)[:1], image_transform)
 
 
 def volume_affine(data: Path, name: str, cfg: ModelConfig) -> np.ndarray | None:
@@ -124,8 +132,12 @@ def volume_affine(data: Path, name: str, cfg: ModelConfig) -> np.ndarray | None:
 
 def evaluate_hippocampus(data: Path, cfg: ModelConfig, runner: PatchRunner, split: str | None = None,
                          names: list[str] | None = None, limit: int | None = None, progress: bool = True,
-                         split_file: str | Path | None = None) -> EvalResult:
+                         split_file: str | Path | None = None, image_transform: ImageTransform | None = None
+                         ) -> EvalResult:
     """The 3D sliding window over each volume; per-class Dice/IoU (anterior, posterior) per volume."""
+    if image_transform is not None:
+        raise ValueError("hippocampus volumes are not RGB images: an image transform (stain normalisation) "
+                         "does not apply")
     if names is None:
         names = read_split(data, split, split_file)
     pairs = read_volume_pairs(data, names)[:limit]
@@ -140,10 +152,13 @@ def evaluate_hippocampus(data: Path, cfg: ModelConfig, runner: PatchRunner, spli
 
 def evaluate_task(task: str, data: Path, cfg: ModelConfig, runner: PatchRunner, split: str | None = None,
                   names: list[str] | None = None, limit: int | None = None, progress: bool = True,
-                  split_file: str | Path | None = None) -> EvalResult:
-    """Score by ``task``'s protocol (:mod:`cdal_fast.tasks`)."""
+                  split_file: str | Path | None = None, image_transform: ImageTransform | None = None) -> EvalResult:
+    """Score by ``task``'s protocol (:mod:`cdal_fast.tasks`); ``image_transform`` (RGB tasks) changes
+    every image's pixels before the protocol runs."""
     score = get_task(task).function("evaluate")
-    return score(data, cfg, runner, split, names, limit, progress, split_file)
+    if image_transform is None:
+        return score(data, cfg, runner, split, names, limit, progress, split_file)
+    return score(data, cfg, runner, split, names, limit, progress, split_file, image_transform=image_transform)
 
 
 def scalar_dice(result: EvalResult) -> float:

@@ -22,6 +22,7 @@ EXTRA_OF: dict[str, str] = {
     "pydicom": "dicom",  # DICOM whole-slide images (header checks; pixels through OpenSlide)
     "nibabel": "nifti",  # NIfTI volumes: the hippocampus model, its evaluation and training
     "ray": "ray",  # segment --ray
+    "pyarrow": "parquet",  # segment --nuclei-parquet
 }
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .network.config import ModelConfig
+from .nuclei.stain import StainProfile
 from .runtime.backends import AUTO, BACKEND_CHOICES, build_sampler
 from .runtime.onnx_tensorrt import OnnxSampler
 from .sampling.inference import DTYPES
@@ -196,13 +197,41 @@ def resolve_segment_job(request: SegmentRequest, bundle: ModelBundle, gpu: bool)
     if not 0 <= overlap < tile:
         raise JobError(f"must be in [0, {tile}) for this model's {tile}-px tiles", "--tile-overlap")
     batch = request.batch_size or (GPU_BATCH if gpu else CPU_BATCH)
+    options = dict(request.options)
+    if options.get("stain_normalise") and options.get("stain_reference") is None:
+        options["stain_reference"] = _stain_reference(bundle)
+    if options.get("nuclei_parquet"):
+        _require_parquet()
     try:
         opts = SegmentOptions(batch_size=batch, tile_overlap=overlap, nuclei=request.nuclei and not cfg.multiclass,
-                              **request.options)
+                              **options)
     except OptionsError as exc:
         raise JobError(str(exc)) from None
     threshold = None if cfg.multiclass else (cfg.threshold if request.threshold is None else request.threshold)
     return SegmentJob(request.task, ModelRef.of(bundle, request.weights, request.model), sampler, threshold, opts)
+
+
+def _stain_reference(bundle: ModelBundle) -> StainProfile:
+    """The stain-normalisation reference stored with the model (``NAME.stain.json``)."""
+    from .stain_reference import StainReferenceError, load_stain_reference
+
+    if bundle.path is None:
+        raise JobError("--stain-normalise needs weights loaded from a file (their NAME.stain.json reference)",
+                       "--stain-normalise")
+    try:
+        return load_stain_reference(bundle.path)
+    except StainReferenceError as exc:
+        raise JobError(str(exc), "--stain-normalise") from None
+
+
+def _require_parquet() -> None:
+    """Fail at start, before any slide is sampled, when the Parquet table cannot be written."""
+    from .nuclei.parquet import require_pyarrow
+
+    try:
+        require_pyarrow()
+    except ImportError as exc:
+        raise JobError(str(exc), "--nuclei-parquet") from None
 
 
 def _sampler_settings(request: SegmentRequest, cfg: ModelConfig, gpu: bool) -> SamplerSettings:

@@ -32,6 +32,13 @@ if ! dpkg -s libtiff-dev >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
     || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtiff-dev >/dev/null 2>&1; } \
     || echo "warning: libtiff-dev could not be installed; the C++ example will not build" >&2
 fi
+# Debian's chromium for the batch report's headless-browser test (tests/test_report.py skips without it);
+# best effort, only where apt and root exist.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+    || echo "warning: chromium could not be installed; the report's browser test will be skipped" >&2
+fi
 # --no-build-isolation: build the ops against the torch just installed (never a second, CUDA one);
 # the dependencies come from pyproject.toml, and the installed torch already satisfies torch>=2.4.
 .venv/bin/python -m pip install -q --no-build-isolation -e ".[$EXTRAS]"

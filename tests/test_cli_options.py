@@ -41,6 +41,9 @@ BAD_OPTIONS = [
     ("segment", "--batch-size", "0"), ("segment", "--workers", "-1"), ("segment", "--seed", "-3"),
     ("segment", "--tile-overlap", "-1"), ("segment", "--mpp", "0"), ("segment", "--mpp", "nan"),
     ("segment", "--mpp", "inf"), ("segment", "--mpp", "-0.5"),
+    ("segment", "--positivity-thresholds", "0.4,0.2,0.6"), ("segment", "--positivity-thresholds", "0.2,0.4"),
+    ("segment", "--positivity-thresholds", "0,0.4,0.6"), ("segment", "--positivity-thresholds", "a,b,c"),
+    ("segment", "--cell-ring", "-1"), ("segment", "--cell-ring", "nan"), ("segment", "--cell-ring", "21"),
     ("eval", "--votes", "0"), ("eval", "--steps", "0"), ("eval", "--batch-size", "0"), ("eval", "--limit", "0"),
     ("eval", "--seed", "-1"),
     ("export", "--votes", "0"), ("export", "--steps", "-2"), ("export", "--batch", "0"), ("export", "--size", "4"),
@@ -90,3 +93,23 @@ def test_help_names_the_untrained_steps_flag():
     for command in ("segment", "eval", "export"):
         res = CliRunner().invoke(main, [command, "--help"])
         assert "--allow-untrained-steps" in res.output and "untrained_steps: true" in res.output, command
+
+
+def test_stain_options_reach_the_slide_and_a_missing_stain_reference_is_named(tmp_path, image, tiny_weights):
+    out = tmp_path / "out"
+    args = ["segment", str(image), "--out", str(out), "--weights", str(tiny_weights), "--mpp", "0.5", "--workers", "0",
+            "--backend", "eager", "-q"]
+    res = CliRunner().invoke(main, [*args, "--stain", "h-dab", "--positivity-thresholds", "0.1,0.3,0.5",
+                                    "--positivity-compartment", "cell", "--cell-ring", "3", "--no-report"])
+    assert res.exit_code == 0, res.output
+    opts = json.loads((out / "img.json").read_text())["options"]
+    assert opts["stain"] == "h-dab" and opts["positivity_thresholds"] == [0.1, 0.3, 0.5]
+    assert opts["positivity_compartment"] == "cell" and opts["cell_ring_um"] == 3.0 and opts["report"] is False
+    assert not (out / "report.html").exists()
+    res = CliRunner().invoke(main, [*args[:3], str(tmp_path / "out2"), *args[4:], "--stain-normalise"])
+    assert res.exit_code == 2 and "stain reference" in res.output and "stain_reference.py" in res.output
+    res = CliRunner().invoke(main, ["segment", str(image), "--out", str(out), "--stain", "he"])
+    assert res.exit_code == 2 and "--stain" in res.output
+    res = CliRunner().invoke(main, ["eval", "--task", "monuseg", "--data", str(tmp_path),
+                                    "--weights", str(tiny_weights), "--stain-normalise"])
+    assert res.exit_code == 2 and "stain reference" in res.output

@@ -140,6 +140,11 @@ def test_nuclei_of_the_covered_columns_equal_the_whole_width(tmp_path):
         prob[(yy - cy) ** 2 + (xx - cx) ** 2 < 49] = 230
     work = tmp_path / "work"
     work.mkdir()
+    # the slide's pixels (read for the stain measurements; the plan's level is the working grid)
+    from PIL import Image
+
+    rgb = np.random.default_rng(1).integers(60, 230, (height, width, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "s.png")
     results = {}
     for name, cov in [("full", Coverage.full(height, width)), ("cropped", None)]:
         out = tmp_path / name
@@ -150,13 +155,15 @@ def test_nuclei_of_the_covered_columns_equal_the_whole_width(tmp_path):
             m.close()
         plan = Plan(0, 1.0, height, width, height, width, 0.5, "test", 0.5)
         slide = SimpleNamespace(plan=plan, grid=grid, tiles=tiles, work_dir=work, out_dir=out, stem="s", tissue=None,
-                                roi=None, coverage=lambda: Coverage(height, width, tile, tiles))
+                                roi=None, coverage=lambda: Coverage(height, width, tile, tiles),
+                                path=tmp_path / "s.png")
         found = extract_nuclei(slide, work / "prob.npy", work / "std.npy",
-                               SegmentOptions(save_labels=False), coverage=cov)
+                               SegmentOptions(save_labels=False, stain="h-dab"), coverage=cov)
         with open(out / "s.nuclei.csv") as fh:
             results[name] = list(csv.reader(fh))
         assert found.summary["nuclei_count"] == 4
     assert results["cropped"] == results["full"]
+    assert "nucleus_dab_od_mean" in results["full"][0] and "class" in results["full"][0]
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -218,3 +218,26 @@ def test_summary_hand_computed():
                                         "nucleus_area_um2_quartiles": None}
     with pytest.raises(ValueError, match="tissue area"):
         nuclei_summary([1.0], -1.0)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_component_starting_on_a_band_border_after_an_empty_buffer_is_labelled_as_whole(skip):
+    """Its distance transform needs the background row above it: the labeller keeps context rows even
+    when nothing was held (and after skipped background), or two touching nuclei starting exactly at
+    a band border were split differently from a whole-image labelling (issue 36 review)."""
+    h, w = 128, 120
+    yy, xx = np.mgrid[:h, :w]
+    prob = np.zeros((h, w), np.float32)
+    for cx in (50, 64):
+        prob[((yy - 71) ** 2 + (xx - cx) ** 2 <= 49) & (yy >= 64)] = 1.0
+    prob[64:66, 40:75] = 1.0
+    whole = label_image(prob, None, NucleiParams(), Grid(0.5))
+    lab = BandLabeller(NucleiParams(), w, Grid(0.5), h)
+    got = []
+    for y0, band in iter_bands(prob, 32):
+        if skip and not band.any() and not lab.holding:
+            lab.skip_background(band.shape[0])
+            continue
+        got += lab.feed(band, None, y0)
+    got += lab.finish()
+    assert [n.polygon for n in got] == [n.polygon for n in whole] and len(whole) == 2

@@ -32,7 +32,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # Imported by cdal_fast but deliberately in no extra: TensorRT's wheel must match the CUDA version
 # (docs/compiled.md), so `--backend tensorrt` names the package to install itself.
 OUTSIDE_EXTRAS = {"tensorrt"}
-FEATURE_EXTRAS = ("codecs", "openslide", "dicom", "nifti", "ray")
+FEATURE_EXTRAS = ("codecs", "openslide", "dicom", "nifti", "ray", "parquet")
 # Imported by tests but not packages: the repository's own folders.
 LOCAL_TEST_IMPORTS = {"cdal_fast", "tests", "bench", "gpu_kit", "gpu_kit_hide", "gpu_kit_steps", "distill_targets",
                       "scripts"}

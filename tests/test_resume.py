@@ -134,3 +134,39 @@ def test_an_roi_file_edited_in_place_is_a_changed_setting(tmp_path):
     # summaries written before the hash was recorded compare the path alone
     older = _summary(tmp_path, _slide_summary(INFO, opts))
     assert differs(older, INFO, opts, slide=tmp_path / "s1.ome.tif") == []
+
+
+def test_stain_options_are_compared_where_they_shape_the_outputs(tmp_path):
+    """Issue 36: the stain, its vectors and ring, the IHC thresholds and stain normalisation change what a
+    slide's files hold; each is compared only where it acts."""
+    from cdal_fast.nuclei.stain import StainProfile
+
+    he = replace(OPTS, stain="h-e")
+    summary = _summary(tmp_path, _slide_summary(INFO, he))
+    assert differs(summary, INFO, replace(he, stain="h-dab")) == ["stain 'h-e' -> 'h-dab'"]
+    assert differs(summary, INFO, replace(he, cell_ring_um=4.0)) == ["cell_ring_um 2.0 -> 4.0"]
+    assert differs(summary, INFO, replace(he, stain_vectors="estimate")) == ["stain_vectors 'default' -> 'estimate'"]
+    # positivity does not act on H&E: other thresholds resume
+    assert differs(summary, INFO, replace(he, positivity_thresholds=(0.1, 0.3, 0.5))) == []
+    dab = replace(OPTS, stain="h-dab")
+    summary = _summary(tmp_path, _slide_summary(INFO, dab))
+    assert differs(summary, INFO, replace(dab, positivity_thresholds=(0.1, 0.3, 0.5))) == [
+        "positivity_thresholds [0.2, 0.4, 0.6] -> [0.1, 0.3, 0.5]"]
+    assert differs(summary, INFO, replace(dab, positivity_compartment="cell")) == [
+        "positivity_compartment 'nucleus' -> 'cell'"]
+    # the Parquet table and the report only add files: not compared (a missing table makes the input incomplete)
+    assert differs(summary, INFO, replace(dab, nuclei_parquet=True, report=False)) == []
+    assert "nuclei_parquet" in required_outputs(replace(dab, nuclei_parquet=True))
+    # stain normalisation changes what the model sees: compared, with the reference it mapped onto
+    ref = StainProfile("h-e", ("Hematoxylin", "Eosin"), ((0.6, 0.7, 0.3), (0.2, 0.8, 0.5)), (1.2, 0.8))
+    normalised = replace(dab, stain_normalise=True, stain_reference=ref)
+    changed = differs(summary, INFO, normalised)
+    assert changed[0] == "stain_normalise False -> True" and changed[1].startswith("stain_reference None -> ")
+    summary = _summary(tmp_path, _slide_summary(INFO, normalised))
+    other = replace(ref, max_concentrations=(1.0, 0.8))
+    changed = differs(summary, INFO, replace(normalised, stain_reference=other))
+    assert len(changed) == 1 and changed[0].startswith("stain_reference ")
+    # summaries written before these options existed still resume
+    old = _slide_summary(INFO, dab)
+    old["options"] = {k: v for k, v in old["options"].items() if k not in ("stain", "positivity_thresholds")}
+    assert differs(_summary(tmp_path, old), INFO, replace(dab, positivity_thresholds=(0.1, 0.3, 0.5))) == []

@@ -54,7 +54,7 @@ def run_on_devices(files: list[Path], out_dir: Path, job: SegmentJob, devices: l
         names = output_names(files)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    report = RunReport()
+    report = RunReport.for_batch(out_dir, files, names, job.opts, run_summary_name(*shard))
     per_worker: dict[str, dict[str, float]] = {}
     unit = None
     threads_before = torch.get_num_threads()

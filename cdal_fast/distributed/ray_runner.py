@@ -301,7 +301,7 @@ def run_on_ray(files: list[Path], out_dir: Path, job: SegmentJob, ray_opts: RayO
     connect(ray, ray_opts.address)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    report = RunReport()
+    report = RunReport.for_batch(out_dir, files, names, job.opts, run_summary_name(*shard))
     todo = pending_inputs(files, out_dir, job, names, report, echo)
     if not todo:  # a rerun after everything finished: no actors to start
         summary = report.finish(t0, out_dir / run_summary_name(*shard),

@@ -6,7 +6,9 @@ Modules, one job each:
 * :mod:`.separate`: :func:`label_nuclei`, marker-controlled watershed on the vote-mean probability.
 * :mod:`.measure`: :func:`measure_objects`, per-nucleus measurements (:class:`Nucleus`).
 * :mod:`.bands`: :class:`BandLabeller`, bounded-memory labelling of a slide fed band by band.
-* :mod:`.writers`: streamed, atomic GeoJSON / CSV writers and the per-slide summary.
+* :mod:`.stain`: colour deconvolution, per-nucleus stain statistics, IHC positivity, Macenko.
+* :mod:`.writers`: streamed, atomic GeoJSON / CSV / GeoParquet (:mod:`.parquet`) writers and the
+  per-slide summary.
 * :mod:`.groundtruth`: MoNuSeg XML polygons rasterised as instances.
 
 The slide pipeline's post-process stage feeds its maps to :class:`BandLabeller` and the finished
@@ -20,7 +22,8 @@ from importlib import import_module
 _EXPORTS = {
     "BandLabeller": "bands", "label_image": "bands", "Nucleus": "measure", "Grid": "measure",
     "measure_objects": "measure", "NucleiParams": "params", "label_nuclei": "separate",
-    "NucleiWriters": "writers", "nuclei_summary": "writers",
+    "NucleiWriters": "writers", "nuclei_summary": "writers", "StainProfile": "stain", "PositivityRule": "stain",
+    "default_profile": "stain", "estimate_macenko": "stain", "normalise_stains": "stain",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,7 +9,7 @@ coarser working scale still lands on the slide's own grid.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import shapely
@@ -17,7 +17,9 @@ from scipy import ndimage as ndi
 from shapely.geometry import Polygon
 from skimage.measure import find_contours, regionprops
 
-__all__ = ["CSV_FIELDS", "Grid", "Nucleus", "measure_objects", "outline"]
+from .stain import StainProfile, concentrations, ring_mask, stain_statistics
+
+__all__ = ["CSV_FIELDS", "Grid", "Nucleus", "StainInput", "measure_objects", "outline"]
 
 # Vertices closer than this (map pixels) to the straight line between their neighbours are dropped:
 # the 0.5-level contour has one vertex per boundary pixel edge, most of them collinear.
@@ -68,9 +70,12 @@ class Nucleus:
     mean_probability: float
     mean_uncertainty: float
     polygon: tuple[tuple[float, float], ...]
+    # stain measurements (nucleus, cytoplasm ring, cell) in cdal_fast.nuclei.stain.stain_columns order;
+    # empty when no stain is measured
+    stain: tuple[float, ...] = ()
 
     def measurements(self) -> dict[str, float]:
-        """Every field but the outline, in CSV column order."""
+        """Every field but the outline and the stain values, in CSV column order."""
         return {f: getattr(self, f) for f in CSV_FIELDS}
 
     def with_id(self, new_id: int) -> Nucleus:
@@ -78,7 +83,21 @@ class Nucleus:
         return Nucleus(new_id, *(getattr(self, f.name) for f in fields(self)[1:]))
 
 
-CSV_FIELDS = tuple(f.name for f in fields(Nucleus) if f.name != "polygon")
+CSV_FIELDS = tuple(f.name for f in fields(Nucleus) if f.name not in ("polygon", "stain"))
+
+
+@dataclass(frozen=True)
+class StainInput:
+    """What the stain measurements of one labelled map need, on the labels' grid.
+
+    rgb: (H, W, 3) uint8 slide pixels. exclude: (H, W) bool, every nucleus's foreground (a ring never
+    enters a nucleus). footprint: the disc whose dilation makes the ring (:func:`stain.ring_footprint`).
+    """
+
+    rgb: np.ndarray
+    exclude: np.ndarray
+    profile: StainProfile
+    footprint: np.ndarray
 
 
 def outline(mask: np.ndarray, grid: Grid, row0: int = 0, col0: int = 0) -> tuple[tuple[float, float], ...]:
@@ -102,22 +121,39 @@ def outline(mask: np.ndarray, grid: Grid, row0: int = 0, col0: int = 0) -> tuple
 
 
 def measure_objects(labels: np.ndarray, prob: np.ndarray, std: np.ndarray | None, grid: Grid,
-                    which: set[int] | None = None) -> list[Nucleus]:
+                    which: set[int] | None = None, stain: StainInput | None = None) -> list[Nucleus]:
     """Nuclei of ``labels`` (optionally only the labels in ``which``), ids = their labels.
 
     ``prob`` and ``std`` are the vote-mean probability and vote std on the same grid; without a
-    std (a single-vote model) the uncertainty is NaN.
+    std (a single-vote model) the uncertainty is NaN. ``stain`` adds the stain measurements.
     """
     if labels.shape != prob.shape or (std is not None and std.shape != prob.shape):
         raise ValueError(f"measure_objects: labels {labels.shape}, prob {prob.shape} and std "
                          f"{None if std is None else std.shape} must have the same shape")
+    if stain is not None and (stain.rgb.shape != (*labels.shape, 3) or stain.exclude.shape != labels.shape):
+        raise ValueError(f"measure_objects: rgb {stain.rgb.shape} and exclude {stain.exclude.shape} must "
+                         f"cover the labels' {labels.shape}")
     intensity = np.stack([prob, std if std is not None else np.full_like(prob, np.nan)], axis=-1)
     out = []
     for rp in regionprops(labels, intensity_image=intensity.astype(np.float32)):
         if which is not None and rp.label not in which:
             continue
-        out.append(_one(rp, grid))
+        n = _one(rp, grid)
+        out.append(n if stain is None else replace(n, stain=_stain_values(rp, stain, grid.mpp)))
     return out
+
+
+def _stain_values(rp, stain: StainInput, mpp: float) -> tuple[float, ...]:
+    """The nucleus's stain statistics from a window of its bounding box plus the ring's reach."""
+    pad = stain.footprint.shape[0] // 2
+    h, w = stain.exclude.shape
+    r0, c0, r1, c1 = rp.bbox
+    wr0, wc0, wr1, wc1 = max(0, r0 - pad), max(0, c0 - pad), min(h, r1 + pad), min(w, c1 + pad)
+    nucleus = np.zeros((wr1 - wr0, wc1 - wc0), bool)
+    nucleus[r0 - wr0:r1 - wr0, c0 - wc0:c1 - wc0] = rp.image
+    ring = ring_mask(nucleus, stain.exclude[wr0:wr1, wc0:wc1], stain.footprint)
+    conc = concentrations(stain.rgb[wr0:wr1, wc0:wc1], stain.profile)
+    return stain_statistics(conc, nucleus, ring, mpp * mpp)
 
 
 # Corners of a pixel around its centre: the convex hull of an object's pixel squares.

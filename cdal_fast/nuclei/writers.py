@@ -1,10 +1,16 @@
-"""Streamed, atomic nucleus outputs: QuPath GeoJSON detections, a CSV table, the slide summary.
+"""Streamed, atomic nucleus outputs: QuPath GeoJSON detections, a CSV table, a GeoParquet table,
+the slide summary.
 
 A slide can hold millions of nuclei, so nothing here keeps the collection: each nucleus is written
-as it arrives (one GeoJSON Feature per line inside the FeatureCollection's array, one CSV row). Both
-files are written under :func:`cdal_fast.atomic.atomic_output` names and appear only when
-:meth:`NucleiWriters.close` completes; an error deletes them. The only per-nucleus state kept is its
-area (8 bytes) for the summary's quartiles.
+as it arrives (one GeoJSON Feature per line inside the FeatureCollection's array, one CSV row, one
+buffered Parquet row, flushed per row group). The files are written under
+:func:`cdal_fast.atomic.atomic_output` names and appear only when the with-block completes; an
+error deletes them. The only per-nucleus state kept is its area (8 bytes) for the summary's
+quartiles, and the count of each positivity class.
+
+With a stain profile, each row also carries the nucleus's stain measurements
+(:func:`cdal_fast.nuclei.stain.stain_columns`); with a positivity rule (H-DAB), its IHC class, which
+is also the GeoJSON ``classification`` (so QuPath colours the detections by class).
 """
 
 from __future__ import annotations
@@ -25,13 +31,25 @@ import numpy as np
 
 from ..atomic import atomic_output
 from .measure import CSV_FIELDS, Nucleus
+from .parquet import PARQUET_SUFFIX, ParquetTable
+from .stain import (
+    CLASS_COLOURS,
+    CLASS_NAMES,
+    STAT_COUNT,
+    PositivityRule,
+    StainProfile,
+    positivity_summary,
+    stain_columns,
+)
 
-__all__ = ["GEOJSON_SUFFIX", "CSV_SUFFIX", "NucleiWriters", "feature", "nuclei_summary"]
+__all__ = ["GEOJSON_SUFFIX", "CSV_SUFFIX", "PARQUET_SUFFIX", "CLASS_COLUMN", "NucleiWriters", "feature",
+           "nuclei_summary", "table_columns"]
 
 GEOJSON_SUFFIX = ".nuclei.geojson"
 CSV_SUFFIX = ".nuclei.csv"
 CLASS_NAME = "Nucleus"
 CLASS_COLOR = [200, 0, 0]  # QuPath's display colour of the class (RGB)
+CLASS_COLUMN = "class"  # the IHC class (Negative, 1+, 2+, 3+) in the CSV / Parquet tables
 COORD_DECIMALS = 2  # 1/100 level-0 pixel: below any scanner's resolution, keeps files small
 VALUE_DECIMALS = 6
 UM2_PER_MM2 = 1e6
@@ -50,17 +68,24 @@ def _num(v: float) -> float | None:
     return None if not math.isfinite(v) else round(float(v), VALUE_DECIMALS)
 
 
-def feature(n: Nucleus, slide: str) -> dict:
-    """One QuPath detection: level-0 pixel Polygon, class Nucleus, measurements (NaN ones left out)."""
+def feature(n: Nucleus, slide: str, stain_names: list[str] | None = None, class_index: int | None = None) -> dict:
+    """One QuPath detection: level-0 pixel Polygon, class Nucleus (or the IHC class ``class_index``),
+    measurements (NaN ones left out; ``stain_names`` label the nucleus's stain values)."""
     ring = [[round(x, COORD_DECIMALS), round(y, COORD_DECIMALS)] for x, y in n.polygon]
     measurements = {label: _num(getattr(n, f)) for f, label in MEASUREMENT_NAMES.items()}
+    if stain_names:
+        measurements.update((label, _num(v)) for label, v in zip(stain_names, n.stain))
+    if class_index is None:
+        classification = {"name": CLASS_NAME, "color": CLASS_COLOR}
+    else:
+        classification = {"name": CLASS_NAMES[class_index], "color": list(CLASS_COLOURS[class_index])}
     return {
         "type": "Feature",
         "id": str(uuid.uuid5(FEATURE_NAMESPACE, f"{slide}:{n.id}")),
         "geometry": {"type": "Polygon", "coordinates": [ring]},
         "properties": {
             "objectType": "detection",
-            "classification": {"name": CLASS_NAME, "color": CLASS_COLOR},
+            "classification": classification,
             "isLocked": False,
             "nucleus_id": n.id,
             "measurements": {k: v for k, v in measurements.items() if v is not None},
@@ -68,25 +93,48 @@ def feature(n: Nucleus, slide: str) -> dict:
     }
 
 
+def table_columns(stain: StainProfile | None, positivity: PositivityRule | None) -> list[tuple[str, str]]:
+    """(name, kind) of the CSV / Parquet columns, in order: the shape measurements, the stain
+    measurements, the IHC class."""
+    cols = [(f, "int" if f == "id" else "float") for f in CSV_FIELDS]
+    if stain is not None:
+        cols += [(c, "float") for c, _ in stain_columns(stain)]
+    if positivity is not None:
+        cols.append((CLASS_COLUMN, "str"))
+    return cols
+
+
 class NucleiWriters:
     """Context manager writing ``NAME.nuclei.geojson[.gz]`` and/or ``NAME.nuclei.csv`` as nuclei arrive.
 
     ``with NucleiWriters(out_dir, name) as w: w.write(labeller.feed(...)); ...`` then
     ``w.summary(tissue_area_um2)`` for the per-slide JSON. ``paths`` lists the files it makes.
+    ``stain``: the profile the nuclei's stain values were measured with (adds their columns);
+    ``positivity``: classify each nucleus (H-DAB) into Negative / 1+ / 2+ / 3+; ``parquet``: also
+    ``NAME.nuclei.parquet`` (needs pyarrow).
     """
 
     def __init__(self, out_dir: str | Path, name: str, geojson: bool = True, csv_table: bool = True,
-                 gzip_geojson: bool = False) -> None:
+                 gzip_geojson: bool = False, stain: StainProfile | None = None,
+                 positivity: PositivityRule | None = None, parquet: bool = False) -> None:
         out_dir = Path(out_dir)
+        if positivity is not None and (stain is None or stain.names[1] != "DAB"):
+            raise ValueError("NucleiWriters: positivity classes need DAB stain measurements (an h-dab profile)")
         self.name = name
         self.paths: list[Path] = []
         self.geojson_path = (out_dir / f"{name}{GEOJSON_SUFFIX}{'.gz' if gzip_geojson else ''}") if geojson else None
         self.csv_path = out_dir / f"{name}{CSV_SUFFIX}" if csv_table else None
+        self.parquet_path = out_dir / f"{name}{PARQUET_SUFFIX}" if parquet else None
+        self.stain, self.positivity = stain, positivity
+        self.columns = table_columns(stain, positivity)
+        self._stain_names = [label for _, label in stain_columns(stain)] if stain is not None else None
         self._gzip = gzip_geojson
         self._stack = ExitStack()
         self._geo: io.TextIOBase | None = None
         self._csv = None
+        self._table: ParquetTable | None = None
         self._areas = array("d")
+        self.class_counts = [0] * len(CLASS_NAMES)
         self._open = False
 
     @property
@@ -105,8 +153,13 @@ class NucleiWriters:
             tmp = stack.enter_context(atomic_output(self.csv_path))
             fh = stack.enter_context(open(tmp, "w", encoding="utf-8", newline=""))
             self._csv = csv.writer(fh)
-            self._csv.writerow(CSV_FIELDS)
+            self._csv.writerow([name for name, _ in self.columns])
             self.paths.append(self.csv_path)
+        if self.parquet_path is not None:
+            tmp = stack.enter_context(atomic_output(self.parquet_path))
+            self._table = ParquetTable(tmp, self.columns)
+            stack.push(self._end_table)  # runs before the atomic rename (or deletion) of its file
+            self.paths.append(self.parquet_path)
         self._open = True
         return self
 
@@ -115,11 +168,24 @@ class NucleiWriters:
         if not self._open:
             raise RuntimeError("NucleiWriters.write outside its with-block")
         for n in nuclei:
+            values: list = list(n.measurements().values())
+            if self.stain is not None:
+                if len(n.stain) != STAT_COUNT:
+                    raise ValueError(f"NucleiWriters: nucleus {n.id} carries {len(n.stain)} stain values, "
+                                     f"{STAT_COUNT} expected (was it measured with a stain profile?)")
+                values += n.stain
+            cls = None
+            if self.positivity is not None:
+                cls = self.positivity.classify(n.stain[self.positivity.index])
+                self.class_counts[cls] += 1
+                values.append(CLASS_NAMES[cls])
             if self._geo is not None:
-                self._geo.write((",\n" if self._areas else "") + json.dumps(feature(n, self.name),
-                                                                             separators=(",", ":")))
+                self._geo.write((",\n" if self._areas else "") + json.dumps(
+                    feature(n, self.name, self._stain_names, cls), separators=(",", ":")))
             if self._csv is not None:
-                self._csv.writerow([_csv_value(v) for v in n.measurements().values()])
+                self._csv.writerow([_csv_value(v) for v in values])
+            if self._table is not None:
+                self._table.add(values, n.polygon)
             self._areas.append(n.area_um2)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -129,13 +195,27 @@ class NucleiWriters:
         self._open = False
         return bool(self._stack.__exit__(exc_type, exc, tb))
 
+    def _end_table(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        """Close the Parquet table (its last row group and the ``geo`` metadata), or abandon it on error."""
+        if exc_type is None:
+            self._table.close()
+        else:
+            self._table.abort()
+        return False
+
     def summary(self, tissue_area_um2: float | None) -> dict:
-        """Count, density per mm^2 of tissue and area quartiles (see :func:`nuclei_summary`)."""
-        return nuclei_summary(np.frombuffer(self._areas, dtype=np.float64), tissue_area_um2)
+        """Count, density per mm^2 of tissue and area quartiles (see :func:`nuclei_summary`), plus with
+        stains the profile used and with positivity the IHC numbers (:func:`stain.positivity_summary`)."""
+        out = nuclei_summary(np.frombuffer(self._areas, dtype=np.float64), tissue_area_um2)
+        if self.stain is not None:
+            out["stain"] = self.stain.to_dict()
+        if self.positivity is not None:
+            out["positivity"] = positivity_summary(self.class_counts, tissue_area_um2, self.positivity)
+        return out
 
 
-def _csv_value(v: float | int) -> str:
-    if isinstance(v, int):
+def _csv_value(v: float | int | str) -> str:
+    if isinstance(v, (int, str)):
         return str(v)
     return "" if not math.isfinite(v) else f"{v:.{VALUE_DECIMALS}g}"
 

@@ -36,6 +36,7 @@ from .pipeline import SampleStream, segment_slide
 from .progress import TileProgress, TqdmProgress
 from .radiographs_volumes import VOLUME_SUFFIXES, radiograph_done, segment_radiograph, segment_volume, volume_done
 from .readers import DICOM_SUFFIXES, SLIDE_SUFFIXES
+from .report import BatchReport, report_name
 from .resume import changed_settings
 
 if TYPE_CHECKING:
@@ -109,6 +110,19 @@ class RunReport:
     failed: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
+    html: BatchReport | None = field(default=None, repr=False)  # OUT/report.html, rewritten after each input
+
+    @classmethod
+    def for_batch(cls, out_dir: Path, files: list[Path], names: dict[Path, str], opts: SegmentOptions,
+                  summary_name: str = RUN_SUMMARY) -> RunReport:
+        """A report for a run over ``files``; with ``opts.report`` its HTML page (every input pending) is
+        written now and after every outcome (``report.html``, or ``report.shard-I-of-N.html`` beside a
+        shard's run summary)."""
+        report = cls()
+        if getattr(opts, "report", False):
+            report.html = BatchReport(out_dir, files, names, out_dir / report_name(summary_name))
+            report.html.write()
+        return report
 
     def finish(self, started: float, path: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Stop the clock (``started``: ``time.perf_counter()`` at the start) and write the run summary
@@ -116,10 +130,19 @@ class RunReport:
         self.seconds = time.perf_counter() - started
         summary = self.to_dict() | (extra or {})
         write_summary(path, summary)
+        if self.html is not None:
+            self.html.write(final=True, seconds=self.seconds, interrupted=self.interrupted)
         return summary
 
     def add(self, outcome: InputOutcome, echo: Callable[[str], None] = print) -> None:
-        """Record one input's outcome and echo its line (``skip``, ``FAIL``, ``warn``, ``done``)."""
+        """Record one input's outcome, echo its line (``skip``, ``FAIL``, ``warn``, ``done``) and
+        rewrite the HTML report."""
+        self._add(outcome, echo)
+        if self.html is not None:
+            self.html.record(outcome.path, outcome.status, outcome.error)
+            self.html.write()
+
+    def _add(self, outcome: InputOutcome, echo: Callable[[str], None]) -> None:
         f = outcome.path
         if outcome.status == "skipped":
             self.skipped.append(f)
@@ -288,7 +311,7 @@ def segment_all(files: list[Path], out_dir: Path, run: TaskRun, echo=print, show
     if names is None:
         names = output_names(files)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = RunReport()
+    report = RunReport.for_batch(out_dir, files, names, run.opts, summary_name)
     t0 = time.perf_counter()
     try:
         for n, f in enumerate(files, start=1):

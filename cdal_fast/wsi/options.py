@@ -12,12 +12,24 @@ import math
 from dataclasses import dataclass
 
 from ..nuclei import params as nuclei_defaults
+from ..nuclei.stain import (
+    COMPARTMENTS,
+    DEFAULT_RING_UM,
+    DEFAULT_THRESHOLDS,
+    STAIN_CHOICES,
+    PositivityRule,
+    StainProfile,
+)
 from .limits import DEFAULT_MAX_PIXELS
 from .mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
 from .tissue import DEFAULT_MIN_AREA_UM2
 from .writer import PYRAMID_LAYOUTS
 
-__all__ = ["SegmentOptions", "OptionsError"]
+__all__ = ["SegmentOptions", "OptionsError", "STAIN_VECTOR_CHOICES", "DEFAULT_CELL_RING_UM", "MAX_CELL_RING_UM"]
+
+STAIN_VECTOR_CHOICES = ("default", "estimate")
+DEFAULT_CELL_RING_UM = DEFAULT_RING_UM  # the cytoplasm ring (docs/nuclei.md: why 2 um)
+MAX_CELL_RING_UM = 20.0
 
 
 class OptionsError(ValueError):
@@ -51,13 +63,31 @@ class SegmentOptions:
     nuclei_h_um: float = nuclei_defaults.DEFAULT_MARKER_H_UM
     nuclei_min_area_um2: float = nuclei_defaults.DEFAULT_MIN_AREA_UM2
     max_pixels: float = DEFAULT_MAX_PIXELS  # bound on working pixels (the maps, the stitching band); --max-pixels
+    # Stains (docs/nuclei.md): what is measured under each nucleus, IHC positivity, stain normalisation
+    stain: str = "h-e"  # "h-e", "h-dab" (adds IHC positivity classes) or "none"
+    stain_vectors: str = "default"  # "default" (Ruifrok-Johnston) or "estimate" (Macenko, per slide)
+    cell_ring_um: float = DEFAULT_CELL_RING_UM  # width of the ring around each nucleus (cytoplasm / cell)
+    positivity_thresholds: tuple[float, float, float] = DEFAULT_THRESHOLDS  # DAB OD for 1+ / 2+ / 3+ (QuPath's)
+    positivity_compartment: str = "nucleus"  # whose DAB OD mean decides the class
+    nuclei_parquet: bool = False  # NAME.nuclei.parquet (GeoParquet; needs pyarrow)
+    stain_normalise: bool = False  # map each slide's stains onto the model's reference before sampling
+    stain_reference: StainProfile | None = None  # the model's reference (the job layer loads it)
+    report: bool = True  # OUT/report.html, rewritten as inputs finish
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "positivity_thresholds", tuple(self.positivity_thresholds))
         for name, ok, rule in self._rules():
             if not ok:
                 raise OptionsError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         # the nucleus parameters have their own rules (NucleiParams), checked here so a bad value fails first
         nuclei_defaults.NucleiParams(self.nuclei_threshold, self.nuclei_h_um, self.nuclei_min_area_um2)
+        try:
+            PositivityRule(self.positivity_thresholds, self.positivity_compartment)
+        except ValueError as exc:
+            raise OptionsError(str(exc)) from None
+        if self.stain_normalise and (self.stain_reference is None or self.stain_reference.max_concentrations is None):
+            raise OptionsError("stain_normalise needs the model's stain reference (stain_reference, with its "
+                               "99th-percentile concentrations)")
 
     def _rules(self) -> list[tuple[str, bool, str]]:
         def finite(v: object) -> bool:
@@ -77,4 +107,12 @@ class SegmentOptions:
             ("tissue_min_area_um2", finite(self.tissue_min_area_um2) and self.tissue_min_area_um2 > 0, "> 0"),
             ("pyramid_layout", self.pyramid_layout in PYRAMID_LAYOUTS, f"one of {', '.join(PYRAMID_LAYOUTS)}"),
             ("max_pixels", finite(self.max_pixels) and self.max_pixels >= 1, ">= 1"),
+            ("stain", self.stain in STAIN_CHOICES, f"one of {', '.join(STAIN_CHOICES)}"),
+            ("stain_vectors", self.stain_vectors in STAIN_VECTOR_CHOICES, f"one of {', '.join(STAIN_VECTOR_CHOICES)}"),
+            ("cell_ring_um", finite(self.cell_ring_um) and 0 <= self.cell_ring_um <= MAX_CELL_RING_UM,
+             f"in [0, {MAX_CELL_RING_UM:g}] um"),
+            ("positivity_compartment", self.positivity_compartment in COMPARTMENTS,
+             f"one of {', '.join(COMPARTMENTS)}"),
+            ("stain_reference", self.stain_reference is None or isinstance(self.stain_reference, StainProfile),
+             "None or a StainProfile"),
         ]

@@ -83,8 +83,8 @@ def is_small_image(path: Path) -> bool:
 
 
 def output_paths(out_dir: Path, stem: str, small: bool, layout: str = "ome") -> dict[str, Path]:
-    """Every file a slide job may write, by role (mask, prob, uncertainty, overlay, tissue, nuclei, labels,
-    summary).
+    """Every file a slide job may write, by role (mask, prob, uncertainty, overlay, tissue, QC heatmaps, nuclei,
+    labels, summary).
 
     ``layout`` "openslide" writes plain pyramidal TIFFs (``.tif``): they carry no OME metadata. The
     nucleus label raster is uint32, which PNG cannot hold: a TIFF pyramid for PNG/JPEG inputs too.
@@ -96,12 +96,15 @@ def output_paths(out_dir: Path, stem: str, small: bool, layout: str = "ome") -> 
         "nuclei_geojson": out_dir / f"{stem}.nuclei.geojson",
         "nuclei_geojson_gz": out_dir / f"{stem}.nuclei.geojson.gz",
         "nuclei_csv": out_dir / f"{stem}.nuclei.csv",
+        "nuclei_parquet": out_dir / f"{stem}.nuclei.parquet",
         "labels": out_dir / f"{stem}.labels{tif}",
         "mask": out_dir / f"{stem}.mask{ext}",
         "prob": out_dir / f"{stem}.prob{ext}",
         "uncertainty": out_dir / f"{stem}.uncertainty{ext}",
         "overlay": out_dir / f"{stem}.overlay.png",
         "tissue": out_dir / f"{stem}.tissue.png",
+        "qc_density": out_dir / f"{stem}.qc_density.png",
+        "qc_uncertainty": out_dir / f"{stem}.qc_uncertainty.png",
         "summary": out_dir / f"{stem}.json",
     }
 
@@ -121,6 +124,8 @@ def required_outputs(opts: Any) -> tuple[str, ...]:
             roles.append("nuclei_geojson_gz" if opts.nuclei_gzip else "nuclei_geojson")
         if opts.nuclei_csv:
             roles.append("nuclei_csv")
+        if getattr(opts, "nuclei_parquet", False):
+            roles.append("nuclei_parquet")
         if opts.save_labels:
             roles.append("labels")
     return tuple(roles)

@@ -42,13 +42,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import atomic_output
 from ..network.config import ModelConfig
+from ..nuclei.stain import StainProfile, normalise_stains
 from ..sampling.decode import STD_TO_UNIT, U8_MAX, MaskChannels, MaskKind, object_pixels, prob_to_u8, u8_to_mask
 from ..sampling.preprocess import match_channels, normalise, to_chw_float
 from ..sampling.sampler import SamplerLike, SamplerNoise, draw_image_noise, position_generator, stack_noise
 from .limits import DEFAULT_MAX_PIXELS, check_work_size
 from .mapfile import MapFile
 from .mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP, plausible_mpp
-from .nuclei_stage import LABELS_DTYPE, extract_nuclei, nuclei_enabled
+from .nuclei_stage import LABELS_DTYPE, add_uncertainty, extract_nuclei, nuclei_enabled, tissue_area_um2
 from .options import SegmentOptions
 from .outputs import (
     output_paths,
@@ -57,9 +58,11 @@ from .outputs import (
     write_summary,
 )
 from .progress import NullProgress, TileProgress
+from .qc import QcMaps
 from .readers import SlideError, SlideReader, SmallImage, open_slide
 from .roi import Roi, roi_for_slide
 from .selection import clear_outside_roi, roi_planning_mask, tiles_touching
+from .slide_stains import estimate_slide_stains
 from .tiling import Coverage, Tile, TileGrid, blend_window
 from .tissue import DEFAULT_MIN_AREA_UM2, TissueDetection, detect_tissue
 from .writer import write_pyramid
@@ -178,10 +181,15 @@ def _roi_summary(roi: Roi | None, plan: Plan) -> dict[str, Any] | None:
 
 # -- tile loading (runs in worker processes) ----------------------------------------------------
 class TileDataset(Dataset):
+    """``stain_map`` (source, target): each tile's stains are redrawn from the slide's estimate onto
+    the model's reference before it is resized and normalised (``--stain-normalise``)."""
+
     def __init__(self, path: Path, plan: Plan, tiles: list[Tile], tile: int, cfg: ModelConfig,
-                 seed: int, steps: int, votes: int) -> None:
+                 seed: int, steps: int, votes: int,
+                 stain_map: tuple[StainProfile, StainProfile] | None = None) -> None:
         self.path, self.plan, self.tiles, self.tile = path, plan, tiles, tile
         self.cfg, self.seed, self.steps, self.votes = cfg, seed, steps, votes
+        self.stain_map = stain_map
         self._reader: SlideReader | None = None
 
     def __len__(self) -> int:
@@ -194,6 +202,8 @@ class TileDataset(Dataset):
         lv = self._reader.levels[self.plan.level]
         x, y, size = tile_region(t, p, self.plan.level_scale, lv.width, lv.height)
         rgb = self._reader.read_region(self.plan.level, x, y, size, size)
+        if self.stain_map is not None:
+            rgb = normalise_stains(rgb, *self.stain_map)
         img = to_chw_float(rgb)
         if size != p:
             img = F.interpolate(img[None], size=(p, p), mode="bilinear", antialias=True, align_corners=False)[0]
@@ -321,6 +331,7 @@ class SlidePlan:
     tissue: TissueDetection | None = field(default=None, repr=False)  # None when tissue detection is off
     roi: Roi | None = None
     warnings: list[str] = field(default_factory=list)  # also echoed on stderr by the batch runner
+    stain_estimate: StainProfile | None = None  # the slide's own stains (--stain-vectors estimate, --stain-normalise)
 
     @property
     def work_dir(self) -> Path:
@@ -354,9 +365,33 @@ def plan_slide(path: Path, out_dir: Path, cfg: ModelConfig, opts: SegmentOptions
                 plan.slide_w, plan.work_to_level0, grid.tile)
             tiles = tiles_touching(plan_mask, plan_down, plan.work_to_level0, grid)
         warnings = _input_warnings(plan, tissue, roi, tiles)
+        estimate = _stain_estimate(reader, plan, grid, tiles, opts, warnings)
     paths = output_paths(out_dir, stem, small, opts.pyramid_layout)
     return SlidePlan(path, out_dir, stem, small, paths, plan, grid, tiles, grid.count, tissue_fraction, thumb,
-                     tissue, roi, warnings)
+                     tissue, roi, warnings, estimate)
+
+
+def _stain_estimate(reader: SlideReader, plan: Plan, grid: TileGrid, tiles: list[Tile], opts: SegmentOptions,
+                    warnings: list[str]) -> StainProfile | None:
+    """The slide's Macenko estimate when an option needs it (a warning, and None, when it fails)."""
+    wanted = opts.stain_normalise or (opts.stain != "none" and opts.stain_vectors == "estimate")
+    if not wanted:
+        return None
+    lv = reader.levels[plan.level]
+
+    def read(t: Tile) -> np.ndarray:
+        x, y, side = tile_region(t, grid.tile, plan.level_scale, lv.width, lv.height)
+        return reader.read_region(plan.level, x, y, side, side)
+
+    estimate, problem = estimate_slide_stains(read, tiles, opts.stain if opts.stain != "none" else "h-e")
+    if problem:
+        fallback = []
+        if opts.stain_normalise:
+            fallback.append("tiles are sampled without stain normalisation")
+        if opts.stain != "none" and opts.stain_vectors == "estimate":
+            fallback.append("stains are measured with the default vectors")
+        warnings.append(f"{problem}: {'; '.join(fallback)}")
+    return estimate
 
 
 # -- stage 2: read tiles -----------------------------------------------------------------------
@@ -372,7 +407,10 @@ class TileBatch:
 def read_tiles(slide: SlidePlan, cfg: ModelConfig, opts: SegmentOptions, steps: int, votes: int,
                pin_memory: bool = False) -> Iterator[TileBatch]:
     """Stage 2: batches of tiles in tile order, read by ``opts.workers`` background processes."""
-    ds = TileDataset(slide.path, slide.plan, slide.tiles, cfg.image_size, cfg, opts.seed, steps, votes)
+    stain_map = None
+    if opts.stain_normalise and slide.stain_estimate is not None:
+        stain_map = (slide.stain_estimate, opts.stain_reference)
+    ds = TileDataset(slide.path, slide.plan, slide.tiles, cfg.image_size, cfg, opts.seed, steps, votes, stain_map)
     loader = DataLoader(ds, batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers,
                         collate_fn=collate, pin_memory=pin_memory, worker_init_fn=_worker_init,
                         prefetch_factor=PREFETCH_BATCHES if opts.workers > 0 else None)
@@ -419,6 +457,7 @@ class StitchedMaps:
     sampler_seconds: float  # summed over the stitched results
     nuclei: dict[str, Any] | None = None  # count, density, quartiles, parameters (post-process stage)
     labels_path: Path | None = None  # uint32 working-scale nucleus ids (with --save-labels)
+    qc: QcMaps | None = None  # the QC heatmaps' sums (post-process stage)
 
     def open(self) -> tuple[MapFile, MapFile]:
         """(prob, std) with row-band reads (no memory map: see mapfile.py)."""
@@ -453,10 +492,15 @@ def post_process(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig,
         prob_map.flush()
         std_map.flush()
         maps = replace(maps, object_pixels=objects)
-    if opts is not None and nuclei_enabled(cfg, opts):
-        found = extract_nuclei(slide, maps.prob_path, maps.std_path, opts)
+    if opts is None:
+        return maps
+    qc = QcMaps.for_map(slide.plan.work_h, slide.plan.work_w, slide.plan.work_mpp)
+    if nuclei_enabled(cfg, opts):
+        found = extract_nuclei(slide, maps.prob_path, maps.std_path, opts, qc=qc)
         maps = replace(maps, nuclei=found.summary, labels_path=found.labels_path)
-    return maps
+    else:
+        add_uncertainty(qc, maps.std_path, slide.coverage(), slide.grid.tile)
+    return replace(maps, qc=qc)
 
 
 def _output_uuid(slide: SlidePlan, key: str, opts: SegmentOptions, cfg: ModelConfig) -> str:
@@ -504,6 +548,8 @@ def write_outputs(slide: SlidePlan, maps: StitchedMaps, cfg: ModelConfig, opts: 
                           layout=opts.pyramid_layout, uuid=_output_uuid(slide, "labels", opts, cfg),
                           coverage=slide.coverage())
     write_png(paths["overlay"], _overlay(slide.thumbnail, prob_map, cfg))
+    if maps.qc is not None:
+        maps.qc.write(paths["qc_density"] if maps.nuclei is not None else None, paths["qc_uncertainty"])
     if slide.tissue is not None and opts.save_tissue:
         write_png(paths["tissue"], slide.tissue.mask.astype(np.uint8) * U8_MAX)
 
@@ -527,7 +573,10 @@ def summarise(slide: SlidePlan, maps: StitchedMaps, opts: SegmentOptions, steps:
         "roi": _roi_summary(slide.roi, plan),
         "warnings": slide.warnings,
         "object_fraction": maps.object_pixels / float(plan.work_h * plan.work_w),
+        "tissue_area_um2": tissue_area_um2(slide),
         **(maps.nuclei or {}),
+        "stain_estimate": slide.stain_estimate.to_dict() if slide.stain_estimate is not None else None,
+        "qc": maps.qc.written if maps.qc is not None else None,
         "seconds": seconds, "sampler_seconds": maps.sampler_seconds,
         "tiles_per_second": len(slide.tiles) / seconds if seconds > 0 else 0.0,
         "steps": steps, "votes": votes, "seed": opts.seed, "tile_overlap": opts.tile_overlap,

@@ -9,8 +9,10 @@ overwritten unasked.
 Compared (each only where the old summary recorded it, so summaries of older versions still
 resume): the weights' SHA-256 (their path when the weights are unverified and carry no hash),
 steps, votes, TTA and the decision threshold (the summary's ``model``), the seed, and for slides the
-options that change which tiles are sampled or how they are blended and labelled (the tissue
-options only for whole slides: PNG/JPEG tiles run no tissue detection). Not compared: what cannot
+options that change which tiles are sampled, what they look like to the model (stain normalisation
+and its reference) or how they are blended, labelled and measured (the tissue options only for
+whole slides: PNG/JPEG tiles run no tissue detection; the stain, its vectors and ring width where
+stains are measured; the positivity thresholds and compartment with H-DAB). Not compared: what cannot
 change the outputs (batch size, loader workers, device, progress) and what only adds files
 (``--save-prob`` etc., which the completion check itself requires). The backend and dtype are
 deliberately not compared: a rerun on another device or precision resumes what is done (bfloat16
@@ -34,13 +36,17 @@ from .roi import roi_file
 if TYPE_CHECKING:
     from ..job import SegmentJob
 
-__all__ = ["MODEL_KEYS", "OPTION_KEYS", "TISSUE_KEYS", "NUCLEI_KEYS", "run_settings", "recorded_settings",
-           "changed_settings"]
+__all__ = ["MODEL_KEYS", "OPTION_KEYS", "TISSUE_KEYS", "NUCLEI_KEYS", "STAIN_KEYS", "POSITIVITY_KEYS",
+           "NORMALISE_KEYS", "compared_option_keys", "run_settings", "recorded_settings", "changed_settings"]
 
 MODEL_KEYS = ("sha256", "steps", "votes", "tta", "threshold")  # the job's (SegmentJob.resume_settings)
-OPTION_KEYS = ("seed", "tile_overlap", "mpp", "roi")
+OPTION_KEYS = ("seed", "tile_overlap", "mpp", "roi", "stain_normalise")
+NORMALISE_KEYS = ("stain_reference",)  # compared when tiles are stain-normalised
 TISSUE_KEYS = ("tissue", "tissue_threshold", "tissue_min_area_um2")  # compared for whole slides
-NUCLEI_KEYS = ("nuclei_threshold", "nuclei_h_um", "nuclei_min_area_um2")  # compared when nuclei are made
+NUCLEI_KEYS = ("nuclei_threshold", "nuclei_h_um", "nuclei_min_area_um2", "stain")  # compared when nuclei are made
+STAIN_KEYS = ("stain_vectors", "cell_ring_um")  # compared when nuclei carry stain measurements
+POSITIVITY_KEYS = ("positivity_thresholds", "positivity_compartment")  # compared for H-DAB (IHC classes)
+ALL_OPTION_KEYS = OPTION_KEYS + NORMALISE_KEYS + TISSUE_KEYS + NUCLEI_KEYS + STAIN_KEYS + POSITIVITY_KEYS
 
 
 def _plain(value: Any) -> Any:
@@ -64,12 +70,25 @@ def _roi_sha256(roi: str, slide: Path) -> str | None:
         return None
 
 
+def compared_option_keys(opts: Any, whole_slide: bool = True) -> tuple[str, ...]:
+    """The options that shape this run's outputs: the stain settings only where they act (stain
+    measurements with nuclei, positivity with H-DAB, the reference with normalisation)."""
+    keys = OPTION_KEYS + (NORMALISE_KEYS if opts.stain_normalise else ()) + (TISSUE_KEYS if whole_slide else ())
+    if opts.nuclei:
+        keys += NUCLEI_KEYS
+        if opts.stain != "none":
+            keys += STAIN_KEYS
+        if opts.stain == "h-dab":
+            keys += POSITIVITY_KEYS
+    return keys
+
+
 def run_settings(job: SegmentJob, whole_slide: bool = True, slide: Path | None = None) -> dict[str, Any]:
     """This job's output-shaping settings: the model and sampler's, plus the slide options, plus the
     SHA-256 of ``slide``'s ROI file when there is an ROI and the input is given."""
     opts = job.opts
     options = asdict(opts)
-    keys = OPTION_KEYS + (TISSUE_KEYS if whole_slide else ()) + (NUCLEI_KEYS if opts.nuclei else ())
+    keys = compared_option_keys(opts, whole_slide)
     settings = job.resume_settings()
     settings.update({k: options[k] for k in keys})
     if opts.roi and slide is not None:
@@ -83,7 +102,7 @@ def recorded_settings(summary: dict[str, Any]) -> dict[str, Any]:
     model = summary.get("model") or {}
     options = summary.get("options") or {}
     settings = _model_settings(model)
-    settings.update({k: options[k] for k in OPTION_KEYS + TISSUE_KEYS + NUCLEI_KEYS if k in options})
+    settings.update({k: options[k] for k in ALL_OPTION_KEYS if k in options})
     # every task's summary keeps the effective steps, votes and seed at its top level (the model
     # info names votes only in newer runs; radiographs and volumes record no options)
     settings.update({k: summary[k] for k in ("steps", "votes", "seed") if k in summary})

@@ -127,8 +127,11 @@ class SegmentJob:
             cfg, ref = model.config, ModelRef.of(model, weights)
         else:
             cfg, ref = model, ModelRef(weights, None, weights or "", "", "", False, model.name, model.num_steps)
-        sampler = SamplerSettings(backend, dtype, device, steps or cfg.num_steps, votes or cfg.votes,
-                                  cfg.tta if tta is None else tta, steps is not None and steps != cfg.num_steps)
+        if cfg.one_pass:  # one forward: no steps, votes or TTA to choose (as resolve_segment_job)
+            sampler = SamplerSettings(backend, dtype, device, 1, 1, False)
+        else:
+            sampler = SamplerSettings(backend, dtype, device, steps or cfg.num_steps, votes or cfg.votes,
+                                      cfg.tta if tta is None else tta, steps is not None and steps != cfg.num_steps)
         decided = None if cfg.multiclass else (cfg.threshold if threshold is None else threshold)
         return cls(task, ref, sampler, decided, replace(opts, nuclei=opts.nuclei and not cfg.multiclass))
 

@@ -127,6 +127,22 @@ def test_cpp_example_runs_both_artefacts(tmp_path, artefacts):
         mean = float(run.stdout.split("mean_probability=")[1].split()[0])
         assert mean == pytest.approx(artefacts["prob"].mean().item(), abs=1e-5)
         assert np.array_equal(tifffile.imread(out), expected_mask)
+    # a one-pass model exports and runs the same way (its noise is drawn and ignored)
+    torch.manual_seed(1)
+    student = perturbed(Generator(get_preset("tiny", one_pass=True, votes=1, threshold=EXPORT_THRESHOLD))).eval()
+    save_weights(d / "fast", student, dtype=torch.float32)
+    res = CliRunner().invoke(main, ["export", "--format", "torchscript", "--weights", str(d / "fast.safetensors"),
+                                    "--out", str(d / "fast.pt")])
+    assert res.exit_code == 0 and "T=1, V=1" in res.output, res.output
+    with torch.no_grad():
+        fast_prob, _ = ExportableSampler(student).eval()(artefacts["image"], torch.tensor(5))
+    run = subprocess.run([exe, str(d / "fast.pt"), str(d / "tile.tif"), str(tmp_path / "fast.mask.tif")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert float(run.stdout.split("mean_probability=")[1].split()[0]) == pytest.approx(fast_prob.mean().item(),
+                                                                                           abs=1e-5)
+    assert np.array_equal(tifffile.imread(tmp_path / "fast.mask.tif"),
+                          ((fast_prob[0, 0] >= EXPORT_THRESHOLD).numpy() * 255).astype(np.uint8))
     # clear errors: missing model, unreadable TIFF, wrong input size for a fixed-shape package
     bad = subprocess.run([exe, str(d / "missing.pt"), str(d / "tile.tif"), str(tmp_path / "x.tif")],
                          capture_output=True, text=True)

@@ -213,3 +213,30 @@ def test_segment_with_a_one_pass_model_writes_masks_objects_and_uncertainty(stud
                                     str(tmp_path / "fast"), "--votes", "3"])
     assert res.exit_code != 0 and "one-pass model" in res.output
     assert load_model(tmp_path / "fast").config.one_pass
+
+
+def test_one_pass_model_on_two_local_workers_matches_one_process(student, tmp_path, one_torch_thread):
+    """The distributed paths build a one-pass model's sampler through the job like any other."""
+    from cdal_fast.distributed.local import run_on_devices
+    from cdal_fast.job import SegmentJob
+    from cdal_fast.wsi.batch import TaskRun, segment_all
+    from cdal_fast.wsi.options import SegmentOptions
+
+    save_weights(tmp_path / "fast", student, dtype=torch.float32)
+    bundle = load_weights(tmp_path / "fast")
+    rng = np.random.default_rng(1)
+    slide = write_ome_pyramid(tmp_path / "s.ome.tif", rng.integers(0, 255, (176, 176, 3), dtype=np.uint8), 0.5,
+                              levels=1, tile=64)
+    opts = SegmentOptions(batch_size=2, tile_overlap=16, workers=0, tissue=False, save_prob=True)
+    job = SegmentJob.of(bundle, opts, weights=str(tmp_path / "fast"))
+    assert (job.sampler.steps, job.sampler.votes, job.sampler.tta) == (1, 1, False)
+    cpu = torch.device("cpu")
+    single = TaskRun.local(job, job.build_sampler(bundle.generator, cpu), bundle.config, cpu)
+    segment_all([slide], tmp_path / "one", single, echo=lambda m: None, show_progress=False)
+    report, summary = run_on_devices([slide], tmp_path / "two", job, [cpu, cpu], echo=lambda m: None,
+                                     show_progress=False)
+    assert len(report.done) == 1 and summary["unit"] == "band"
+    import tifffile
+
+    a, b = (tifffile.imread(tmp_path / d / "s.prob.ome.tif") for d in ("one", "two"))
+    assert np.array_equal(a, b)

@@ -545,6 +545,11 @@ def _resolve_job(request: SegmentRequest, dev: torch.device, gpu: bool,
         if exc.param:
             raise click.BadParameter(str(exc), param_hint=exc.param) from None
         raise click.UsageError(str(exc)) from None
+    if local:
+        try:
+            job.check_backend(dev)
+        except BackendError as exc:
+            raise click.ClickException(str(exc)) from None
     return (job.on_device(str(dev)) if local else job), bundle
 
 

@@ -23,7 +23,7 @@ import torch
 
 from .network.config import ModelConfig
 from .nuclei.stain import StainProfile
-from .runtime.backends import AUTO, BACKEND_CHOICES, build_sampler
+from .runtime.backends import AUTO, BACKEND_CHOICES, build_sampler, check_backend
 from .runtime.onnx_tensorrt import OnnxSampler
 from .sampling.inference import DTYPES
 from .sampling.sampler import SamplerLike
@@ -151,6 +151,11 @@ class SegmentJob:
 
     def with_record(self, **facts: Any) -> SegmentJob:
         return replace(self, extra_record=(*self.extra_record, *facts.items()))
+
+    def check_backend(self, device: torch.device | str) -> None:
+        """Fail now (:class:`~cdal_fast.runtime.requires.BackendError`) when the job's backend cannot run
+        on ``device`` here: before any input is listed, read or exported for."""
+        check_backend(self.sampler.backend, device)
 
     def build_sampler(self, generator: torch.nn.Module, device: torch.device) -> SamplerLike:
         """The job's sampler on ``device``: the one place a job builds one."""

@@ -24,6 +24,7 @@ FEATURES: dict[str, list[str]] = {
     "dicom": ["dicom_slide"],
     "nifti": ["scan.nii.gz", "--model", "hippocampus"],
     "ray": [SAMPLE, "--ray", "local"],
+    "parquet": [SAMPLE, "--nuclei-parquet"],
 }
 
 

@@ -126,12 +126,7 @@ def _build_onnx_int8(generator: Generator, steps: int | None, votes: int | None,
                      dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False,
                      fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
     """Static int8 graph (:mod:`.onnx_quant`), on a CPU with VNNI only (elsewhere its masks drift)."""
-    if device.type != "cpu":
-        raise BackendError("the onnx_int8 backend runs on a CPU (--device cpu)")
-    features = cpu_features()
-    if not features.vnni:
-        raise BackendError(f"the onnx_int8 backend needs a CPU with VNNI (AVX-512 VNNI, AVX-VNNI or AMX); this one "
-                           f"has none ({features.describe()}): without it int8 convolutions saturate")
+    _require_int8_cpu(device)
     return OnnxSampler(cached_int8_onnx(generator, steps, votes, weights_sha256, tta=tta), generator,
                        weights_sha256)
 
@@ -143,6 +138,35 @@ def _build_tensorrt(generator: Generator, steps: int | None, votes: int | None, 
     precision = TRT_PRECISION[dtype]
     path = cached_onnx(generator, steps, votes, weights_sha256, precision, tta=tta)
     return TensorRTSampler(build_tensorrt_engine(path, precision, max_batch), path)
+
+
+def _require_int8_cpu(device: torch.device) -> None:
+    if device.type != "cpu":
+        raise BackendError("the onnx_int8 backend runs on a CPU (--device cpu)")
+    features = cpu_features()
+    if not features.vnni:
+        raise BackendError(f"the onnx_int8 backend needs a CPU with VNNI (AVX-512 VNNI, AVX-VNNI or AMX); this one "
+                           f"has none ({features.describe()}): without it int8 convolutions saturate")
+
+
+# What each backend needs, checked without building anything (no export, no model copy).
+PREFLIGHT: dict[str, Callable[[torch.device], object]] = {
+    "fused": lambda device: require_ops(),
+    "graphs": lambda device: require_cuda_device(device, "graphs", "CUDA graphs"),
+    "onnx": onnx_providers,
+    "onnx_int8": _require_int8_cpu,
+    "tensorrt": lambda device: require_tensorrt(),
+}
+
+
+def check_backend(backend: str, device: torch.device | str) -> None:
+    """Raise :class:`BackendError` now when ``backend`` cannot run on ``device`` here, so a run fails at
+    its start with the reason instead of after its inputs were listed and read (``auto`` always runs)."""
+    if backend != AUTO and backend not in BUILDERS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    check = PREFLIGHT.get(backend)
+    if check is not None:
+        check(torch.device(device))
 
 
 BUILDERS: dict[str, Builder] = {

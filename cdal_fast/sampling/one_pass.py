@@ -65,19 +65,30 @@ class OnePassSampler(nn.Module):
     def forward(self, image: torch.Tensor, x_init: torch.Tensor, z: torch.Tensor,
                 post_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image (B, C_img, H, W), already normalised -> (probability, uncertainty); the noise is ignored."""
-        y = one_pass_head(self.generator, image, self.mask_channels, self.nz, self.step)
+        # the generator is called here, not through one_pass_head: TorchScript types a module passed
+        # to a free function by the first one it compiled, so a second model's export would fail
+        c = self.generator.encode(image)
+        x, k, latent = zero_inputs(c, image, self.mask_channels, self.nz, self.step)
+        y = self.generator.denoise(x, k, c, latent)
         return maps_from_head(y, self.mask_channels, self.object_sign)
+
+
+def zero_inputs(c: torch.Tensor, image: torch.Tensor, mask_channels: int, nz: int,
+                step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The denoiser's other inputs for a one-pass forward: a zero mask, the step index, a zero latent."""
+    b = image.shape[0]
+    x = torch.zeros(b, mask_channels, image.shape[-2], image.shape[-1], dtype=c.dtype, device=c.device)
+    latent = torch.zeros(b, nz, dtype=c.dtype, device=c.device)
+    k = torch.full((b,), step, dtype=torch.long, device=c.device)
+    return x, k, latent
 
 
 def one_pass_head(generator: Generator, image: torch.Tensor, mask_channels: int, nz: int,
                   step: int) -> torch.Tensor:
     """The head's output for ``image``: the network with a zero mask input and latent at ``step``
-    (what training and inference both run)."""
+    (what training runs; :class:`OnePassSampler` runs the same)."""
     c = generator.encode(image)
-    b = image.shape[0]
-    x = torch.zeros(b, mask_channels, image.shape[-2], image.shape[-1], dtype=c.dtype, device=c.device)
-    latent = torch.zeros(b, nz, dtype=c.dtype, device=c.device)
-    k = torch.full((b,), step, dtype=torch.long, device=c.device)
+    x, k, latent = zero_inputs(c, image, mask_channels, nz, step)
     return generator.denoise(x, k, c, latent)
 
 

@@ -150,7 +150,10 @@ def reimplemented_seconds(patches: list[torch.Tensor]) -> float:
 def run_segment(slide: Path, out: Path, gt: np.ndarray, extra: list[str]) -> dict:
     """``cdal-fast segment`` as a user runs it; the sampling seconds from its JSON, Dice against the truth."""
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "cdal_fast.cli", "segment", str(slide), "--out", str(out), "-q", *extra]
+    # --no-tissue-mask: the mosaic is tissue edge to edge and the original protocol samples all of it;
+    # the tissue detector dropped 10 of its 25 tiles (pale regions), which would compare unequal areas
+    cmd = [sys.executable, "-m", "cdal_fast.cli", "segment", str(slide), "--out", str(out), "-q", "--no-tissue-mask",
+           *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     wall = time.perf_counter() - t0
     if proc.returncode != 0:

@@ -5,6 +5,7 @@ failure, not the kit's:
     facts                         machine, driver, torch/CUDA/cuDNN versions, TF32 flags, CPU flags
     imports REQ OPT [--table F]   import each module; exit 1 when a required one is missing
     registration KEYS             the cdal ops' dispatch keys must include KEYS (e.g. CPU,CUDA,Meta)
+    error-path DEVICES            an op given bad arguments raises on each device (e.g. cpu,cuda)
     cuda-includes                 the include folders of torch's CUDA wheels (CPATH for the build)
     slide SRC DST SIDE MPP        a SIDE x SIDE pyramidal OME-TIFF at MPP um/px mosaicked from SRC
     tiny-weights DST              seeded tiny-preset weights (the dry run's model)
@@ -79,6 +80,28 @@ def registration(expected: str) -> int:
         lacking = sorted(set(expected.split(",")) - set(keys))
         print(f"cdal::{op}: {keys}" + (f"  LACKS {lacking}" if lacking else ""))
         ok &= not lacking
+    return 0 if ok else 1
+
+
+def error_path(devices: str) -> int:
+    """An op given bad arguments must raise, not kill the process: a library linked against its own
+    copy of libstdc++ segfaults while formatting the error (seen on an H200 image whose ``c++`` was
+    /opt/gcc/bin/g++). Exit 0 when every device raised the expected RuntimeError."""
+    import cdal_fast._C  # noqa: F401
+    import torch
+
+    ok = True
+    for device in devices.split(","):
+        x = torch.zeros(1, 3, 4, 4, device=device)
+        gamma = torch.ones(1, 3, device=device)
+        try:
+            torch.ops.cdal.adagn_silu(x, gamma, gamma, None, 2, 1e-6)  # 3 channels in 2 groups: refused
+            print(f"{device}: no error raised")
+            ok = False
+        except RuntimeError as exc:
+            raised = "divisible" in str(exc)
+            print(f"{device}: RuntimeError raised{'' if raised else ' (unexpected message)'}: {str(exc)[:120]}")
+            ok &= raised
     return 0 if ok else 1
 
 
@@ -171,7 +194,8 @@ def segment_report(seg: str, prefix: str) -> int:
     return 0
 
 
-COMMANDS = {"facts": facts, "imports": imports, "registration": registration, "cuda-includes": cuda_includes,
+COMMANDS = {"facts": facts, "imports": imports, "registration": registration, "error-path": error_path,
+            "cuda-includes": cuda_includes,
             "slide": slide, "tiny-weights": tiny_weights, "segment-report": segment_report}
 
 

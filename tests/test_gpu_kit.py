@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from gpu_kit import CARRIED, IMAGE_LACKS, repack_installed  # noqa: E402
+from gpu_kit import CARRIED, IMAGE_LACKS, PARTS, crashed_test, repack_installed  # noqa: E402
 
 MAX_FILES_BACK = 8  # what the device tool returns from $OUT
 
@@ -71,6 +71,7 @@ def test_cuda_only_steps_are_skipped_with_a_reason_and_timeouts_do_not_end_the_r
     steps = _steps(out)
     assert steps["build"]["status"] == "skipped" and "CUDA-only" in steps["build"]["note"]
     assert steps["registration"]["status"] == "ok"
+    assert steps["error_path"]["status"] == "ok"  # an op's error raises instead of crashing (an H200 build did)
     assert steps["bench_compile"]["status"] == "timeout" and steps["bench_compile"]["rc"] is None
     assert steps["ops"]["status"] == "ok"  # ran after the timed-out step
     assert steps["tests"]["status"] == "ok"
@@ -94,3 +95,24 @@ def test_repacked_wheel_installs_with_the_kit_pip_command(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(target),
                     str(wheel)], check=True, timeout=120)
     assert (target / CARRIED[0] / "__init__.py").is_file()
+
+
+def test_a_crashing_test_is_named_from_pytests_own_output(tmp_path):
+    """A segfault kills pytest: the kit reads the dying test from faulthandler's traceback to deselect it
+    and rerun the rest (seen on an H200: one crash had hidden every later GPU test)."""
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_boom.py").write_text("import faulthandler\n\n\ndef test_fine():\n    pass\n\n\n"
+                                        "def test_boom():\n    faulthandler._sigsegv()\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/test_boom.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode < 0
+    assert crashed_test(proc.stdout + proc.stderr) == "tests/test_boom.py::test_boom"
+    assert crashed_test("1 passed in 0.1s") is None
+
+
+def test_only_rejects_an_unknown_part(tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/gpu_kit.py", str(tmp_path), "--dry-run", "--only", "tests,nope"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown part(s) nope" in proc.stderr
+    assert list(PARTS)[0] == "tests"  # the most important part runs first

@@ -150,8 +150,8 @@ def reimplemented_seconds(patches: list[torch.Tensor]) -> float:
 def run_segment(slide: Path, out: Path, gt: np.ndarray, extra: list[str]) -> dict:
     """``cdal-fast segment`` as a user runs it; the sampling seconds from its JSON, Dice against the truth."""
     t0 = time.perf_counter()
-    # --no-tissue-mask: the mosaic is tissue edge to edge and the original protocol samples all of it;
-    # the tissue detector dropped 10 of its 25 tiles (pale regions), which would compare unequal areas
+    # --no-tissue-mask: the mosaic is tissue edge to edge and the original protocol samples all of it, so
+    # both sample equal areas whatever the detector decides (before GLASS_MEDIAN_MAX it dropped 10 of 25 tiles)
     cmd = [sys.executable, "-m", "cdal_fast.cli", "segment", str(slide), "--out", str(out), "-q", "--no-tissue-mask",
            *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))

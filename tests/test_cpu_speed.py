@@ -78,10 +78,14 @@ def test_auto_on_cpu_float32_is_onnxruntime_and_builds_it(tiny_gen) -> None:
     assert isinstance(build_sampler(tiny_gen, STEPS, VOTES, "auto"), OnnxSampler)
 
 
-def test_auto_runs_the_modules_for_reduced_precision_and_on_gpus() -> None:
+def test_auto_runs_the_modules_for_reduced_precision_and_graphs_on_gpus() -> None:
+    """CPU bf16: the PyTorch modules; CUDA: graph replay (measured fastest with masks identical to
+    eager float32 on an H200), falling back to eager."""
     assert backend_choice.resolve_backend("cpu", torch.bfloat16).backend == "eager"
-    assert backend_choice.resolve_backend("cuda", torch.float32).backend == "eager"
-    assert backend_choice.resolve_backend("cuda:1", torch.bfloat16).backend == "eager"
+    gpu = backend_choice.resolve_backend("cuda", torch.float32)
+    assert gpu.backend == "graphs" and "gpu_h200" in gpu.reason
+    assert backend_choice.resolve_backend("cuda:1", torch.bfloat16).backend == "graphs"
+    assert backend_choice.preference(torch.device("cuda"), torch.float32)[0][-1] == "eager"
 
 
 def test_auto_falls_back_to_eager_without_onnxruntime(tiny_gen, monkeypatch) -> None:

@@ -76,3 +76,27 @@ def test_fill_holes_matches_scipy():
     for p in (0.3, 0.5, 0.7):
         m = rng.random((120, 90)) < p
         assert np.array_equal(_fill_holes(m), ndimage.binary_fill_holes(m))
+
+
+def test_an_image_without_glass_is_all_tissue(shared_data):
+    """Two MoNuSeg tiles side by side, one densely and one palely stained, no glass: Otsu's threshold
+    falls between the two stains (it dropped 10 of 25 tiles of such a mosaic); the detector must keep both."""
+    from cdal_fast.sampling.imageio import read_image
+    from cdal_fast.wsi.tissue import GLASS_MEDIAN_MAX, MIN_SATURATION, automatic_threshold, saturation
+
+    images = shared_data / "monuseg" / "train" / "images"
+    dense, pale = (read_image(next(images.glob(f"{n}*")))[::4, ::4, :3]
+                   for n in ("TCGA-49-4488", "TCGA-CH-5767"))
+    both = np.concatenate([dense, pale], axis=1)
+    sat = saturation(both)
+    otsu = otsu_threshold(sat)
+    assert np.median(sat[sat <= otsu]) > GLASS_MEDIAN_MAX  # Otsu split tissue from tissue here
+    assert automatic_threshold(sat) == MIN_SATURATION
+    kept, by_otsu = tissue_mask(both, min_object_px=25).mean(), tissue_mask(both, otsu, min_object_px=25).mean()
+    assert kept > 0.9 and by_otsu < kept - 0.1, (kept, by_otsu)  # (the image border erodes a little)
+    # with glass beside the tissue, Otsu's threshold stands and the glass is background
+    glass = np.full_like(pale, 236)
+    with_glass = np.concatenate([pale, glass], axis=1)
+    mask = tissue_mask(with_glass, min_object_px=25)
+    assert automatic_threshold(saturation(with_glass)) > MIN_SATURATION
+    assert mask[:, pale.shape[1] + 8:].mean() < 0.01 and mask[:, : pale.shape[1]].mean() > 0.7

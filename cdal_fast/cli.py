@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from dataclasses import replace
@@ -78,6 +79,21 @@ def main() -> None:
     Most users want `cdal-fast segment SLIDES... --out DIR` (see `cdal-fast segment --help`).
     `cdal-fast info` shows what is installed; docs/cli.md has the full reference.
     """
+    _show_package_notices()
+
+
+class _EchoHandler(logging.Handler):
+    """The package's INFO lines (one-time work: a graph built into the cache) on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def _show_package_notices() -> None:
+    logger = logging.getLogger("cdal_fast")
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler())
+    logger.setLevel(logging.INFO)
 
 
 @main.command()

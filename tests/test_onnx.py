@@ -105,8 +105,14 @@ def test_cli_export_onnx_and_segment_backend(tmp_path, monkeypatch):
                                         "--workers", "0", "-q"])
         assert res.exit_code == 0, res.output
         masks[backend] = np.asarray(Image.open(out / "img.mask.png"))
+        # the one-time export says so (it is silent minutes on a large model); eager builds nothing
+        assert ("once into" in res.output) == (backend == "onnx"), res.output
     assert (masks["eager"] == masks["onnx"]).mean() >= 0.9999
     assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported once, cached
+    again = CliRunner().invoke(main, ["segment", str(tmp_path / "img.png"), "--out", str(tmp_path / "again"),
+                                      "--weights", str(tmp_path / "w.safetensors"), "--mpp", "0.5", "--backend", "onnx",
+                                      "--workers", "0", "-q"])
+    assert again.exit_code == 0 and "once into" not in again.output, again.output
 
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()

@@ -9,9 +9,11 @@ host once the process has ended.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
+import time
 from pathlib import Path
 
 from ..cache import cache_dir
@@ -20,6 +22,8 @@ from .onnx_export import GRAPH_FORMAT, export_onnx, onnx_metadata
 from .requires import BackendError
 
 __all__ = ["cache_dir", "cached_onnx", "remove_orphaned_graphs"]
+
+_log = logging.getLogger(__name__)  # one-time work worth a line (the CLI shows cdal_fast's INFO on stderr)
 
 
 _SAFE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -110,6 +114,11 @@ def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weig
     if not tag:
         remove_orphaned_graphs(path.parent)
     if not tag or not path.is_file() or _stale(path):
+        if tag:  # the one-time cost a user would otherwise wait through in silence
+            _log.info("building the sampler graph for %s (T %d, V %d%s) once into %s; later runs reuse it",
+                      cfg.name, t, v, ", TTA" if tta else "", folder)
+        t0 = time.monotonic()
         export_onnx(generator, path, t, v, weights_sha256=weights_sha256 if tag else "", precision=precision,
                     tta=tta)
+        _log.info("sampler graph built in %.0f s", time.monotonic() - t0)
     return path

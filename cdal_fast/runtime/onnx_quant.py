@@ -16,7 +16,9 @@ resized to the model's tile size) unless the caller gives its own.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,8 @@ from .onnx_export import INPUTS
 from .requires import BackendError
 
 __all__ = ["KEPT_FLOAT", "CALIBRATION_FILE", "calibration_images", "cached_int8_onnx", "QUANT_VERSION"]
+
+_log = logging.getLogger(__name__)  # one-time work worth a line (the CLI shows cdal_fast's INFO on stderr)
 
 QUANT_VERSION = "1"  # bumped when the quantisation recipe changes: cached int8 graphs are made again
 KEPT_FLOAT = ("cond_in", "conv_in", "head_conv")  # convolutions left in float32 (module docstring)
@@ -79,6 +83,9 @@ def cached_int8_onnx(generator: Generator, steps: int | None, votes: int | None,
     if out.is_file():
         return out
     t, v = steps or generator.cfg.num_steps, votes or generator.cfg.votes
+    _log.info("quantising %s's sampler graph (T %d, V %d%s) to int8 once, calibrated on %d bundled crops (minutes "
+              "on a small CPU); later runs reuse it", generator.cfg.name, t, v, ", TTA" if tta else "", len(images))
+    t0 = time.monotonic()
     feeds = iter(_feeds(generator, t, v, images))
 
     class Reader(CalibrationDataReader):
@@ -103,4 +110,5 @@ def cached_int8_onnx(generator: Generator, steps: int | None, votes: int | None,
             onnx.save(quantised, str(tmp))
     finally:
         prepared.unlink(missing_ok=True)
+    _log.info("int8 graph built in %.0f s", time.monotonic() - t0)
     return out

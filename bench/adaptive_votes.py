@@ -30,9 +30,9 @@ from cdal_fast.models import load_model
 from cdal_fast.runtime.backends import build_sampler
 from cdal_fast.runtime.cpu_features import cpu_features
 from cdal_fast.sampling.dihedral import apply_dihedral, invert_dihedral, vote_codes
-from cdal_fast.sampling.imageio import read_image, read_mask, resize_image, resize_mask
-from cdal_fast.sampling.inference import MONUSEG_WORK_SIZE
-from cdal_fast.sampling.preprocess import match_channels, normalise, to_chw_float
+from cdal_fast.sampling.imageio import read_image, read_mask, resize_mask
+from cdal_fast.sampling.inference import MONUSEG_WORK_SIZE, predict_monuseg_tile
+from cdal_fast.sampling.preprocess import match_channels, to_chw_float
 from cdal_fast.sampling.sampler import draw_noise, generators_from_seed
 
 MAX_VOTES = 5
@@ -41,31 +41,35 @@ RULES = list(itertools.product((1.0, 2.0, 3.0), (0.001, 0.01, 0.05)))  # (c, p)
 
 
 def vote_probabilities(bundle, sampler, image: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-    """(MAX_VOTES, n_patches, S, S) probabilities of each vote for the protocol's patches of ``image``."""
+    """(MAX_VOTES, work, work) probability of each vote for ``image`` by the scoring protocol (its own
+    patch cutting and stitching, :func:`predict_monuseg_tile`), vote v under the v-th TTA flip."""
     cfg = bundle.config
-    s = cfg.image_size
-    work = normalise(resize_image(image, MONUSEG_WORK_SIZE), cfg)[0]
-    n = MONUSEG_WORK_SIZE // s
-    patches = torch.stack([work[:, r * s:(r + 1) * s, c * s:(c + 1) * s] for r in range(n) for c in range(n)])
     codes = vote_codes(MAX_VOTES, True)
-    out = []
-    for v in range(MAX_VOTES):
-        noise = draw_noise(cfg.num_steps, 1, cfg.mask_channels, cfg.nz, s, s,
-                           generators_from_seed(SEED + 1000 * v, len(patches)))
-        with torch.no_grad():
-            x0 = sampler(apply_dihedral(patches, codes[v]), noise.x_init, noise.z, noise.post)[0]
-        out.append(invert_dihedral(x0.float(), codes[v])[:, 0])
-    return torch.stack(out)
+
+    def one_vote(v: int):  # noqa: ANN202  (a PatchRunner stand-in: (patches, keys) -> probabilities)
+        def run(patches: torch.Tensor, keys: list) -> torch.Tensor:
+            noise = draw_noise(cfg.num_steps, 1, cfg.mask_channels, cfg.nz, cfg.image_size, cfg.image_size,
+                               generators_from_seed(SEED + 1000 * v, len(patches)))
+            with torch.no_grad():
+                x0 = sampler(apply_dihedral(patches, codes[v]), noise.x_init, noise.z, noise.post)[0]
+            return invert_dihedral(x0.float(), codes[v])
+        return run
+
+    return torch.stack([predict_monuseg_tile(image, cfg, one_vote(v)) for v in range(MAX_VOTES)])
 
 
-def stitch(patches: torch.Tensor) -> torch.Tensor:
-    """(n_patches, S, S) -> (work, work), row-major patches."""
-    n = int(round(patches.shape[0] ** 0.5))
-    return torch.cat([torch.cat(list(patches[r * n:(r + 1) * n]), dim=1) for r in range(n)], dim=0)
+def patches_of(full: torch.Tensor, size: int) -> torch.Tensor:
+    """(..., work, work) -> (n_patches, ..., size, size), row-major as the protocol cuts them."""
+    n = full.shape[-1] // size
+    return torch.stack([full[..., r * size:(r + 1) * size, c * size:(c + 1) * size]
+                        for r in range(n) for c in range(n)])
 
 
-def adaptive_mean(votes: torch.Tensor, threshold: float, c: float, p: float) -> tuple[torch.Tensor, list[int]]:
-    """Per patch: the running mean at the first k >= 2 whose unsettled fraction is <= p (else all votes)."""
+def adaptive_mean(full: torch.Tensor, size: int, threshold: float, c: float, p: float
+                  ) -> tuple[torch.Tensor, list[int]]:
+    """Per patch of the (votes, work, work) maps: the running mean at the first k >= 2 whose unsettled
+    fraction is <= p (else all votes), stitched back; and the votes each patch used."""
+    votes = patches_of(full, size).transpose(0, 1)  # (votes, patches, S, S)
     means, used = [], []
     for j in range(votes.shape[1]):
         k_stop = MAX_VOTES
@@ -78,7 +82,13 @@ def adaptive_mean(votes: torch.Tensor, threshold: float, c: float, p: float) -> 
                 break
         means.append(votes[:k_stop, j].mean(0))
         used.append(k_stop)
-    return torch.stack(means), used
+    return stitch(torch.stack(means)), used
+
+
+def stitch(patches: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`patches_of`: (n_patches, S, S) -> (work, work)."""
+    n = int(round(patches.shape[0] ** 0.5))
+    return torch.cat([torch.cat(list(patches[r * n:(r + 1) * n]), dim=1) for r in range(n)], dim=0)
 
 
 def main() -> None:
@@ -101,8 +111,8 @@ def main() -> None:
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
     thr = cfg.threshold
 
-    def mask(prob_patches: torch.Tensor) -> torch.Tensor:
-        return stitch(prob_patches) >= thr
+    def mask(prob: torch.Tensor) -> torch.Tensor:
+        return prob >= thr
 
     full = {name: mask(v.mean(0)) for name, v, _ in per_tile}
     rows = []
@@ -114,7 +124,7 @@ def main() -> None:
     for c, p in RULES:
         d_gt, d_full, used = [], [], []
         for name, v, t in per_tile:
-            means, k_used = adaptive_mean(v, thr, c, p)
+            means, k_used = adaptive_mean(v, cfg.image_size, thr, c, p)
             m = mask(means)
             d_gt.append(dice_iou(m, t)[0])
             d_full.append(dice_iou(m, full[name])[0])

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cdal_fast.wsi.outputs import slide_stem
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "cdal_fast" / "samples" / "sample_ihc.ome.tif"
 
@@ -33,7 +35,7 @@ def run(image: Path, out: Path, normalise: bool) -> dict:
            "--device", "cpu", "--no-report", "-q"] + (["--stain-normalise"] if normalise else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
-    stem = image.name.split(".")[0]
+    stem = slide_stem(image)
     summary = json.loads((out / f"{stem}.json").read_text())
     with open(out / f"{stem}.nuclei.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

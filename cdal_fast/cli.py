@@ -51,6 +51,7 @@ from .sampling.inference import DTYPES
 from .tasks import TASK_NAMES, TASKS, task_of_model
 from .wsi.batch import RunReport, TaskRun, find_inputs, run_summary_name, segment_all
 from .wsi.limits import DEFAULT_MAX_PIXELS
+from .wsi.options import STAIN_VECTOR_CHOICES
 from .wsi.tissue import DEFAULT_MIN_AREA_UM2
 from .wsi.writer import PYRAMID_LAYOUTS
 
@@ -408,13 +409,14 @@ def eval_cmd(task: str, data: Path, weights: Path | None, split: str | None, spl
               help="Stains measured under each nucleus by colour deconvolution (optical density of haematoxylin and "
                    "eosin, or of haematoxylin and DAB): h-dab also classifies each nucleus Negative / 1+ / 2+ / 3+ "
                    "and adds positive %, H-score and counts per class to NAME.json; none: no stain measurements.")
-@click.option("--stain-vectors", type=click.Choice(["default", "estimate"]), default="default", show_default=True,
+@click.option("--stain-vectors", type=click.Choice(list(STAIN_VECTOR_CHOICES)), default="default", show_default=True,
               help="default: Ruifrok & Johnston's stain vectors; estimate: each slide's own (Macenko, from up to 16 "
                    "of its sampled tiles; the default vectors, with a warning, when it cannot be estimated).")
 @click.option("--cell-ring", "cell_ring_um", type=RING_UM, default=stain_defaults.DEFAULT_RING_UM, show_default=True,
               help="Width in um of the ring around each nucleus measured as its cytoplasm (cell = nucleus + ring); "
                    "other nuclei are excluded from it.")
-@click.option("--positivity-thresholds", type=OD_THRESHOLDS, default="0.2,0.4,0.6", show_default=True,
+@click.option("--positivity-thresholds", type=OD_THRESHOLDS,
+              default=",".join(f"{t:g}" for t in stain_defaults.DEFAULT_THRESHOLDS), show_default=True,
               help="--stain h-dab: DAB OD means at which a nucleus becomes 1+, 2+, 3+ (QuPath's defaults).")
 @click.option("--positivity-compartment", type=click.Choice(list(stain_defaults.COMPARTMENTS)), default="nucleus",
               show_default=True,

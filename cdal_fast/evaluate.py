@@ -135,9 +135,6 @@ def evaluate_hippocampus(data: Path, cfg: ModelConfig, runner: PatchRunner, spli
                          split_file: str | Path | None = None, image_transform: ImageTransform | None = None
                          ) -> EvalResult:
     """The 3D sliding window over each volume; per-class Dice/IoU (anterior, posterior) per volume."""
-    if image_transform is not None:
-        raise ValueError("hippocampus volumes are not RGB images: an image transform (stain normalisation) "
-                         "does not apply")
     if names is None:
         names = read_split(data, split, split_file)
     pairs = read_volume_pairs(data, names)[:limit]
@@ -155,9 +152,10 @@ def evaluate_task(task: str, data: Path, cfg: ModelConfig, runner: PatchRunner, 
                   split_file: str | Path | None = None, image_transform: ImageTransform | None = None) -> EvalResult:
     """Score by ``task``'s protocol (:mod:`cdal_fast.tasks`); ``image_transform`` (RGB tasks) changes
     every image's pixels before the protocol runs."""
+    if image_transform is not None and cfg.img_channels != 3:
+        raise ValueError(f"{cfg.name} reads {cfg.img_channels}-channel images: an RGB image transform (stain "
+                         "normalisation) does not apply")
     score = get_task(task).function("evaluate")
-    if image_transform is None:
-        return score(data, cfg, runner, split, names, limit, progress, split_file)
     return score(data, cfg, runner, split, names, limit, progress, split_file, image_transform=image_transform)
 
 

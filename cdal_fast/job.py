@@ -127,11 +127,7 @@ class SegmentJob:
             cfg, ref = model.config, ModelRef.of(model, weights)
         else:
             cfg, ref = model, ModelRef(weights, None, weights or "", "", "", False, model.name, model.num_steps)
-        if cfg.one_pass:  # one forward: no steps, votes or TTA to choose (as resolve_segment_job)
-            sampler = SamplerSettings(backend, dtype, device, 1, 1, False)
-        else:
-            sampler = SamplerSettings(backend, dtype, device, steps or cfg.num_steps, votes or cfg.votes,
-                                      cfg.tta if tta is None else tta, steps is not None and steps != cfg.num_steps)
+        sampler = _settings(cfg, backend, dtype, device, steps, votes, tta)
         decided = None if cfg.multiclass else (cfg.threshold if threshold is None else threshold)
         return cls(task, ref, sampler, decided, replace(opts, nuclei=opts.nuclei and not cfg.multiclass))
 
@@ -249,12 +245,19 @@ def _sampler_settings(request: SegmentRequest, cfg: ModelConfig, gpu: bool) -> S
         if asked:
             raise JobError(f"{cfg.name} is a one-pass model (it predicts the ensemble's mean and spread in one "
                            f"forward): {', '.join(asked)} cannot be chosen", asked[0])
-        return SamplerSettings(request.backend, request.dtype, request.device, 1, 1, False)
-    untrained = request.steps is not None and request.steps != cfg.num_steps
-    if untrained and not request.allow_untrained_steps:
+    elif request.steps is not None and request.steps != cfg.num_steps and not request.allow_untrained_steps:
         raise JobError(f"{request.steps} differs from the {cfg.num_steps} reverse steps this model was trained "
                        "with; pass --allow-untrained-steps to run an untrained schedule anyway", "--steps")
     if request.dtype not in DTYPES:
         raise JobError(f"unknown dtype {request.dtype!r}; choose one of {', '.join(DTYPES)}", "--dtype")
-    return SamplerSettings(request.backend, request.dtype, request.device, request.steps or cfg.num_steps,
-                           request.votes or cfg.votes, cfg.tta if request.tta is None else request.tta, untrained)
+    return _settings(cfg, request.backend, request.dtype, request.device, request.steps, request.votes, request.tta)
+
+
+def _settings(cfg: ModelConfig, backend: str, dtype: str, device: str, steps: int | None, votes: int | None,
+              tta: bool | None) -> SamplerSettings:
+    """The sampler settings ``cfg`` gives for what was asked (None: the model's own); a one-pass model
+    runs one forward, with no steps, votes or TTA."""
+    if cfg.one_pass:
+        return SamplerSettings(backend, dtype, device, 1, 1, False)
+    return SamplerSettings(backend, dtype, device, steps or cfg.num_steps, votes or cfg.votes,
+                           cfg.tta if tta is None else tta, steps is not None and steps != cfg.num_steps)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .nuclei.stain import StainProfile
+from .weights import base_name
 
 __all__ = ["STAIN_SUFFIX", "StainReferenceError", "stain_reference_path", "load_stain_reference"]
 
@@ -25,11 +26,7 @@ class StainReferenceError(ValueError):
 
 def stain_reference_path(weights: str | Path) -> Path:
     """``NAME.stain.json`` for weights ``NAME`` / ``NAME.safetensors`` / ``NAME.json``."""
-    p = Path(weights)
-    for suffix in (".safetensors", ".json"):
-        if p.name.endswith(suffix) and len(p.name) > len(suffix):
-            p = p.with_name(p.name[: -len(suffix)])
-            break
+    p = base_name(Path(weights))  # the weights' own naming rule
     return p.with_name(p.name + STAIN_SUFFIX)
 
 

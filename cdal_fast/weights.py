@@ -33,7 +33,7 @@ from .hashing import file_sha256, read_with_sha256
 from .network.config import ConfigError, ModelConfig
 from .network.generator import Generator
 
-__all__ = ["WeightsError", "ModelBundle", "save_weights", "load_weights", "weights_paths", "file_sha256"]
+__all__ = ["WeightsError", "ModelBundle", "save_weights", "load_weights", "weights_paths", "base_name", "file_sha256"]
 
 FORMAT = "cdal-fast-weights"
 FORMAT_VERSION = 1
@@ -72,7 +72,7 @@ class ModelBundle:
         return hashlib.sha256(",".join(self.file_sha256s).encode()).hexdigest()
 
 
-def _base_name(path: Path) -> Path:
+def base_name(path: Path) -> Path:
     """``path`` without a trailing ``.safetensors``/``.json``; every other dot is part of the name."""
     for suffix in (TENSORS_SUFFIX, CONFIG_SUFFIX):
         if path.name.endswith(suffix) and len(path.name) > len(suffix):
@@ -86,7 +86,7 @@ def weights_paths(path: str | Path) -> tuple[Path, Path]:
     ``Path.with_suffix`` would treat ``model.v2`` or ``cdal-1.5`` as having a suffix and pair them
     with another model's files, so only the two known suffixes are stripped and appended.
     """
-    base = _base_name(Path(path))
+    base = base_name(Path(path))
     return base.with_name(base.name + TENSORS_SUFFIX), base.with_name(base.name + CONFIG_SUFFIX)
 
 
@@ -94,7 +94,7 @@ def part_path(st_path: Path, index: int) -> Path:
     """File of shard ``index`` (1 = ``st_path`` itself, 2 = ``NAME.part2.safetensors``, ...)."""
     if index == 1:
         return st_path
-    base = _base_name(st_path)
+    base = base_name(st_path)
     return base.with_name(f"{base.name}.part{index}{TENSORS_SUFFIX}")
 
 

@@ -163,6 +163,22 @@ def test_distillation_exports_a_student_and_resumes_bit_for_bit(tmp_path, tiny_g
     assert [r["step"] for r in log if "val_dice" in r] == [2, 4] and all("loss" in r for r in log if "lr" in r)
 
 
+def test_a_resumed_dice_aji_run_keeps_its_best_score(tmp_path, tiny_gen, one_torch_thread):
+    """The selection score and its rule travel in the checkpoint: a resumed Dice + AJI run must not
+    export a worse student over its best (it once reset the score on every resume)."""
+    save_weights(tmp_path / "teacher", tiny_gen, dtype=torch.float32)
+    common = {"targets": str(_targets_folder(tmp_path / "targets")), "data": str(_labelled_folder(tmp_path / "data")),
+              "teacher": str(tmp_path / "teacher"), "name": "tiny_fast", "batch_size": 2, "warmup": 1,
+              "out": str(tmp_path / "o"), "select": "dice+aji"}
+    first = Distiller(DistillConfig(**common, max_steps=2))
+    first.best_score = 1.25
+    save_checkpoint(tmp_path / "o" / "last.pt", first.state_dict())
+    again = Distiller(DistillConfig(**common, max_steps=2))
+    assert again.resume() and again.best_score == 1.25
+    other_rule = Distiller(DistillConfig(**(common | {"select": "dice"}), max_steps=2))
+    assert other_rule.resume() and other_rule.best_score == -1.0
+
+
 def test_teacher_targets_pool_the_votes_of_overlapping_windows():
     """A pixel covered by several windows gets the mean and std of all their votes: the windows' mean
     of means, and sqrt(mean of (std^2 + mean^2) - mean^2)."""

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from scipy import ndimage as ndi
 
 __all__ = ["STAINS", "STAIN_CHOICES", "CLASS_NAMES", "CLASS_COLOURS", "COMPARTMENTS", "StainProfile",
            "PositivityRule", "default_profile", "optical_density", "concentrations", "stain_statistics",
@@ -316,5 +315,7 @@ class StainNormaliser:
 def ring_mask(nucleus: np.ndarray, exclude: np.ndarray, footprint: np.ndarray) -> np.ndarray:
     """Pixels within the footprint's radius of ``nucleus``, outside it and outside ``exclude`` (every
     nucleus's foreground): the nucleus's ring of cytoplasm. Rings of neighbours may overlap."""
+    from scipy import ndimage as ndi  # on use: this module is imported at CLI start-up (its constants)
+
     grown = ndi.binary_dilation(nucleus, structure=footprint)
     return grown & ~nucleus & ~exclude

@@ -93,7 +93,6 @@ def _build_fused(generator: Generator, steps: int | None, votes: int | None, dev
                  fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
     if fused is False:
         raise BackendError("the fused backend always runs the fused ops; use --backend eager for plain ones")
-    require_ops()
     return _eager(generator, steps, votes, device, dtype, fused=True, tta=tta, channels_last=channels_last)
 
 
@@ -109,7 +108,6 @@ def _build_graphs(generator: Generator, steps: int | None, votes: int | None, de
                   fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
     """CUDA-graph replay; by default of the fused ops when the library is built (``set_fused`` keeps
     the plain ops otherwise), ``fused=False`` replays the plain ops (to compare the two)."""
-    require_cuda_device(device, "graphs", "CUDA graphs")
     return GraphedSampler(_eager(generator, steps, votes, device, dtype, fused=fused is not False, tta=tta,
                                  channels_last=channels_last))
 
@@ -126,7 +124,6 @@ def _build_onnx_int8(generator: Generator, steps: int | None, votes: int | None,
                      dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False,
                      fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
     """Static int8 graph (:mod:`.onnx_quant`), on a CPU with VNNI only (elsewhere its masks drift)."""
-    _require_int8_cpu(device)
     return OnnxSampler(cached_int8_onnx(generator, steps, votes, weights_sha256, tta=tta), generator,
                        weights_sha256)
 
@@ -134,7 +131,6 @@ def _build_onnx_int8(generator: Generator, steps: int | None, votes: int | None,
 def _build_tensorrt(generator: Generator, steps: int | None, votes: int | None, device: torch.device,
                     dtype: torch.dtype, weights_sha256: str, max_batch: int, *, tta: bool = False,
                     fused: bool | None = None, channels_last: bool = False) -> SamplerLike:
-    require_tensorrt()  # fail at start, before any export work
     precision = TRT_PRECISION[dtype]
     path = cached_onnx(generator, steps, votes, weights_sha256, precision, tta=tta)
     return TensorRTSampler(build_tensorrt_engine(path, precision, max_batch), path)
@@ -149,7 +145,8 @@ def _require_int8_cpu(device: torch.device) -> None:
                            f"has none ({features.describe()}): without it int8 convolutions saturate")
 
 
-# What each backend needs, checked without building anything (no export, no model copy).
+# What each backend needs, checked without building anything (no export, no model copy): before every
+# build (explicit or a candidate of auto) and by the job at a run's start. The builders assume it passed.
 PREFLIGHT: dict[str, Callable[[torch.device], object]] = {
     "fused": lambda device: require_ops(),
     "graphs": lambda device: require_cuda_device(device, "graphs", "CUDA graphs"),
@@ -164,9 +161,13 @@ def check_backend(backend: str, device: torch.device | str) -> None:
     its start with the reason instead of after its inputs were listed and read (``auto`` always runs)."""
     if backend != AUTO and backend not in BUILDERS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    _preflight(backend, torch.device(device))
+
+
+def _preflight(backend: str, device: torch.device) -> None:
     check = PREFLIGHT.get(backend)
     if check is not None:
-        check(torch.device(device))
+        check(device)
 
 
 BUILDERS: dict[str, Builder] = {
@@ -209,6 +210,7 @@ def build_sampler(generator: Generator, steps: int | None, votes: int | None, ba
     if (fused is not None or channels_last) and backend not in MODULE_BACKENDS:
         raise BackendError(f"--backend {backend} runs a compiled graph: fusion and memory layout are not options "
                            f"of it (they are of {', '.join(MODULE_BACKENDS)})")
+    _preflight(backend, dev)  # before any export or model copy
     return BUILDERS[backend](generator, steps, votes, dev, dtype, weights_sha256, max_batch, tta=tta, fused=fused,
                              channels_last=channels_last)
 
@@ -225,6 +227,7 @@ def _build_auto(generator: Generator, steps: int | None, votes: int | None, devi
     errors = []
     for name in dict.fromkeys((*order[start:], "eager")):
         try:
+            _preflight(name, device)
             return BUILDERS[name](generator, steps, votes, device, dtype, weights_sha256, max_batch, tta=tta)
         except BackendError as exc:
             errors.append(f"{name}: {exc}")

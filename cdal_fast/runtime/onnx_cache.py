@@ -114,11 +114,12 @@ def cached_onnx(generator: Generator, steps: int | None, votes: int | None, weig
     if not tag:
         remove_orphaned_graphs(path.parent)
     if not tag or not path.is_file() or _stale(path):
-        if tag:  # the one-time cost a user would otherwise wait through in silence
+        t0 = time.monotonic()
+        if tag:  # the one-time cost a user would otherwise wait through in silence (an unverified graph is private)
             _log.info("building the sampler graph for %s (T %d, V %d%s) once into %s; later runs reuse it",
                       cfg.name, t, v, ", TTA" if tta else "", folder)
-        t0 = time.monotonic()
         export_onnx(generator, path, t, v, weights_sha256=weights_sha256 if tag else "", precision=precision,
                     tta=tta)
-        _log.info("sampler graph built in %.0f s", time.monotonic() - t0)
+        if tag:
+            _log.info("sampler graph built in %.0f s", time.monotonic() - t0)
     return path

@@ -219,8 +219,9 @@ class Distiller:
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"student": self.student.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(), "step": self.step, "best_dice": self.best_score,
-                "gen": self.gen.get_state(), "cpu_rng": torch.get_rng_state(), "config": json.dumps(asdict(self.dc))}
+                "sched": self.sched.state_dict(), "step": self.step, "best_score": self.best_score,
+                "select": self.dc.select, "gen": self.gen.get_state(), "cpu_rng": torch.get_rng_state(),
+                "config": json.dumps(asdict(self.dc))}
 
     def resume(self) -> bool:
         st = load_checkpoint(self.out / "last.pt", torch.device("cpu"))
@@ -231,7 +232,9 @@ class Distiller:
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
         self.step, self.best_score = int(st["step"]), float(st.get("best_score", st.get("best_dice", -1.0)))
-        if st.get("select", "dice") != self.dc.select:  # another rule's scores do not compare: the next one exports
+        # another rule's scores do not compare: the next one exports (checkpoints before "select" was saved
+        # held a Dice under "best_dice")
+        if st.get("select", "dice") != self.dc.select:
             self.best_score = -1.0
         self.gen.set_state(st["gen"])
         torch.set_rng_state(st["cpu_rng"])
@@ -285,5 +288,5 @@ class Distiller:
         if self.step % dc.val_every != 0:
             self._validate_and_select(start)
         save_checkpoint(self.out / "last.pt", self.state_dict())
-        return {"step": self.step, "best_dice": self.best_score, "stop": stop,
+        return {"step": self.step, "best_score": self.best_score, "select": self.dc.select, "stop": stop,
                 "minutes": (time.monotonic() - start) / 60, **last}

@@ -119,7 +119,7 @@ class RunReport:
         written now and after every outcome (``report.html``, or ``report.shard-I-of-N.html`` beside a
         shard's run summary)."""
         report = cls()
-        if getattr(opts, "report", False):
+        if opts.report:
             report.html = BatchReport(out_dir, files, names, out_dir / report_name(summary_name))
             report.html.write()
         return report

@@ -25,10 +25,9 @@ from .mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
 from .tissue import DEFAULT_MIN_AREA_UM2
 from .writer import PYRAMID_LAYOUTS
 
-__all__ = ["SegmentOptions", "OptionsError", "STAIN_VECTOR_CHOICES", "DEFAULT_CELL_RING_UM", "MAX_CELL_RING_UM"]
+__all__ = ["SegmentOptions", "OptionsError", "STAIN_VECTOR_CHOICES", "MAX_CELL_RING_UM"]
 
 STAIN_VECTOR_CHOICES = ("default", "estimate")
-DEFAULT_CELL_RING_UM = DEFAULT_RING_UM  # the cytoplasm ring (docs/nuclei.md: why 2 um)
 MAX_CELL_RING_UM = 20.0
 
 
@@ -66,7 +65,7 @@ class SegmentOptions:
     # Stains (docs/nuclei.md): what is measured under each nucleus, IHC positivity, stain normalisation
     stain: str = "h-e"  # "h-e", "h-dab" (adds IHC positivity classes) or "none"
     stain_vectors: str = "default"  # "default" (Ruifrok-Johnston) or "estimate" (Macenko, per slide)
-    cell_ring_um: float = DEFAULT_CELL_RING_UM  # width of the ring around each nucleus (cytoplasm / cell)
+    cell_ring_um: float = DEFAULT_RING_UM  # width of the ring around each nucleus (cytoplasm / cell)
     positivity_thresholds: tuple[float, float, float] = DEFAULT_THRESHOLDS  # DAB OD for 1+ / 2+ / 3+ (QuPath's)
     positivity_compartment: str = "nucleus"  # whose DAB OD mean decides the class
     nuclei_parquet: bool = False  # NAME.nuclei.parquet (GeoParquet; needs pyarrow)

@@ -53,6 +53,9 @@ def _data_uri(path: Path, max_side: int, jpeg: bool) -> tuple[str, tuple[int, in
 
     try:
         with Image.open(path) as im:
+            if not jpeg and im.format == "PNG":  # a heatmap PNG as written: its bytes, not a re-encoding
+                data, size = path.read_bytes(), im.size
+                return f"data:image/png;base64,{base64.b64encode(data).decode('ascii')}", size
             im = im.convert("RGB")
             if jpeg and max(im.size) > max_side:
                 k = max_side / max(im.size)

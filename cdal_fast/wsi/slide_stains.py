@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..nuclei.stain import StainEstimationError, StainProfile, estimate_macenko
-from .readers import SlideReader, open_slide
+from .readers import open_slide
 from .tiling import Tile
 
 __all__ = ["ESTIMATE_TILES", "estimation_tiles", "estimate_slide_stains", "WorkingRows"]
@@ -53,9 +53,8 @@ def estimate_slide_stains(read_tile: Callable[[Tile], np.ndarray], tiles: list[T
 class WorkingRows:
     """RGB rows of a slide on the working grid (``level`` read, ``level_scale`` level px per working px)."""
 
-    def __init__(self, path: Path, level: int, level_scale: float, reader: SlideReader | None = None) -> None:
-        self._reader = reader if reader is not None else open_slide(path)
-        self._own = reader is None
+    def __init__(self, path: Path, level: int, level_scale: float) -> None:
+        self._reader = open_slide(path)
         self.level, self.scale = level, float(level_scale)
 
     def read(self, y: int, n: int, c0: int, c1: int) -> np.ndarray:
@@ -80,8 +79,7 @@ class WorkingRows:
         return np.asarray(Image.fromarray(region).resize((c1 - c0, n), Image.BILINEAR, box=box))
 
     def close(self) -> None:
-        if self._own:
-            self._reader.close()
+        self._reader.close()
 
     def __enter__(self) -> WorkingRows:
         return self

@@ -5,9 +5,9 @@ the shipped model's defaults (T 4, TTA), but one vote at a time: vote v sees the
 flip/rotation (as TTA does) with its own noise, so the running vote mean after k votes is available.
 A patch stops early at the first k >= 2 where at most a fraction ``p`` of its pixels is *unsettled*:
 ``|mean_k - threshold| < c * std_k / sqrt(k)`` (the threshold is within c standard errors of the
-running mean). Each rule (c, p) is scored by the votes it spends and its masks: Dice against the
-ground truth (the protocol's, at 512) and against the same run's 5-vote masks; fixed V = 1..5 are
-the baselines.
+running mean; :func:`cdal_fast.sampling.adaptive.votes_needed`). Each rule (c, p) is scored by the
+votes it spends and its masks: Dice against the ground truth (the protocol's, at 512) and against the
+same run's 5-vote masks; fixed V = 1..5 are the baselines.
 
     PYTHONPATH=$PWD python bench/adaptive_votes.py --data ../shared/data/monuseg
 """
@@ -29,6 +29,7 @@ from cdal_fast.metrics import dice_iou
 from cdal_fast.models import load_model
 from cdal_fast.runtime.backends import build_sampler
 from cdal_fast.runtime.cpu_features import cpu_features
+from cdal_fast.sampling.adaptive import votes_needed
 from cdal_fast.sampling.dihedral import apply_dihedral, invert_dihedral, vote_codes
 from cdal_fast.sampling.imageio import read_image, read_mask, resize_mask
 from cdal_fast.sampling.inference import MONUSEG_WORK_SIZE, predict_monuseg_tile
@@ -72,14 +73,7 @@ def adaptive_mean(full: torch.Tensor, size: int, threshold: float, c: float, p: 
     votes = patches_of(full, size).transpose(0, 1)  # (votes, patches, S, S)
     means, used = [], []
     for j in range(votes.shape[1]):
-        k_stop = MAX_VOTES
-        for k in range(2, MAX_VOTES + 1):
-            run = votes[:k, j]
-            se = run.std(dim=0, unbiased=True) / k ** 0.5
-            unsettled = ((run.mean(0) - threshold).abs() < c * se).float().mean().item()
-            if unsettled <= p:
-                k_stop = k
-                break
+        k_stop = votes_needed(votes[:, j], threshold, c, p)
         means.append(votes[:k_stop, j].mean(0))
         used.append(k_stop)
     return stitch(torch.stack(means)), used

@@ -10,7 +10,8 @@ Per setting:
 * ``dice``: the mask against the ground truth at the tile's own 1000 x 1000 grid, mean over tiles
   (the accuracy rule compares this with the default's);
 * ``seam_ratio``: the mean absolute difference of the probability map from the reference's, in a
-  band of +-``--band`` working pixels around the setting's own tile borders, divided by the same
+  band of +-``--band`` working pixels around the setting's own tile borders (with shifted tiling, the
+  cell borders of every vote's grid), divided by the same
   inside the tiles. A tiling without seams shows no more disagreement at its borders than
   elsewhere (ratio about 1); visible seams raise it.
 * seconds of sampling (the slides' JSON) and tiles sampled.
@@ -33,7 +34,7 @@ import tifffile
 from cdal_fast.datasets import find_pairs, read_split, resolve_2d_root
 from cdal_fast.models import load_model
 from cdal_fast.sampling.imageio import read_mask
-from cdal_fast.wsi.tiling import TileGrid
+from cdal_fast.wsi.tiling import TileGrid, VoteGrid, vote_offsets
 
 try:
     from bench.common import write_results
@@ -54,17 +55,27 @@ def segment(image: Path, out: Path, args: list[str]) -> dict:
     return json.loads((out / f"{image.stem}.json").read_text())
 
 
-def border_band(shape: tuple[int, int], overlap: int, tile: int, band: int) -> np.ndarray:
-    """True within ``band`` working pixels of an inner border of the setting's tile grid."""
-    grid = TileGrid(shape[0], shape[1], tile, overlap)
+def border_band(shape: tuple[int, int], summary: dict, tile: int, band: int) -> np.ndarray:
+    """True within ``band`` working pixels of an inner border of the setting's tiling: the blended
+    grid's tile borders, or with shifted tiling the cell borders of every vote's grid."""
     mask = np.zeros(shape, bool)
-    for t in grid.iter_tiles():
-        for y in (t.y, t.y + tile):
+
+    def mark(ys: set[int], xs: set[int]) -> None:
+        for y in ys:
             if 0 < y < shape[0]:
                 mask[max(0, y - band):y + band, :] = True
-        for x in (t.x, t.x + tile):
+        for x in xs:
             if 0 < x < shape[1]:
                 mask[:, max(0, x - band):x + band] = True
+
+    overlap = summary["tile_overlap"]
+    if summary.get("tiling") == "shifted":
+        for v, off in enumerate(vote_offsets(summary["votes"], tile - overlap)):
+            g = VoteGrid(shape[0], shape[1], tile, overlap, off, v)
+            mark({c0 for _, c0, _ in g.rows_layout}, {c0 for _, c0, _ in g.cols_layout})
+    else:
+        grid = TileGrid(shape[0], shape[1], tile, overlap)
+        mark({y for t in grid.ys for y in (t, t + tile)}, {x for t in grid.xs for x in (t, t + tile)})
     return mask
 
 
@@ -101,7 +112,7 @@ def main() -> None:
                 r = rows[label]
                 r["dices"].append(2 * (mask & truth).sum() / max(int(mask.sum() + truth.sum()), 1))
                 scale = prob.shape[0] / s["working_size"][1]  # level-0 pixels per working pixel
-                band = border_band(tuple(s["working_size"][::-1]), s["tile_overlap"], tile, args.band)
+                band = border_band(tuple(s["working_size"][::-1]), s, tile, args.band)
                 band = np.kron(band, np.ones((round(scale), round(scale)), bool))[: prob.shape[0], : prob.shape[1]]
                 err = np.abs(prob - ref_prob)
                 r["b"].append(float(err[band].mean()))

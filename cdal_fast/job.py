@@ -25,6 +25,7 @@ from .network.config import ModelConfig
 from .nuclei.stain import StainProfile
 from .runtime.backends import AUTO, BACKEND_CHOICES, build_sampler, check_backend
 from .runtime.onnx_tensorrt import OnnxSampler
+from .sampling.dihedral import vote_codes
 from .sampling.inference import DTYPES
 from .sampling.sampler import SamplerLike
 from .tasks import get_task
@@ -32,11 +33,22 @@ from .weights import ModelBundle
 from .wsi.options import OptionsError, SegmentOptions
 
 __all__ = ["AUTO", "BACKEND_CHOICES", "JobError", "ModelRef", "SamplerSettings", "SegmentRequest", "SegmentJob",
-           "resolve_segment_job", "backend_used", "GPU_BATCH", "CPU_BATCH", "OVERLAP_FRACTION"]
+           "resolve_segment_job", "backend_used", "GPU_BATCH", "CPU_BATCH", "OVERLAP_FRACTION", "DEFAULT_TILING",
+           "SHIFTED_CONTEXT", "default_tiling", "vote_frames"]
 
 GPU_BATCH = 8  # tiles per sampler call on a GPU (also the TensorRT engine's largest batch)
 CPU_BATCH = 1  # on a CPU bigger batches only cost memory
-OVERLAP_FRACTION = 4  # default tile overlap: a quarter of the tile
+OVERLAP_FRACTION = 4  # default tile overlap with blended tiling: a quarter of the tile
+SHIFTED_CONTEXT = 0  # default tile context with shifted tiling: none (the votes' grids hide the borders)
+# Default tiling by device, for models with several votes (one-vote models always blend). On a CPU, shifted
+# tiling met the accuracy rule at the cost per area of a grid without overlap (docs/benchmarks.md); the
+# GPU paths were measured with blended tiles, and a one-vote tile fills a GPU batch 1/V as well.
+DEFAULT_TILING = {"cpu": "shifted", "cuda": "blend"}
+
+
+def vote_frames(votes: int, tta: bool) -> tuple[int, ...]:
+    """Shifted tiling: the dihedral code of each vote's grid (TTA's codes, or the identity for every vote)."""
+    return tuple(vote_codes(votes, True)) if tta else (0,) * votes
 
 
 class JobError(ValueError):
@@ -100,6 +112,7 @@ class SegmentRequest:
     tta: bool | None = None
     threshold: float | None = None
     tile_overlap: int | None = None
+    tiling: str | None = None  # None: default_tiling() (the device's default, or blend)
     nuclei: bool = True
     options: dict[str, Any] = field(default_factory=dict)  # the other SegmentOptions fields, as given
 
@@ -128,6 +141,7 @@ class SegmentJob:
         else:
             cfg, ref = model, ModelRef(weights, None, weights or "", "", "", False, model.name, model.num_steps)
         sampler = _settings(cfg, backend, dtype, device, steps, votes, tta)
+        _check_tiling(opts, sampler)
         decided = None if cfg.multiclass else (cfg.threshold if threshold is None else threshold)
         return cls(task, ref, sampler, decided, replace(opts, nuclei=opts.nuclei and not cfg.multiclass))
 
@@ -156,6 +170,9 @@ class SegmentJob:
     def build_sampler(self, generator: torch.nn.Module, device: torch.device) -> SamplerLike:
         """The job's sampler on ``device``: the one place a job builds one."""
         s = self.sampler
+        if self.opts.tiling == "shifted":  # one vote per tile; the tiles carry their vote's frame
+            return build_sampler(generator, s.steps, 1, s.backend, device, s.torch_dtype, self.model.content_sha256,
+                                 max_batch=self.opts.batch_size, tta=False)
         return build_sampler(generator, s.steps, s.votes, s.backend, device, s.torch_dtype, self.model.content_sha256,
                              max_batch=self.opts.batch_size, tta=s.tta)
 
@@ -197,11 +214,22 @@ def resolve_segment_job(request: SegmentRequest, bundle: ModelBundle, gpu: bool)
     cfg = bundle.config
     sampler = _sampler_settings(request, cfg, gpu)
     tile = cfg.image_size
-    overlap = tile // OVERLAP_FRACTION if request.tile_overlap is None else request.tile_overlap
+    if request.tiling is not None and not get_task(request.task).tiled:
+        raise JobError(f"applies to tiled slides, not to {get_task(request.task).inputs}", "--tiling")
+    tiled = get_task(request.task).tiled
+    tiling = request.tiling or (default_tiling(sampler.votes, gpu, request.tile_overlap) if tiled else "blend")
+    shifted = tiling == "shifted"
+    if request.tile_overlap is not None:
+        overlap = request.tile_overlap
+    else:
+        overlap = SHIFTED_CONTEXT if shifted else tile // OVERLAP_FRACTION
     if not 0 <= overlap < tile:
         raise JobError(f"must be in [0, {tile}) for this model's {tile}-px tiles", "--tile-overlap")
-    batch = request.batch_size or (GPU_BATCH if gpu else CPU_BATCH)
+    # a CPU call takes as many sampler rows as a blended tile's votes (shifted tiles are one vote each)
+    batch = request.batch_size or (GPU_BATCH if gpu else CPU_BATCH * (sampler.votes if shifted else 1))
     options = dict(request.options)
+    if shifted:
+        options |= {"tiling": tiling, "vote_frames": vote_frames(sampler.votes, sampler.tta)}
     if options.get("stain_normalise") and options.get("stain_reference") is None:
         options["stain_reference"] = _stain_reference(bundle)
     if options.get("nuclei_parquet"):
@@ -211,8 +239,29 @@ def resolve_segment_job(request: SegmentRequest, bundle: ModelBundle, gpu: bool)
                               **options)
     except OptionsError as exc:
         raise JobError(str(exc)) from None
+    _check_tiling(opts, sampler)
     threshold = None if cfg.multiclass else (cfg.threshold if request.threshold is None else request.threshold)
     return SegmentJob(request.task, ModelRef.of(bundle, request.weights, request.model), sampler, threshold, opts)
+
+
+def default_tiling(votes: int, gpu: bool, tile_overlap: int | None) -> str:
+    """The tiling when none is asked: the device's default for models with several votes, else blend; an
+    explicit ``--tile-overlap`` without ``--tiling`` keeps its meaning (an overlap between blended tiles)."""
+    if votes < 2 or tile_overlap is not None:
+        return "blend"
+    return DEFAULT_TILING["cuda" if gpu else "cpu"]
+
+
+def _check_tiling(opts: SegmentOptions, sampler: SamplerSettings) -> None:
+    """Shifted tiling needs a grid per vote: at least two votes, and one frame for each."""
+    if opts.tiling != "shifted":
+        return
+    if sampler.votes < 2:
+        raise JobError("shifted tiling gives each vote its own offset grid and needs at least 2 votes "
+                       f"(this run has {sampler.votes}); use --tiling blend", "--tiling")
+    if len(opts.vote_frames) != sampler.votes:
+        raise JobError(f"shifted tiling needs one vote frame per vote: {len(opts.vote_frames)} frames for "
+                       f"{sampler.votes} votes", "--tiling")
 
 
 def _stain_reference(bundle: ModelBundle) -> StainProfile:

@@ -81,7 +81,7 @@ class Task:
 _SLIDE_JOB = "cdal_fast.wsi.batch"
 TASKS: dict[str, Task] = {
     "monuseg": Task(
-        name="monuseg", title="H&E nuclei (MoNuSeg)", models=("monuseg",), inputs="slides",
+        name="monuseg", title="H&E nuclei (MoNuSeg)", models=("monuseg", "monuseg-fast"), inputs="slides",
         authors_dataset="monu", img_channels=3, norm_mean=MONUSEG_MEAN, norm_std=MONUSEG_STD, mask_polarity=1,
         test_votes=5, mpp=0.5,  # their 1000 -> 512 resize of 40x tiles: the model works at about 20x
         disc="large", volume_scaling="zscore", volume_orientation="native",

@@ -45,11 +45,13 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return starts if starts[-1] == size - window else [*starts, size - window]
 
 
-def tile_targets(image: torch.Tensor, sampler, cfg, seed: int, tile_index: int, batch: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled vote mean and std (1, S, S) of the teacher over overlapping windows of one normalised tile."""
+def tile_targets(image: torch.Tensor, sampler, cfg, seed: int, tile_index: int, batch: int,
+                 stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled vote mean and std (1, S, S) of the teacher over the windows of one normalised tile.
+    ``stride`` None: :data:`WINDOW_STRIDE`, at most half a window (windows always overlap, a smaller
+    model's too); a stride of the window size pools nothing: every pixel has its one window's V votes."""
     size, p = image.shape[-1], cfg.image_size
-    stride = min(WINDOW_STRIDE, p // 2)  # windows always overlap (a smaller model's windows too)
+    stride = min(WINDOW_STRIDE, p // 2) if stride is None else min(stride, p)
     corners = [(y, x) for y in window_starts(size, p, stride) for x in window_starts(size, p, stride)]
     s1 = torch.zeros(1, size, size, dtype=torch.float64)
     s2 = torch.zeros_like(s1)
@@ -79,6 +81,9 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", help="sampler backend for the teacher (default: auto)")
     ap.add_argument("--batch", type=int, default=1, help="windows per sampler call")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--window-stride", type=int, default=None,
+                    help=f"window stride in px (default {WINDOW_STRIDE}, at most half a window; the model's tile "
+                         "size: no pooling, the scoring protocol's patches)")
     args = ap.parse_args()
     bundle = load_model(args.weights)
     cfg = bundle.config
@@ -89,8 +94,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"format": TARGETS_FORMAT, "teacher_sha256": bundle.sha256, "teacher": str(bundle.path),
             "steps": str(sampler.num_steps), "votes": str(sampler.votes), "tta": str(cfg.tta),
-            "window_stride": str(WINDOW_STRIDE), "work_size": str(MONUSEG_WORK_SIZE), "seed": str(args.seed),
-            "split": args.split}
+            "window_stride": str(args.window_stride or WINDOW_STRIDE), "work_size": str(MONUSEG_WORK_SIZE),
+            "seed": str(args.seed), "split": args.split}
     t0 = time.perf_counter()
     for i, (name, ip, mp) in enumerate(pairs):
         dest = args.out / f"{name}.safetensors"
@@ -99,7 +104,7 @@ def main() -> None:
             continue
         t = time.perf_counter()
         rgb = resize_image(match_channels(to_chw_float(read_image(ip)), cfg.img_channels), MONUSEG_WORK_SIZE)
-        mean, std = tile_targets(normalise(rgb, cfg)[0], sampler, cfg, args.seed, i, args.batch)
+        mean, std = tile_targets(normalise(rgb, cfg)[0], sampler, cfg, args.seed, i, args.batch, args.window_stride)
         mask = resize_mask(torch.from_numpy(read_mask(mp)), MONUSEG_WORK_SIZE)
         tensors = {"image": rgb.round().clamp(0, 255).to(torch.uint8), "prob": mean.half(), "std": std.half(),
                    "mask": mask[None].to(torch.uint8)}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cdal_fast.network.config import get_preset
-from cdal_fast.wsi.pipeline import make_plan, tissue_tiles
+from cdal_fast.wsi.pipeline import make_plan, tiles_to_sample
 from cdal_fast.wsi.readers import open_slide
 from cdal_fast.wsi.tiling import TileGrid
 from cdal_fast.wsi.tissue import detect_tissue, max_detection_mpp, otsu_threshold, tissue_mask
@@ -57,7 +57,8 @@ def test_small_fragments_on_a_huge_slide_are_planned(tmp_path):
     with open_slide(path) as s:
         plan = make_plan(s, cfg, None)
         grid = TileGrid(plan.work_h, plan.work_w, cfg.image_size, cfg.image_size // 4)
-        tiles, det = tissue_tiles(s, plan, grid, 2048)
+        det = detect_tissue(s, plan.mpp0, 2048)
+        tiles = tiles_to_sample(grid, [], det.mask, det.downsample, plan.work_to_level0)
     assert det.mpp <= max_detection_mpp(det.min_area_um2)
     f = plan.mpp0 / plan.work_mpp  # level-0 px -> working px
     for y, x, side in frags:

@@ -20,8 +20,10 @@ from ..nuclei.stain import (
     PositivityRule,
     StainProfile,
 )
+from ..sampling.dihedral import NUM_DIHEDRAL
 from .limits import DEFAULT_MAX_PIXELS
 from .mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
+from .tiling import TILINGS
 from .tissue import DEFAULT_MIN_AREA_UM2
 from .writer import PYRAMID_LAYOUTS
 
@@ -39,7 +41,9 @@ class OptionsError(ValueError):
 class SegmentOptions:
     batch_size: int = 8
     seed: int = 0
-    tile_overlap: int = 64  # model pixels; the job's default is a quarter of the tile
+    tile_overlap: int = 64  # model pixels; the job's default is a quarter of the tile (blend), 0 (shifted)
+    tiling: str = "blend"  # "blend": overlapping tiles, all votes each; "shifted": one offset grid per vote
+    vote_frames: tuple[int, ...] = ()  # shifted tiling: each vote's dihedral code (0 = none); one per vote
     workers: int = 2
     mpp: float | None = None  # override of the slide's level-0 resolution
     tissue: bool = True
@@ -75,6 +79,7 @@ class SegmentOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "positivity_thresholds", tuple(self.positivity_thresholds))
+        object.__setattr__(self, "vote_frames", tuple(self.vote_frames))
         for name, ok, rule in self._rules():
             if not ok:
                 raise OptionsError(f"{name} must be {rule}, got {getattr(self, name)!r}")
@@ -96,6 +101,10 @@ class SegmentOptions:
             ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an integer >= 1"),
             ("seed", isinstance(self.seed, int) and self.seed >= 0, "an integer >= 0"),
             ("tile_overlap", isinstance(self.tile_overlap, int) and self.tile_overlap >= 0, "an integer >= 0"),
+            ("tiling", self.tiling in TILINGS, f"one of {', '.join(TILINGS)}"),
+            ("vote_frames", (len(self.vote_frames) >= 1 if self.tiling == "shifted" else not self.vote_frames)
+             and all(isinstance(c, int) and 0 <= c < NUM_DIHEDRAL for c in self.vote_frames),
+             f"one dihedral code in [0, {NUM_DIHEDRAL}) per vote with shifted tiling, and empty otherwise"),
             ("workers", isinstance(self.workers, int) and self.workers >= 0, "an integer >= 0"),
             ("mpp", self.mpp is None or (finite(self.mpp) and MIN_PLAUSIBLE_MPP <= self.mpp <= MAX_PLAUSIBLE_MPP),
              f"None or within {MIN_PLAUSIBLE_MPP:g}-{MAX_PLAUSIBLE_MPP:g} um/px"),

@@ -44,6 +44,7 @@ from ..atomic import atomic_output
 from ..network.config import ModelConfig
 from ..nuclei.stain import StainProfile, normalise_stains
 from ..sampling.decode import STD_TO_UNIT, U8_MAX, MaskChannels, MaskKind, object_pixels, prob_to_u8, u8_to_mask
+from ..sampling.dihedral import apply_dihedral, invert_dihedral
 from ..sampling.preprocess import match_channels, normalise, to_chw_float
 from ..sampling.sampler import SamplerLike, SamplerNoise, draw_image_noise, position_generator, stack_noise
 from .limits import DEFAULT_MAX_PIXELS, check_work_size
@@ -63,8 +64,8 @@ from .readers import SlideError, SlideReader, SmallImage, open_slide
 from .roi import Roi, roi_for_slide
 from .selection import clear_outside_roi, roi_planning_mask, tiles_touching
 from .slide_stains import estimate_slide_stains
-from .tiling import Coverage, Tile, TileGrid, blend_window
-from .tissue import DEFAULT_MIN_AREA_UM2, TissueDetection, detect_tissue
+from .tiling import Coverage, Tile, TileGrid, VoteGrid, blend_window, merge_vote_tiles, vote_offsets
+from .tissue import TissueDetection, detect_tissue
 from .writer import write_pyramid
 
 __all__ = ["SegmentOptions", "SlidePlan", "TileBatch", "TileResult", "StitchedMaps", "plan_slide", "read_tiles",
@@ -140,11 +141,21 @@ def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None,
                 None if mpp_override else reader.mpp_warning)
 
 
-def tissue_tiles(reader: SlideReader, plan: Plan, grid: TileGrid, side: int, threshold: float | None = None,
-                 min_area_um2: float = DEFAULT_MIN_AREA_UM2) -> tuple[list[Tile], TissueDetection]:
-    """Tiles whose footprint touches tissue, and the detection (mask, thumbnail, scale)."""
-    det = detect_tissue(reader, plan.mpp0, side, threshold, min_area_um2)
-    return tiles_touching(det.mask, det.downsample, plan.work_to_level0, grid), det
+def vote_grids(plan: Plan, tile: int, opts: SegmentOptions) -> list[VoteGrid]:
+    """Shifted tiling: one grid per vote (``opts.vote_frames``), offset by :func:`vote_offsets`."""
+    stride = tile - opts.tile_overlap
+    return [VoteGrid(plan.work_h, plan.work_w, tile, opts.tile_overlap, offset, v)
+            for v, offset in enumerate(vote_offsets(len(opts.vote_frames), stride))]
+
+
+def tiles_to_sample(grid: TileGrid, shifted: list[VoteGrid], mask: np.ndarray | None, downsample: float,
+                    work_to_level0: float) -> list[Tile]:
+    """The tiles whose footprint touches ``mask`` (every tile without one): the blended grid's, or, with
+    shifted tiling, every vote grid's merged in stitching order."""
+    def pick(g: TileGrid | VoteGrid) -> list[Tile]:
+        return g.tiles() if mask is None else tiles_touching(mask, downsample, work_to_level0, g)
+
+    return merge_vote_tiles(pick(g) for g in shifted) if shifted else pick(grid)
 
 
 def _input_warnings(plan: Plan, tissue: TissueDetection | None, roi: Roi | None, tiles: list[Tile]) -> list[str]:
@@ -182,14 +193,22 @@ def _roi_summary(roi: Roi | None, plan: Plan) -> dict[str, Any] | None:
 # -- tile loading (runs in worker processes) ----------------------------------------------------
 class TileDataset(Dataset):
     """``stain_map`` (source, target): each tile's stains are redrawn from the slide's estimate onto
-    the model's reference before it is resized and normalised (``--stain-normalise``)."""
+    the model's reference before it is resized and normalised (``--stain-normalise``).
+
+    A tile of a shifted vote grid (``tile.vote`` set) is one vote: its image is put in its vote's
+    frame (``vote_frames``, the sampler maps nothing back: the stitcher does) and its noise, one
+    vote's, is keyed by its position and vote."""
 
     def __init__(self, path: Path, plan: Plan, tiles: list[Tile], tile: int, cfg: ModelConfig,
                  seed: int, steps: int, votes: int,
-                 stain_map: tuple[StainProfile, StainProfile] | None = None) -> None:
+                 stain_map: tuple[StainProfile, StainProfile] | None = None,
+                 vote_frames: tuple[int, ...] = ()) -> None:
         self.path, self.plan, self.tiles, self.tile = path, plan, tiles, tile
         self.cfg, self.seed, self.steps, self.votes = cfg, seed, steps, votes
         self.stain_map = stain_map
+        self.vote_frames = vote_frames
+        if vote_frames and votes != 1:
+            raise ValueError(f"shifted tiling samples one vote per tile: the sampler must have votes=1, not {votes}")
         self._reader: SlideReader | None = None
 
     def __len__(self) -> int:
@@ -208,8 +227,11 @@ class TileDataset(Dataset):
         if size != p:
             img = F.interpolate(img[None], size=(p, p), mode="bilinear", antialias=True, align_corners=False)[0]
         img = normalise(match_channels(img, self.cfg.img_channels), self.cfg)[0]
+        key = (t.y, t.x) if t.vote is None else (t.y, t.x, t.vote)
         noise = draw_image_noise(self.steps, self.votes, self.cfg.mask_channels, self.cfg.nz, p, p,
-                                 position_generator(self.seed, t.y, t.x))
+                                 position_generator(self.seed, *key))
+        if t.vote is not None:
+            img = apply_dihedral(img, self.vote_frames[t.vote])
         return i, img, noise
 
 
@@ -224,12 +246,18 @@ def collate(items: list[tuple[int, torch.Tensor, SamplerNoise]]) -> tuple[list[i
 
 # -- stitching ---------------------------------------------------------------------------------
 class BandStitcher:
-    """Weighted blending of tile outputs into disk-backed maps, one tile row in memory."""
+    """Weighted blending of tile outputs into disk-backed maps, one tile row in memory.
+
+    Blended tiling: each tile's vote mean and vote std are averaged with its blending window.
+    Shifted tiling (``vote_frames``): each tile is one vote, mapped back from its vote's frame and
+    counted on its cell only, so a pixel's mean is over its V votes and its std is the votes' own
+    spread (from the sums of p and p^2)."""
 
     def __init__(self, grid: TileGrid, channels: int, prob_map: np.ndarray, std_map: np.ndarray,
-                 kind: MaskKind | None = None) -> None:
+                 kind: MaskKind | None = None, vote_frames: tuple[int, ...] = ()) -> None:
         self.grid = grid
         self.kind = kind if kind is not None else MaskChannels(channels)
+        self.vote_frames = vote_frames
         p, w = grid.tile, grid.width
         ov = grid.overlap
         self.windows = {
@@ -237,7 +265,8 @@ class BandStitcher:
             for t in (False, True) for b in (False, True) for l in (False, True) for r in (False, True)
         }
         self.acc = torch.zeros(channels, p, w)
-        self.acc_std = torch.zeros(p, w)
+        # blended: sum of window-weighted vote stds; shifted: per channel sum of p^2 over votes
+        self.acc_std = torch.zeros(channels if vote_frames else 1, p, w)
         self.wsum = torch.zeros(p, w)
         self.band_y = 0
         self.objects = 0  # object pixels written so far
@@ -247,6 +276,9 @@ class BandStitcher:
         """prob (C, p, p), std (C, p, p) of one tile (only the part inside the image is kept)."""
         if tile.y > self.band_y:
             self.flush(tile.y)
+        if tile.vote is not None:
+            self._add_vote(tile, prob)
+            return
         p = self.grid.tile
         h = min(p, self.grid.height - tile.y)
         w = min(p, self.grid.width - tile.x)
@@ -255,8 +287,27 @@ class BandStitcher:
         wnd = self.windows[key][:h, :w]
         r0 = tile.y - self.band_y
         self.acc[:, r0:r0 + h, tile.x:tile.x + w] += prob[:, :h, :w] * wnd
-        self.acc_std[r0:r0 + h, tile.x:tile.x + w] += std[:, :h, :w].mean(0) * wnd
+        self.acc_std[0, r0:r0 + h, tile.x:tile.x + w] += std[:, :h, :w].mean(0) * wnd
         self.wsum[r0:r0 + h, tile.x:tile.x + w] += wnd
+
+    def _add_vote(self, tile: Tile, prob: torch.Tensor) -> None:
+        """One vote of a shifted grid: back to the tile's frame, then its cell's pixels counted once."""
+        if tile.cell is None or not self.vote_frames:
+            raise ValueError("a vote tile needs its cell and a stitcher made with the vote frames")
+        prob = invert_dihedral(prob, self.vote_frames[tile.vote])
+        y0, y1, x0, x1 = tile.cell
+        part = prob[:, y0 - tile.y:y1 - tile.y, x0 - tile.x:x1 - tile.x]
+        rows = slice(y0 - self.band_y, y1 - self.band_y)
+        self.acc[:, rows, x0:x1] += part
+        self.acc_std[:, rows, x0:x1] += part * part
+        self.wsum[rows, x0:x1] += 1.0
+
+    def _std(self, m: int, cols: slice, wsum: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+        """The finished rows' vote std: blended tile stds, or the votes' spread (mean over channels)."""
+        if not self.vote_frames:
+            return self.acc_std[0, :m, cols] / wsum.clamp(min=1e-12)
+        var = (self.acc_std[:, :m, cols] / wsum.clamp(min=1e-12) - prob * prob).clamp(min=0.0)
+        return var.sqrt().mean(0)
 
     def flush(self, until: int) -> None:
         """Rows [band_y, until) are final: write them and slide the band down.
@@ -280,7 +331,7 @@ class BandStitcher:
                 continue  # no tile reached these columns: background, already zero
             reached = True
             prob = torch.where(valid, self.acc[:, :m, cols] / wsum.clamp(min=1e-12), torch.zeros(()))
-            std = torch.where(valid, self.acc_std[:m, cols] / wsum.clamp(min=1e-12), torch.zeros(()))
+            std = torch.where(valid, self._std(m, cols, wsum, prob), torch.zeros(()))
             encoded = prob_to_u8(prob, self.kind)
             self.objects += object_pixels(encoded, self.kind)
             prob_rows[:, cols] = encoded.numpy()
@@ -324,14 +375,15 @@ class SlidePlan:
     paths: dict[str, Path]
     plan: Plan
     grid: TileGrid
-    tiles: list[Tile]  # the tiles to sample (tissue only, unless disabled)
-    tiles_total: int
+    tiles: list[Tile]  # the tiles to sample (tissue only, unless disabled); shifted tiling: every vote grid's
+    tiles_total: int  # tiles of the whole grid (of all vote grids)
     tissue_fraction: float
     thumbnail: np.ndarray = field(repr=False)
     tissue: TissueDetection | None = field(default=None, repr=False)  # None when tissue detection is off
     roi: Roi | None = None
     warnings: list[str] = field(default_factory=list)  # also echoed on stderr by the batch runner
     stain_estimate: StainProfile | None = None  # the slide's own stains (--stain-vectors estimate, --stain-normalise)
+    vote_frames: tuple[int, ...] = ()  # shifted tiling: the dihedral code of each vote's grid (tiles carry votes)
 
     @property
     def work_dir(self) -> Path:
@@ -349,26 +401,30 @@ def plan_slide(path: Path, out_dir: Path, cfg: ModelConfig, opts: SegmentOptions
     with open_slide(path) as reader:
         small = isinstance(reader, SmallImage)
         plan = make_plan(reader, cfg, opts.mpp, opts.max_pixels)
-        grid = TileGrid(plan.work_h, plan.work_w, cfg.image_size, opts.tile_overlap)
+        grid = TileGrid(plan.work_h, plan.work_w, cfg.image_size,
+                        opts.tile_overlap if opts.tiling == "blend" else 0)
+        shifted = vote_grids(plan, cfg.image_size, opts) if opts.tiling == "shifted" else []
         tissue: TissueDetection | None = None
         if opts.tissue and not small:
-            tiles, tissue = tissue_tiles(reader, plan, grid, opts.thumbnail_side, opts.tissue_threshold,
-                                         opts.tissue_min_area_um2)
+            tissue = detect_tissue(reader, plan.mpp0, opts.thumbnail_side, opts.tissue_threshold,
+                                   opts.tissue_min_area_um2)
+            tiles = tiles_to_sample(grid, shifted, tissue.mask, tissue.downsample, plan.work_to_level0)
             tissue_fraction, thumb = float(tissue.mask.mean()), tissue.thumb
         else:
-            tiles, tissue_fraction = grid.tiles(), 1.0  # every tile is sampled: the list is the work
+            tiles, tissue_fraction = tiles_to_sample(grid, shifted, None, 1.0, plan.work_to_level0), 1.0
             thumb, _ = reader.thumbnail(opts.thumbnail_side)
         roi = roi_for_slide(Path(opts.roi), stem, plan.slide_w, plan.slide_h) if opts.roi else None
         if roi is not None:
             plan_mask, plan_down = roi_planning_mask(
                 roi, tissue.mask if tissue else None, tissue.downsample if tissue else 1.0, plan.slide_h,
                 plan.slide_w, plan.work_to_level0, grid.tile)
-            tiles = tiles_touching(plan_mask, plan_down, plan.work_to_level0, grid)
+            tiles = tiles_to_sample(grid, shifted, plan_mask, plan_down, plan.work_to_level0)
         warnings = _input_warnings(plan, tissue, roi, tiles)
         estimate = _stain_estimate(reader, plan, grid, tiles, opts, warnings)
     paths = output_paths(out_dir, stem, small, opts.pyramid_layout)
-    return SlidePlan(path, out_dir, stem, small, paths, plan, grid, tiles, grid.count, tissue_fraction, thumb,
-                     tissue, roi, warnings, estimate)
+    total = sum(g.count for g in shifted) if shifted else grid.count
+    return SlidePlan(path, out_dir, stem, small, paths, plan, grid, tiles, total, tissue_fraction, thumb,
+                     tissue, roi, warnings, estimate, opts.vote_frames)
 
 
 def _stain_estimate(reader: SlideReader, plan: Plan, grid: TileGrid, tiles: list[Tile], opts: SegmentOptions,
@@ -410,7 +466,8 @@ def read_tiles(slide: SlidePlan, cfg: ModelConfig, opts: SegmentOptions, steps: 
     stain_map = None
     if opts.stain_normalise and slide.stain_estimate is not None:
         stain_map = (slide.stain_estimate, opts.stain_reference)
-    ds = TileDataset(slide.path, slide.plan, slide.tiles, cfg.image_size, cfg, opts.seed, steps, votes, stain_map)
+    ds = TileDataset(slide.path, slide.plan, slide.tiles, cfg.image_size, cfg, opts.seed, steps, votes, stain_map,
+                     slide.vote_frames)
     loader = DataLoader(ds, batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers,
                         collate_fn=collate, pin_memory=pin_memory, worker_init_fn=_worker_init,
                         prefetch_factor=PREFETCH_BATCHES if opts.workers > 0 else None)
@@ -469,7 +526,8 @@ def stitch_tiles(slide: SlidePlan, results: Iterable[TileResult], cfg: ModelConf
     shape = (slide.plan.work_h, slide.plan.work_w)
     prob_path, std_path = slide.work_dir / "prob.npy", slide.work_dir / "std.npy"
     prob_map, std_map = MapFile.create(prob_path, shape), MapFile.create(std_path, shape)
-    stitcher = BandStitcher(slide.grid, cfg.mask_channels, prob_map, std_map, kind=cfg)
+    stitcher = BandStitcher(slide.grid, cfg.mask_channels, prob_map, std_map, kind=cfg,
+                            vote_frames=slide.vote_frames)
     seconds = 0.0
     for res in results:
         seconds += res.seconds
@@ -579,7 +637,7 @@ def summarise(slide: SlidePlan, maps: StitchedMaps, opts: SegmentOptions, steps:
         "qc": maps.qc.written if maps.qc is not None else None,
         "seconds": seconds, "sampler_seconds": maps.sampler_seconds,
         "tiles_per_second": len(slide.tiles) / seconds if seconds > 0 else 0.0,
-        "steps": steps, "votes": votes, "seed": opts.seed, "tile_overlap": opts.tile_overlap,
+        "steps": steps, "votes": votes, "seed": opts.seed, "tile_overlap": opts.tile_overlap, "tiling": opts.tiling,
         "options": asdict(opts), "model": model_info or {},
     }
     write_summary(paths["summary"], summary)
@@ -629,4 +687,6 @@ def segment_slide(path: Path, out_dir: Path, sampler: SamplerLike, cfg: ModelCon
     with work_folder(slide):
         maps = post_process(slide, stitch_tiles(slide, sampled(), cfg), cfg, opts)
         write_outputs(slide, maps, cfg, opts)
-        return summarise(slide, maps, opts, steps, votes, time.perf_counter() - t0, model_info)
+        # shifted tiling: the sampler gives one vote per tile and every pixel gets one from each vote grid
+        return summarise(slide, maps, opts, steps, len(opts.vote_frames) or votes, time.perf_counter() - t0,
+                         model_info)

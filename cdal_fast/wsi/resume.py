@@ -40,7 +40,7 @@ __all__ = ["MODEL_KEYS", "OPTION_KEYS", "TISSUE_KEYS", "NUCLEI_KEYS", "STAIN_KEY
            "NORMALISE_KEYS", "compared_option_keys", "run_settings", "recorded_settings", "changed_settings"]
 
 MODEL_KEYS = ("sha256", "steps", "votes", "tta", "threshold")  # the job's (SegmentJob.resume_settings)
-OPTION_KEYS = ("seed", "tile_overlap", "mpp", "roi", "stain_normalise")
+OPTION_KEYS = ("seed", "tile_overlap", "tiling", "mpp", "roi", "stain_normalise")
 NORMALISE_KEYS = ("stain_reference",)  # compared when tiles are stain-normalised
 TISSUE_KEYS = ("tissue", "tissue_threshold", "tissue_min_area_um2")  # compared for whole slides
 NUCLEI_KEYS = ("nuclei_threshold", "nuclei_h_um", "nuclei_min_area_um2", "stain")  # compared when nuclei are made
@@ -103,6 +103,8 @@ def recorded_settings(summary: dict[str, Any]) -> dict[str, Any]:
     options = summary.get("options") or {}
     settings = _model_settings(model)
     settings.update({k: options[k] for k in ALL_OPTION_KEYS if k in options})
+    if options and "tiling" not in options:  # summaries from before shifted tiling existed blended their tiles
+        settings["tiling"] = "blend"
     # every task's summary keeps the effective steps, votes and seed at its top level (the model
     # info names votes only in newer runs; radiographs and volumes record no options)
     settings.update({k: summary[k] for k in ("steps", "votes", "seed") if k in summary})

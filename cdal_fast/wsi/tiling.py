@@ -6,6 +6,12 @@ Overlapping predictions are averaged with a separable window that is 1 in the ti
 falls smoothly (cosine ramp) across the overlap, reaching 0 before the tile edge, so no seam shows
 where tiles meet and the network's padding-distorted edge pixels never reach the output.
 
+Shifted tiling (:class:`VoteGrid`) is the other layout: vote ``v`` of ``V`` runs on its own grid,
+offset by :func:`vote_offsets`, whose tiles partition the slide into cells (each pixel is decided by
+exactly one tile of each grid, so it gets exactly V votes); tile borders fall in different places
+for each vote and average out, at the cost per area of a grid without overlap. A tile of such a grid
+carries its vote and its cell.
+
 A 100000^2 px slide has ~270000 tiles and almost all of them are background, so nothing here
 builds per-tile lists of the whole grid: :meth:`TileGrid.row_tiles` enumerates one tile row, and
 :class:`Coverage` records, on a coarse block grid, which working pixels the sampled tiles reach
@@ -20,7 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Tile", "TileGrid", "Coverage", "COVERAGE_BLOCK", "blend_1d", "blend_window"]
+__all__ = ["Tile", "TileGrid", "VoteGrid", "Coverage", "COVERAGE_BLOCK", "blend_1d", "blend_window", "vote_offsets",
+           "cell_layout", "merge_vote_tiles", "TILINGS"]
+
+TILINGS = ("blend", "shifted")  # overlapping tiles blended with a window / one shifted grid per vote
 
 COVERAGE_BLOCK = 64  # working px per coverage cell: 2.4 MB of flags for a 100000^2 working map
 
@@ -32,6 +41,8 @@ class Tile:
     col: int
     y: int  # top-left corner in working-resolution pixels
     x: int
+    vote: int | None = None  # shifted tiling: the one vote this tile gives (its grid); None: all votes
+    cell: tuple[int, int, int, int] | None = None  # shifted tiling: (y0, y1, x0, x1), the pixels it decides
 
 
 def _starts(length: int, tile: int, stride: int) -> list[int]:
@@ -43,19 +54,11 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
-@dataclass
-class TileGrid:
-    height: int  # working-resolution image size
-    width: int
-    tile: int
-    overlap: int
+class _Rows:
+    """What every grid offers tile selection: tile starts per axis (``ys``, ``xs``) and rows of tiles."""
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.overlap < self.tile:
-            raise ValueError(f"tile overlap must be in [0, {self.tile}), got {self.overlap}")
-        stride = self.tile - self.overlap
-        self.ys = _starts(self.height, self.tile, stride)
-        self.xs = _starts(self.width, self.tile, stride)
+    ys: list[int]
+    xs: list[int]
 
     @property
     def rows(self) -> int:
@@ -71,9 +74,7 @@ class TileGrid:
         return self.rows * self.cols
 
     def row_tiles(self, row: int) -> list[Tile]:
-        """The tiles of one tile row, left to right."""
-        y = self.ys[row]
-        return [Tile(row * self.cols + c, row, c, y, x) for c, x in enumerate(self.xs)]
+        raise NotImplementedError
 
     def iter_tiles(self) -> Iterator[Tile]:
         """Every tile, row-major, one row built at a time."""
@@ -84,9 +85,94 @@ class TileGrid:
         """Every tile as a list: only for grids that are sampled whole (memory grows with the slide)."""
         return list(self.iter_tiles())
 
+
+@dataclass
+class TileGrid(_Rows):
+    height: int  # working-resolution image size
+    width: int
+    tile: int
+    overlap: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.overlap < self.tile:
+            raise ValueError(f"tile overlap must be in [0, {self.tile}), got {self.overlap}")
+        stride = self.tile - self.overlap
+        self.ys = _starts(self.height, self.tile, stride)
+        self.xs = _starts(self.width, self.tile, stride)
+
+    def row_tiles(self, row: int) -> list[Tile]:
+        """The tiles of one tile row, left to right."""
+        y = self.ys[row]
+        return [Tile(row * self.cols + c, row, c, y, x) for c, x in enumerate(self.xs)]
+
     def row_end(self, row: int) -> int:
         """Working rows < this value receive no contribution from tile rows after ``row``."""
         return self.ys[row + 1] if row + 1 < self.rows else self.height
+
+
+def vote_offsets(votes: int, stride: int) -> list[tuple[int, int]]:
+    """(dy, dx) grid offset of each vote, in [0, stride): a rank-1 lattice, so no two votes share a
+    tile border in either axis (vote 0 is the unshifted grid). The column offsets step through the
+    votes by a generator coprime with ``votes`` near the golden ratio, which spreads the borders in
+    2-D instead of along the diagonal."""
+    gen = max(1, round(votes * 0.618))
+    while math.gcd(gen, votes) != 1:
+        gen -= 1
+    return [((v * stride) // votes, (((v * gen) % votes) * stride) // votes) for v in range(votes)]
+
+
+def cell_layout(length: int, tile: int, stride: int, offset: int) -> list[tuple[int, int, int]]:
+    """One axis of a shifted grid: (tile start, cell start, cell end) per cell. Cell borders lie at
+    ``offset + k * stride``, except that an edge cell merges into its neighbour when both fit in one
+    tile (no tile is spent on a sliver the next tile covers anyway; a slide under a tile is one cell).
+    Each cell's tile starts ``(tile - stride) // 2`` before the cell (its context), moved as little as
+    needed to contain the cell and to stay inside [0, length)."""
+    if not 0 < stride <= tile:
+        raise ValueError(f"stride must be in (0, {tile}], got {stride}")
+    margin = (tile - stride) // 2
+    first = offset % stride or stride
+    bounds = [0, *range(first, length, stride), length]
+    while len(bounds) > 2 and bounds[2] <= tile:
+        del bounds[1]
+    while len(bounds) > 2 and length - bounds[-3] <= tile:
+        del bounds[-2]
+    last = max(0, length - tile)
+    return [(min(max(min(max(c0 - margin, c1 - tile), c0), 0), last), c0, c1) for c0, c1 in zip(bounds, bounds[1:])]
+
+
+@dataclass
+class VoteGrid(_Rows):
+    """The grid of one vote in shifted tiling: cells of ``tile - context`` px whose borders are offset
+    by ``offset``; every working pixel lies in exactly one cell. Same interface as :class:`TileGrid`
+    for tile selection (``ys``, ``xs``, ``row_tiles``)."""
+
+    height: int
+    width: int
+    tile: int
+    context: int  # px of each tile around its cell (as the blended grid's overlap)
+    offset: tuple[int, int]
+    vote: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.context < self.tile:
+            raise ValueError(f"tile context must be in [0, {self.tile}), got {self.context}")
+        stride = self.tile - self.context
+        self.rows_layout = cell_layout(self.height, self.tile, stride, self.offset[0])
+        self.cols_layout = cell_layout(self.width, self.tile, stride, self.offset[1])
+        self.ys = [t for t, _, _ in self.rows_layout]
+        self.xs = [t for t, _, _ in self.cols_layout]
+
+    def row_tiles(self, row: int) -> list[Tile]:
+        """The tiles of one row of cells, left to right, each with its vote and cell."""
+        y, cy0, cy1 = self.rows_layout[row]
+        return [Tile(row * self.cols + c, row, c, y, x, self.vote, (cy0, cy1, cx0, cx1))
+                for c, (x, cx0, cx1) in enumerate(self.cols_layout)]
+
+
+def merge_vote_tiles(per_vote: Iterable[list[Tile]]) -> list[Tile]:
+    """The tiles of every vote's grid in one list in stitching order: by top row, then vote, then column
+    (the stitcher needs tops that never decrease; the order is a function of the tiles alone)."""
+    return sorted((t for tiles in per_vote for t in tiles), key=lambda t: (t.y, t.vote, t.x))
 
 
 def blend_1d(tile: int, overlap: int, ramp_start: bool = True, ramp_end: bool = True) -> np.ndarray:

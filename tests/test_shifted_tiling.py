@@ -119,7 +119,7 @@ def test_job_samples_one_vote_per_tile_and_refuses_one_vote_grids():
     bundle = ModelBundle(Generator(cfg), cfg)
     job = resolve_segment_job(SegmentRequest(tiling="shifted", backend="eager"), bundle, gpu=False)
     assert job.opts.tiling == "shifted" and job.opts.vote_frames == vote_frames(3, True) == (0, 1, 2)
-    assert job.opts.tile_overlap == 0 and job.opts.batch_size == 3  # a CPU call: as many rows as a blended tile
+    assert job.opts.tile_overlap == 0 and job.opts.batch_size == 1  # one tile per CPU call bounds memory
     sampler = job.build_sampler(bundle.generator, torch.device("cpu"))
     assert (sampler.votes, job.sampler.votes) == (1, 3)
     assert job.model_record()["votes"] == 3

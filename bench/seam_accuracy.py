@@ -34,7 +34,7 @@ import tifffile
 from cdal_fast.datasets import find_pairs, read_split, resolve_2d_root
 from cdal_fast.models import load_model
 from cdal_fast.sampling.imageio import read_mask
-from cdal_fast.wsi.tiling import TileGrid, VoteGrid, vote_offsets
+from cdal_fast.wsi.tiling import TileGrid, vote_grids
 
 try:
     from bench.common import write_results
@@ -70,8 +70,7 @@ def border_band(shape: tuple[int, int], summary: dict, tile: int, band: int) -> 
 
     overlap = summary["tile_overlap"]
     if summary.get("tiling") == "shifted":
-        for v, off in enumerate(vote_offsets(summary["votes"], tile - overlap)):
-            g = VoteGrid(shape[0], shape[1], tile, overlap, off, v)
+        for g in vote_grids(shape[0], shape[1], tile, overlap, summary["votes"]):
             mark({c0 for _, c0, _ in g.rows_layout}, {c0 for _, c0, _ in g.cols_layout})
     else:
         grid = TileGrid(shape[0], shape[1], tile, overlap)

@@ -261,8 +261,9 @@ def _check_model_choice(model: str | None, weights: Path | None, task: str | Non
         return
     if weights is not None:
         raise click.UsageError("--model and --weights both name the weights: give one")
-    if task is not None and task_of_model(model).name != task:
-        raise click.UsageError(f"--model {model} is a {task_of_model(model).name} model, not a {task} one")
+    owner = task_of_model(model).name
+    if task is not None and owner != task:
+        raise click.UsageError(f"--model {model} is a {owner} model, not a {task} one")
 
 
 @main.command(name="eval")
@@ -687,7 +688,7 @@ def export(fmt: str, weights: Path | None, model: str | None, out: Path, steps: 
                                "only (drop --fused; TensorRT fuses the graph itself)")
     _check_model_choice(model, weights)
     try:
-        bundle = load_model(weights, task=task_of_model(model).name if model else "monuseg", model=model)
+        bundle = load_model(weights, model=model)  # a named model finds its own file, whatever its task
         check_steps(steps, bundle.config.num_steps, allow_untrained_steps)
         if fused:
             require_ops()

@@ -214,10 +214,10 @@ def resolve_segment_job(request: SegmentRequest, bundle: ModelBundle, gpu: bool)
     cfg = bundle.config
     sampler = _sampler_settings(request, cfg, gpu)
     tile = cfg.image_size
-    if request.tiling is not None and not get_task(request.task).tiled:
-        raise JobError(f"applies to tiled slides, not to {get_task(request.task).inputs}", "--tiling")
-    tiled = get_task(request.task).tiled
-    tiling = request.tiling or (default_tiling(sampler.votes, gpu, request.tile_overlap) if tiled else "blend")
+    task = get_task(request.task)
+    if request.tiling is not None and not task.tiled:
+        raise JobError(f"applies to tiled slides, not to {task.inputs}", "--tiling")
+    tiling = request.tiling or default_tiling(sampler.votes, gpu, request.tile_overlap, task.tiled)
     shifted = tiling == "shifted"
     if request.tile_overlap is not None:
         overlap = request.tile_overlap
@@ -245,10 +245,11 @@ def resolve_segment_job(request: SegmentRequest, bundle: ModelBundle, gpu: bool)
     return SegmentJob(request.task, ModelRef.of(bundle, request.weights, request.model), sampler, threshold, opts)
 
 
-def default_tiling(votes: int, gpu: bool, tile_overlap: int | None) -> str:
-    """The tiling when none is asked: the device's default for models with several votes, else blend; an
-    explicit ``--tile-overlap`` without ``--tiling`` keeps its meaning (an overlap between blended tiles)."""
-    if votes < 2 or tile_overlap is not None:
+def default_tiling(votes: int, gpu: bool, tile_overlap: int | None, tiled: bool = True) -> str:
+    """The tiling when none is asked: the device's default for slides sampled with several votes, else
+    blend (radiographs and volumes are not tiled: each image gets all its votes); an explicit
+    ``--tile-overlap`` without ``--tiling`` keeps its meaning (an overlap between blended tiles)."""
+    if not tiled or votes < 2 or tile_overlap is not None:
         return "blend"
     return DEFAULT_TILING["cuda" if gpu else "cpu"]
 

@@ -26,7 +26,7 @@ from cdal_fast.sampling.dihedral import apply_dihedral
 from cdal_fast.weights import ModelBundle
 from cdal_fast.wsi.pipeline import BandStitcher
 from cdal_fast.wsi.resume import recorded_settings
-from cdal_fast.wsi.tiling import TileGrid, VoteGrid, cell_layout, merge_vote_tiles, vote_offsets
+from cdal_fast.wsi.tiling import TileGrid, VoteGrid, cell_layout, merge_vote_tiles, vote_grids, vote_offsets
 
 from .distributed_fixtures import same_bytes
 from .test_segment import mosaic, run, slide, tiny_weights  # noqa: F401  (fixtures)
@@ -40,7 +40,7 @@ def shifted_grids(draw) -> list[VoteGrid]:
     context = draw(st.integers(0, tile - 1))
     votes = draw(st.integers(2, 6))
     h, w = draw(st.integers(1, 120)), draw(st.integers(1, 120))
-    return [VoteGrid(h, w, tile, context, off, v) for v, off in enumerate(vote_offsets(votes, tile - context))]
+    return vote_grids(h, w, tile, context, votes)
 
 
 @SETTINGS
@@ -72,12 +72,12 @@ def test_vote_grids_put_their_borders_in_different_places():
     assert cell_layout(1000, 256, 224, 51)[1] == (35, 51, 275)  # 16 px of context each side
 
 
-def _stitch(grids: list[VoteGrid], values, frames: tuple[int, ...], order=None) -> tuple[np.ndarray, np.ndarray]:
+def _stitch(grids: list[VoteGrid], values, frames: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     h, w, tile = grids[0].height, grids[0].width, grids[0].tile
     prob, std = np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint8)
     stitcher = BandStitcher(TileGrid(h, w, tile, 0), 1, prob, std, kind=MaskChannels(1), vote_frames=frames)
     tiles = merge_vote_tiles(g.tiles() for g in grids)
-    for t in tiles if order is None else order(tiles):
+    for t in tiles:
         stitcher.add(t, values(t), torch.zeros(1, tile, tile))
     stitcher.flush(h)
     return prob, std
@@ -101,7 +101,7 @@ def test_each_vote_is_mapped_back_from_its_frame():
     h, w, tile = 70, 90, 32
     truth = torch.from_numpy(np.add.outer(np.arange(h) * 2.0, np.arange(w) * 1.0) / (2 * h + w)).float()
     frames = (5, 3, 6)
-    grids = [VoteGrid(h, w, tile, 4, off, v) for v, off in enumerate(vote_offsets(3, tile - 4))]
+    grids = vote_grids(h, w, tile, 4, 3)
 
     def seen(t):  # what the sampler returns: the truth under the tile's frame (it never maps back itself)
         crop = torch.zeros(1, tile, tile)

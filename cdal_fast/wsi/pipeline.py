@@ -64,7 +64,7 @@ from .readers import SlideError, SlideReader, SmallImage, open_slide
 from .roi import Roi, roi_for_slide
 from .selection import clear_outside_roi, roi_planning_mask, tiles_touching
 from .slide_stains import estimate_slide_stains
-from .tiling import Coverage, Tile, TileGrid, VoteGrid, blend_window, merge_vote_tiles, vote_offsets
+from .tiling import Coverage, Tile, TileGrid, VoteGrid, blend_window, merge_vote_tiles, vote_grids
 from .tissue import TissueDetection, detect_tissue
 from .writer import write_pyramid
 
@@ -139,13 +139,6 @@ def make_plan(reader: SlideReader, cfg: ModelConfig, mpp_override: float | None,
     return Plan(best, work_mpp / (mpp0 * lv.downsample), work_h, work_w, lv0.height, lv0.width, mpp0,
                 "--mpp" if mpp_override else reader.mpp_source, work_mpp,
                 None if mpp_override else reader.mpp_warning)
-
-
-def vote_grids(plan: Plan, tile: int, opts: SegmentOptions) -> list[VoteGrid]:
-    """Shifted tiling: one grid per vote (``opts.vote_frames``), offset by :func:`vote_offsets`."""
-    stride = tile - opts.tile_overlap
-    return [VoteGrid(plan.work_h, plan.work_w, tile, opts.tile_overlap, offset, v)
-            for v, offset in enumerate(vote_offsets(len(opts.vote_frames), stride))]
 
 
 def tiles_to_sample(grid: TileGrid, shifted: list[VoteGrid], mask: np.ndarray | None, downsample: float,
@@ -403,7 +396,8 @@ def plan_slide(path: Path, out_dir: Path, cfg: ModelConfig, opts: SegmentOptions
         plan = make_plan(reader, cfg, opts.mpp, opts.max_pixels)
         grid = TileGrid(plan.work_h, plan.work_w, cfg.image_size,
                         opts.tile_overlap if opts.tiling == "blend" else 0)
-        shifted = vote_grids(plan, cfg.image_size, opts) if opts.tiling == "shifted" else []
+        shifted = (vote_grids(plan.work_h, plan.work_w, cfg.image_size, opts.tile_overlap, len(opts.vote_frames))
+                   if opts.tiling == "shifted" else [])
         tissue: TissueDetection | None = None
         if opts.tissue and not small:
             tissue = detect_tissue(reader, plan.mpp0, opts.thumbnail_side, opts.tissue_threshold,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Tile", "TileGrid", "VoteGrid", "Coverage", "COVERAGE_BLOCK", "blend_1d", "blend_window", "vote_offsets",
-           "cell_layout", "merge_vote_tiles", "TILINGS"]
+           "cell_layout", "merge_vote_tiles", "vote_grids", "TILINGS"]
 
 TILINGS = ("blend", "shifted")  # overlapping tiles blended with a window / one shifted grid per vote
 
@@ -137,7 +137,12 @@ def cell_layout(length: int, tile: int, stride: int, offset: int) -> list[tuple[
     while len(bounds) > 2 and length - bounds[-3] <= tile:
         del bounds[-2]
     last = max(0, length - tile)
-    return [(min(max(min(max(c0 - margin, c1 - tile), c0), 0), last), c0, c1) for c0, c1 in zip(bounds, bounds[1:])]
+
+    def start(c0: int, c1: int) -> int:
+        wanted = min(max(c0 - margin, c1 - tile), c0)  # context before the cell, yet the whole cell inside
+        return min(max(wanted, 0), last)  # inside the slide (a slide under a tile: from 0)
+
+    return [(start(c0, c1), c0, c1) for c0, c1 in zip(bounds, bounds[1:])]
 
 
 @dataclass
@@ -167,6 +172,12 @@ class VoteGrid(_Rows):
         y, cy0, cy1 = self.rows_layout[row]
         return [Tile(row * self.cols + c, row, c, y, x, self.vote, (cy0, cy1, cx0, cx1))
                 for c, (x, cx0, cx1) in enumerate(self.cols_layout)]
+
+
+def vote_grids(height: int, width: int, tile: int, context: int, votes: int) -> list[VoteGrid]:
+    """Shifted tiling of a working image: one grid per vote, offset by :func:`vote_offsets`."""
+    return [VoteGrid(height, width, tile, context, offset, v)
+            for v, offset in enumerate(vote_offsets(votes, tile - context))]
 
 
 def merge_vote_tiles(per_vote: Iterable[list[Tile]]) -> list[Tile]:
